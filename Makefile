@@ -1,0 +1,39 @@
+# hostdev developer entry points. `make scan` and `make test` are the README's two commands:
+# each installs what it needs itself on a fresh machine.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv scan test lint unit tools cluster-up cluster-down protos check-protos bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## The main job: passthrough readiness and devices of this host (no cluster needed).
+scan: $(STAMP)
+	$(BIN)/hostdev scan
+
+## Everything: test tools (apt + Go builds, cached under ~/.cache), lint, all test tiers.
+test: $(STAMP)
+	scripts/setup-test-tools.sh
+	$(MAKE) lint
+	$(BIN)/pytest -ra
+
+lint: $(STAMP)
+	$(BIN)/ruff check hostdev tests bench
+	$(BIN)/ruff format --check hostdev tests bench
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+unit: $(STAMP)
+	$(BIN)/pytest -ra tests/unit
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

@@ -1,0 +1,1 @@
+"""Node agent and kubelet device-plugin servers (imported as hostdev.deviceplugin)."""

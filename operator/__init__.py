@@ -1,0 +1,1 @@
+"""kopf operator (imported as hostdev.operator; never a top-level `operator`)."""
