@@ -37,3 +37,11 @@ unit: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
+
+## Regenerate the kubelet API stubs (deviceplugin/api) from their .proto files.
+protos: $(STAMP)
+	PYTHON=$(BIN)/python scripts/gen-protos.sh
+
+## Fail if the checked-in stubs differ from what the .proto files generate.
+check-protos: $(STAMP)
+	$(BIN)/pytest -q tests/deviceplugin/test_protos_fresh.py
