@@ -301,7 +301,7 @@ def group_verdict(
     if not blockers:
         return True, None
     names = ", ".join(f"{d.address} is bound to host driver {d.driver}" for d in blockers)
-    return False, f"not viable: {names} (every device in the group must use vfio-pci or none)"
+    return False, f"{names} (every function in the group must be on vfio-pci or no driver)"
 
 
 def _assemble(

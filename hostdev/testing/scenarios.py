@@ -1,0 +1,246 @@
+"""Ready-made fake hosts for tests, benchmarks and ``hostdev scan --host-root`` demos.
+
+Each function builds one realistic node under ``root`` and returns its :class:`FakeHost`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+from hostdev.testing.fakesysfs import FakeHost
+
+# Real ids (pci.ids): Intel E810-C and its VF, NVIDIA A10 + HDMI audio, A100, Samsung NVMe.
+E810 = ("8086", "1592", "1889")
+A10, A10_AUDIO, A100 = "2236", "1aef", "20b5"
+NVME = ("144d", "a80a")
+
+
+def _platform(h: FakeHost) -> None:
+    """Host bridge, a root port and a boot NVMe on its host driver: present on every node."""
+    h.add_device("0000:00:00.0", vendor="8086", device="09a2", class_code="060000", numa=0)
+    h.add_bridge("0000:00:1c.0", numa=0)
+    h.add_device(
+        "0000:01:00.0",
+        vendor=NVME[0],
+        device=NVME[1],
+        class_code="010802",
+        driver="nvme",
+        numa=0,
+    )
+
+
+def sriov_nic_dual_socket(root: Path | str, *, numvfs: int = 4, iommufd: bool = False) -> FakeHost:
+    """Two sockets; an E810 with 2 PFs on socket 0 and one on socket 1; VFs on vfio-pci."""
+    h = FakeHost(Path(root), iommufd=iommufd)
+    _platform(h)
+    for addr, numa, name in (
+        ("0000:3b:00.0", 0, "ens1f0"),
+        ("0000:3b:00.1", 0, "ens1f1"),
+        ("0000:86:00.0", 1, "ens2f0"),
+    ):
+        offset = 0x10 + (0x40 if addr.endswith(".1") else 0)
+        h.add_pf(
+            addr,
+            vendor=E810[0],
+            device=E810[1],
+            vf_device=E810[2],
+            numvfs=numvfs,
+            numa=numa,
+            netdev=name,
+            vf_offset=offset,
+        )
+    return h
+
+
+def gpu_with_audio(root: Path | str) -> FakeHost:
+    """A GPU and its HDMI audio function in one group, both on vfio-pci: viable, 2 members."""
+    h = FakeHost(Path(root))
+    _platform(h)
+    h.add_bridge("0000:00:01.0", numa=0)
+    g = h.new_group()
+    h.add_device(
+        "0000:17:00.0",
+        vendor="10de",
+        device=A10,
+        class_code="030200",
+        driver="vfio-pci",
+        group=g,
+        numa=0,
+    )
+    h.add_device(
+        "0000:17:00.1",
+        vendor="10de",
+        device=A10_AUDIO,
+        class_code="040300",
+        driver="vfio-pci",
+        group=g,
+        numa=0,
+    )
+    return h
+
+
+def gpus_behind_switch_without_acs(root: Path | str) -> FakeHost:
+    """Two identical GPUs behind a PCIe switch without ACS: one group holding both GPUs and
+    the switch ports (bridges do not count against viability)."""
+    h = FakeHost(Path(root))
+    _platform(h)
+    g = h.new_group()
+    h.add_bridge("0000:40:00.0", group=g, numa=1)  # switch upstream port
+    h.add_bridge("0000:41:00.0", group=g, numa=1)  # downstream port 1
+    h.add_bridge("0000:41:01.0", group=g, numa=1)  # downstream port 2
+    h.add_device(
+        "0000:42:00.0",
+        vendor="10de",
+        device=A100,
+        class_code="030200",
+        driver="vfio-pci",
+        group=g,
+        numa=1,
+    )
+    h.add_device(
+        "0000:43:00.0",
+        vendor="10de",
+        device=A100,
+        class_code="030200",
+        driver="vfio-pci",
+        group=g,
+        numa=1,
+    )
+    return h
+
+
+def group_member_on_host_driver(root: Path | str) -> FakeHost:
+    """A GPU on vfio-pci whose audio function is still on snd_hda_intel: group not viable."""
+    h = FakeHost(Path(root))
+    _platform(h)
+    g = h.new_group()
+    h.add_device(
+        "0000:17:00.0",
+        vendor="10de",
+        device=A10,
+        class_code="030200",
+        driver="vfio-pci",
+        group=g,
+        numa=0,
+    )
+    h.add_device(
+        "0000:17:00.1",
+        vendor="10de",
+        device=A10_AUDIO,
+        class_code="040300",
+        driver="snd_hda_intel",
+        group=g,
+        numa=0,
+    )
+    return h
+
+
+def iommu_off(root: Path | str) -> FakeHost:
+    """The same kind of server with VT-d off: no groups, no vfio, nothing assignable."""
+    h = FakeHost(Path(root), iommu=None, vfio_loaded=False)
+    _platform(h)
+    h.add_device(
+        "0000:17:00.0", vendor="10de", device=A10, class_code="030200", driver="nvidia", numa=0
+    )
+    h.add_pf(
+        "0000:3b:00.0",
+        vendor=E810[0],
+        device=E810[1],
+        vf_device=E810[2],
+        numvfs=0,
+        numa=0,
+        netdev="ens1f0",
+    )
+    return h
+
+
+def sriov_scale(root: Path | str, *, pfs: int = 8, vfs: int = 128) -> FakeHost:
+    """``pfs`` E810 PFs with ``vfs`` VFs each on vfio-pci (benchmarks: 8x128, 16x256)."""
+    h = FakeHost(Path(root))
+    _platform(h)
+    for i in range(pfs):
+        bus = 0x10 + i * 2
+        h.add_pf(
+            f"0000:{bus:02x}:00.0",
+            vendor=E810[0],
+            device=E810[1],
+            vf_device=E810[2],
+            totalvfs=max(vfs, 256),
+            numvfs=vfs,
+            numa=i % 2,
+            netdev=f"ens{i + 1}f0",
+            vf_offset=0x80 if vfs <= 128 else 0x100,
+        )
+    return h
+
+
+def demo(root: Path | str) -> FakeHost:
+    """Everything above on one node (for ``hostdev scan --host-root`` demos)."""
+    h = sriov_nic_dual_socket(root, numvfs=2)
+    g = h.new_group()
+    h.add_device(
+        "0000:17:00.0",
+        vendor="10de",
+        device=A10,
+        class_code="030200",
+        driver="vfio-pci",
+        group=g,
+        numa=0,
+    )
+    h.add_device(
+        "0000:17:00.1",
+        vendor="10de",
+        device=A10_AUDIO,
+        class_code="040300",
+        driver="vfio-pci",
+        group=g,
+        numa=0,
+    )
+    g = h.new_group()
+    h.add_bridge("0000:40:00.0", group=g, numa=1)
+    h.add_device(
+        "0000:42:00.0",
+        vendor="10de",
+        device=A100,
+        class_code="030200",
+        driver="vfio-pci",
+        group=g,
+        numa=1,
+    )
+    h.add_device(
+        "0000:43:00.0",
+        vendor="10de",
+        device=A100,
+        class_code="030200",
+        driver="nvidia",
+        group=g,
+        numa=1,
+    )
+    return h
+
+
+SCENARIOS: dict[str, Callable[[Path], FakeHost]] = {
+    "sriov-nic-dual-socket": sriov_nic_dual_socket,
+    "gpu-with-audio": gpu_with_audio,
+    "gpus-behind-switch-without-acs": gpus_behind_switch_without_acs,
+    "group-member-on-host-driver": group_member_on_host_driver,
+    "iommu-off": iommu_off,
+    "sriov-8x128": sriov_scale,
+    "demo": demo,
+}
+
+
+def main() -> None:
+    """``python -m hostdev.testing.scenarios NAME DIR``: write a scenario tree (for demos)."""
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("name", choices=sorted(SCENARIOS))
+    p.add_argument("dir", type=Path)
+    args = p.parse_args()
+    SCENARIOS[args.name](args.dir)
+    print(args.dir)
+
+
+if __name__ == "__main__":
+    main()
