@@ -1,0 +1,62 @@
+"""``hostdev``: the command line (no cluster needed)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from hostdev import __version__
+from hostdev.host.pciids import PciIds
+from hostdev.host.sysfs import HostRootError, Sysfs
+from hostdev.scan import render_text, report
+
+
+def _scan(args: argparse.Namespace) -> int:
+    sysfs = Sysfs(args.host_root)
+    try:
+        inv = sysfs.discover()
+    except HostRootError as e:
+        print(f"hostdev scan: {e.strerror}", file=sys.stderr)
+        return 1
+    rep = report(inv, PciIds.find(args.host_root, args.pci_ids))
+    if args.json:
+        json.dump(rep, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(render_text(rep))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hostdev", description="PCI passthrough for KubeVirt")
+    p.add_argument("--version", action="version", version=f"hostdev {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    scan = sub.add_parser(
+        "scan",
+        help="print this host's passthrough readiness and PCI devices",
+        description="Report IOMMU/VFIO readiness and every PCI function with its IOMMU group, "
+        "driver, NUMA node, SR-IOV capacity and whether it can be assigned (and why not). "
+        "Exit code 0 even when nothing is assignable; 1 when the host root cannot be read.",
+    )
+    scan.add_argument("--host-root", default="/", help="scan a saved or fake host tree (default /)")
+    scan.add_argument("--json", action="store_true", help="machine-readable output")
+    scan.add_argument("--pci-ids", help="pci.ids file to name devices (default: hwdata/pciutils)")
+    scan.set_defaults(func=_scan)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    rc: int = args.func(args)
+    return rc
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()
