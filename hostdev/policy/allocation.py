@@ -1,0 +1,155 @@
+"""Allocation units and the GetPreferredAllocation policy. Pure.
+
+Design (kubelet-compatible group-as-unit): the kubelet counts device IDs, and a VFIO group can
+be opened by one process (one VM) only. So the functions of one resource that share an IOMMU
+group form ONE allocatable unit, advertised as ONE kubelet device whose ID is the unit's lowest
+PCI address; Allocate of that ID hands out every address of the unit. Requesting N devices of a
+resource therefore means N groups. On SR-IOV NICs (one VF per group) unit = VF.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from hostdev.host.address import PciAddress
+from hostdev.host.model import PciDevice
+
+Strategy = Literal["spread", "pack"]
+
+
+@dataclass(frozen=True, slots=True)
+class AllocUnit:
+    """What one kubelet device ID stands for."""
+
+    id: str  # lowest member address, the kubelet device ID
+    addresses: tuple[PciAddress, ...]  # sorted; addresses[0] is the id
+    group: int | None  # None: the device has no IOMMU group (never healthy)
+    numa_node: int | None
+    pf: PciAddress | None  # the PF of the (first) VF, None for non-VFs
+
+    @property
+    def pf_key(self) -> str:
+        # Non-VFs are their own "PF" for spreading purposes.
+        return str(self.pf if self.pf is not None else self.addresses[0])
+
+
+def build_units(devices: Iterable[PciDevice]) -> tuple[AllocUnit, ...]:
+    """Group a resource's devices into units (one per IOMMU group), ordered by ID."""
+    by_key: dict[tuple[int, int | str], list[PciDevice]] = {}
+    for d in devices:
+        key: tuple[int, int | str] = (
+            (0, d.iommu_group) if d.iommu_group is not None else (1, str(d.address))
+        )
+        by_key.setdefault(key, []).append(d)
+    units = []
+    for (_, _), devs in by_key.items():
+        devs.sort(key=lambda d: d.address)
+        first = devs[0]
+        numa = next((d.numa_node for d in devs if d.numa_node is not None), None)
+        pf = next((d.physfn for d in devs if d.physfn is not None), None)
+        units.append(
+            AllocUnit(
+                id=str(first.address),
+                addresses=tuple(d.address for d in devs),
+                group=first.iommu_group,
+                numa_node=numa,
+                pf=pf,
+            )
+        )
+    units.sort(key=lambda u: u.addresses[0])
+    return tuple(units)
+
+
+def preferred_allocation(
+    units: Mapping[str, AllocUnit],
+    available: Sequence[str],
+    must_include: Sequence[str],
+    size: int,
+    strategy: Strategy = "spread",
+) -> list[str]:
+    """Choose ``size`` IDs from ``available``, always keeping ``must_include``.
+
+    Order of concerns: must-include first; then one NUMA node (the must-include devices' node,
+    else a node that can satisfy the whole request: the fullest for ``spread``, the tightest fit
+    for ``pack``), spilling to other nodes only when it cannot; within that, ``spread`` takes
+    round-robin across PFs (fault isolation, bandwidth), ``pack`` fills one PF before the next
+    (keeps whole PFs free). Deterministic: ties break on addresses. Unknown IDs (the kubelet
+    knows devices this process has not seen yet) are used last, in sorted order.
+    """
+    chosen: list[str] = []
+    seen: set[str] = set()
+    for i in must_include:
+        if i not in seen:
+            chosen.append(i)
+            seen.add(i)
+    need = size - len(chosen)
+    if need <= 0:
+        return chosen
+    pool = [units[i] for i in sorted(set(available) - seen) if i in units]
+    unknown = sorted(i for i in set(available) - seen if i not in units)
+
+    per_numa = Counter(u.numa_node for u in pool)
+    anchor = Counter(units[i].numa_node for i in chosen if i in units)
+    if anchor:
+        # The node most must-include devices sit on (lowest id on a tie; unknown NUMA last).
+        target = min(anchor, key=lambda n: (-anchor[n], _numa_key(n)))
+    else:
+        target = _pick_numa(per_numa, need, strategy)
+    numa_order = sorted(per_numa, key=lambda n: (n != target, *_numa_rank(per_numa, n, strategy)))
+
+    taken_per_pf = Counter(units[i].pf_key for i in chosen if i in units)
+    for numa in numa_order:
+        if need <= 0:
+            break
+        cands = [u for u in pool if u.numa_node == numa]
+        picked = _pick_from(cands, need, taken_per_pf, strategy)
+        chosen.extend(u.id for u in picked)
+        need -= len(picked)
+    chosen.extend(unknown[: max(need, 0)])
+    return chosen
+
+
+def _numa_key(n: int | None) -> tuple[int, int]:
+    return (1, 0) if n is None else (0, n)
+
+
+def _numa_rank(per_numa: Counter[int | None], n: int | None, strategy: Strategy) -> tuple[int, ...]:
+    count = per_numa[n]
+    return (-count if strategy == "spread" else count, *_numa_key(n))
+
+
+def _pick_numa(per_numa: Counter[int | None], need: int, strategy: Strategy) -> int | None:
+    if not per_numa:
+        return None
+    fitting = [n for n in per_numa if per_numa[n] >= need]
+    nodes = fitting or list(per_numa)
+    if not fitting:
+        # Nothing fits on one node: start with the fullest to cross as few nodes as possible.
+        return min(nodes, key=lambda n: (-per_numa[n], *_numa_key(n)))
+    return min(nodes, key=lambda n: _numa_rank(per_numa, n, strategy))
+
+
+def _pick_from(
+    cands: list[AllocUnit], need: int, taken: Counter[str], strategy: Strategy
+) -> list[AllocUnit]:
+    by_pf: dict[str, list[AllocUnit]] = {}
+    for u in cands:  # cands are sorted by id, so each PF's list is too
+        by_pf.setdefault(u.pf_key, []).append(u)
+    picked: list[AllocUnit] = []
+    while need > 0 and by_pf:
+        if strategy == "spread":
+            # The PF with the fewest already taken, then the one with the most left.
+            pf = min(by_pf, key=lambda p: (taken[p], -len(by_pf[p]), p))
+        else:
+            # Keep filling the PF already in use; else the one with the fewest left (best fit).
+            pf = min(by_pf, key=lambda p: (-taken[p], len(by_pf[p]), p))
+        unit = by_pf[pf].pop(0)
+        if not by_pf[pf]:
+            del by_pf[pf]
+        taken[pf] += 1
+        picked.append(unit)
+        need -= 1
+    return picked

@@ -1,0 +1,142 @@
+"""Pure policy: env-var rule, names, units, health verdicts, preferred allocation."""
+
+from __future__ import annotations
+
+import pytest
+
+from hostdev.host import PciAddress, PciDevice
+from hostdev.host.model import IommuGroup
+from hostdev.policy.allocation import AllocUnit, build_units, preferred_allocation
+from hostdev.policy.health import unit_health
+from hostdev.policy.naming import (
+    ResourceNameError,
+    resource_env_var,
+    socket_name,
+    validate_resource_name,
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "var"),
+    [
+        ("example.com/e810_vf", "PCI_RESOURCE_EXAMPLE_COM_E810_VF"),
+        ("nvidia.com/GA102GL_A10", "PCI_RESOURCE_NVIDIA_COM_GA102GL_A10"),
+        ("intel.com/qat-vf", "PCI_RESOURCE_INTEL_COM_QAT-VF"),
+        ("a.b.c/x.y", "PCI_RESOURCE_A_B_C_X_Y"),
+    ],
+)
+def test_env_var_rule_matches_kubevirt(name: str, var: str) -> None:
+    assert resource_env_var(name) == var
+
+
+def test_mdev_prefix() -> None:
+    assert resource_env_var("nvidia.com/grid", "MDEV_PCI_RESOURCE") == (
+        "MDEV_PCI_RESOURCE_NVIDIA_COM_GRID"
+    )
+
+
+@pytest.mark.parametrize(
+    "bad", ["nodomain", "Example.com/x", "a.com/", "/x", "a.com/-x", "kubernetes.io/x"]
+)
+def test_bad_resource_names_are_refused(bad: str) -> None:
+    with pytest.raises(ResourceNameError, match="invalid resource name"):
+        validate_resource_name(bad)
+
+
+def test_socket_name_is_a_plain_file_name() -> None:
+    assert socket_name("example.com/e810_vf") == "hostdev-example.com_e810_vf.sock"
+
+
+def _dev(
+    addr: str,
+    group: int | None,
+    numa: int | None = 0,
+    pf: str | None = None,
+    driver: str | None = "vfio-pci",
+) -> PciDevice:
+    return PciDevice(
+        PciAddress.parse(addr),
+        "8086",
+        "1889",
+        None,
+        None,
+        "020000",
+        driver,
+        group,
+        numa,
+        physfn=PciAddress.parse(pf) if pf else None,
+    )
+
+
+def test_functions_sharing_a_group_are_one_unit_with_the_lowest_address_as_id() -> None:
+    units = build_units([_dev("0000:17:00.1", 5), _dev("0000:17:00.0", 5), _dev("0000:18:00.0", 6)])
+    assert [(u.id, [str(a) for a in u.addresses]) for u in units] == [
+        ("0000:17:00.0", ["0000:17:00.0", "0000:17:00.1"]),
+        ("0000:18:00.0", ["0000:18:00.0"]),
+    ]
+
+
+def test_health_requires_vfio_driver_viable_group_and_node() -> None:
+    a = PciAddress.parse("0000:17:00.0")
+    ok_group = {5: IommuGroup(5, (a,), True, None, True)}
+    assert unit_health((a,), 5, {a: _dev(str(a), 5)}, ok_group).healthy
+    v = unit_health((a,), 5, {a: _dev(str(a), 5, driver="ixgbevf")}, ok_group)
+    assert not v.healthy and "ixgbevf" in (v.reason or "")
+    v = unit_health((a,), 5, {}, ok_group)
+    assert not v.healthy and "gone" in (v.reason or "")
+    no_node = {5: IommuGroup(5, (a,), True, None, False)}
+    v = unit_health((a,), 5, {a: _dev(str(a), 5)}, no_node)
+    assert not v.healthy and "/dev/vfio/5" in (v.reason or "")
+    bad = {5: IommuGroup(5, (a,), False, "not viable: x", True)}
+    assert not unit_health((a,), 5, {a: _dev(str(a), 5)}, bad).healthy
+    assert not unit_health((a,), None, {a: _dev(str(a), None)}, ok_group).healthy
+
+
+def _units() -> dict[str, AllocUnit]:
+    # NUMA 0: PF A (3 VFs), PF B (2 VFs); NUMA 1: PF C (4 VFs).
+    devs = []
+    g = 10
+    for pf, bus, n, numa in (
+        ("0000:3b:00.0", 0x3B, 3, 0),
+        ("0000:3b:00.1", 0x3C, 2, 0),
+        ("0000:86:00.0", 0x86, 4, 1),
+    ):
+        for i in range(n):
+            devs.append(_dev(f"0000:{bus:02x}:02.{i}", g, numa, pf))
+            g += 1
+    return {u.id: u for u in build_units(devs)}
+
+
+def test_preferred_spreads_across_pfs_on_one_numa_node() -> None:
+    units = _units()
+    got = preferred_allocation(units, sorted(units), [], 2, "spread")
+    # Both nodes fit; spread takes the fullest (NUMA 0, 5 free) and one VF from each of its PFs.
+    assert got == ["0000:3b:02.0", "0000:3c:02.0"]
+    got = preferred_allocation(units, sorted(units), ["0000:3b:02.2"], 3, "spread")
+    assert got[0] == "0000:3b:02.2"
+    assert sorted(got[1:]) == ["0000:3b:02.0", "0000:3c:02.0"]  # NUMA 0, other PF first
+
+
+def test_preferred_packs_onto_one_pf_when_asked() -> None:
+    units = _units()
+    got = preferred_allocation(units, sorted(units), [], 2, "pack")
+    # Tightest NUMA node that fits (NUMA 1, 4 free), one PF filled first.
+    assert got == ["0000:86:02.0", "0000:86:02.1"]
+    # On NUMA 0 (forced by must-include on PF A), pack stays on PF A.
+    got = preferred_allocation(units, sorted(units), ["0000:3b:02.1"], 3, "pack")
+    assert got == ["0000:3b:02.1", "0000:3b:02.0", "0000:3b:02.2"]
+
+
+def test_preferred_spills_to_other_numa_only_when_needed_and_is_deterministic() -> None:
+    units = _units()
+    got = preferred_allocation(units, sorted(units), [], 6, "spread")
+    assert len(got) == 6 and len(set(got)) == 6
+    assert sum(units[i].numa_node == 0 for i in got) == 5  # the whole fullest node first
+    assert got == preferred_allocation(units, list(reversed(sorted(units))), [], 6, "spread")
+
+
+def test_preferred_keeps_must_include_and_never_exceeds_available() -> None:
+    units = _units()
+    avail = ["0000:3b:02.0", "0000:86:02.3"]
+    got = preferred_allocation(units, avail, ["0000:86:02.3"], 5, "spread")
+    assert got[0] == "0000:86:02.3" and sorted(got) == sorted(avail)
