@@ -165,24 +165,33 @@ class FakeHost:
             if driver == "vfio-pci" and self.iommufd:
                 (d / "vfio-dev" / f"vfio{self._cdevs}").mkdir(parents=True)
                 self._cdevs += 1
-        self.sync_vfio_nodes()
+        gdir = self._group_dir(a)
+        if gdir is not None:
+            self.sync_vfio_nodes(gdir)
 
-    def sync_vfio_nodes(self) -> None:
-        """/dev/vfio/<g> exists while any member of group g is bound to vfio-pci (as VFIO does)."""
+    def sync_vfio_nodes(self, group: Path | None = None) -> None:
+        """/dev/vfio/<g> exists while any member of group g is bound to vfio-pci (as VFIO does).
+
+        ``group``: only that group's directory (cheap; what a single bind can change)."""
         if not (self.iommu and self.vfio_loaded):
             return
-        groups = self.sys / "kernel/iommu_groups"
-        for gdir in groups.iterdir():
-            on_vfio = any(
+        gdirs = [group] if group is not None else list((self.sys / "kernel/iommu_groups").iterdir())
+        for gdir in gdirs:
+            node = self.root / "dev/vfio" / gdir.name
+            members = gdir / "devices"
+            on_vfio = members.is_dir() and any(
                 (m / "driver").is_symlink()
                 and os.path.basename(os.readlink(m / "driver")) == "vfio-pci"
-                for m in (gdir / "devices").iterdir()
+                for m in members.iterdir()
             )
-            node = self.root / "dev/vfio" / gdir.name
             if on_vfio and not node.exists():
                 _write(node, "")
             elif not on_vfio and node.exists():
                 node.unlink()
+
+    def _group_dir(self, addr: PciAddress) -> Path | None:
+        link = self.device_dir(addr) / "iommu_group"
+        return (link.parent / os.readlink(link)).resolve() if link.is_symlink() else None
 
     def add_pf(
         self,
@@ -259,9 +268,8 @@ class FakeHost:
         a = _addr(address)
         self.bind(a, None)
         d = self.device_dir(a)
-        link = d / "iommu_group"
-        if link.is_symlink():
-            gdir = (d / os.readlink(link)).resolve()
+        gdir = self._group_dir(a)
+        if gdir is not None:
             (gdir / "devices" / str(a)).unlink(missing_ok=True)
             if not any((gdir / "devices").iterdir()):
                 for f in gdir.rglob("*"):
@@ -269,6 +277,7 @@ class FakeHost:
                         f.unlink()
                 (gdir / "devices").rmdir()
                 gdir.rmdir()
+                (self.root / "dev/vfio" / gdir.name).unlink(missing_ok=True)
         (self.sys / "bus/pci/devices" / str(a)).unlink(missing_ok=True)
         for f in sorted(d.rglob("*"), reverse=True):
             if f.is_dir() and not f.is_symlink():
@@ -276,7 +285,6 @@ class FakeHost:
             else:
                 f.unlink()
         d.rmdir()
-        self.sync_vfio_nodes()
 
     def add_bridge(
         self, address: PciAddress | str, *, group: int | None = None, numa: int = -1
