@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from hostdev import __version__
 from hostdev.host.pciids import PciIds
+from hostdev.host.snapshot import snapshot
 from hostdev.host.sysfs import HostRootError, Sysfs
 from hostdev.scan import render_text, report
 
@@ -29,6 +30,18 @@ def _scan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _snapshot(args: argparse.Namespace) -> int:
+    try:
+        n = snapshot(args.host_root, args.dir)
+    except HostRootError as e:
+        print(f"hostdev snapshot: {e.strerror}", file=sys.stderr)
+        return 1
+    print(
+        f"saved {n} PCI devices to {args.dir} (scan it with: hostdev scan --host-root {args.dir})"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hostdev", description="PCI passthrough for KubeVirt")
     p.add_argument("--version", action="version", version=f"hostdev {__version__}")
@@ -44,6 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--json", action="store_true", help="machine-readable output")
     scan.add_argument("--pci-ids", help="pci.ids file to name devices (default: hwdata/pciutils)")
     scan.set_defaults(func=_scan)
+    snap = sub.add_parser(
+        "snapshot",
+        help="save this host's PCI/IOMMU/VFIO view into a directory (for bug reports and tests)",
+        description="Copy exactly what discovery reads (PCI attributes, driver/group/SR-IOV "
+        "links, IOMMU groups, /dev/vfio names, /proc/cmdline and /proc/interrupts) into DIR, "
+        "so that `hostdev scan --host-root DIR` reproduces this host's report elsewhere.",
+    )
+    snap.add_argument("dir", help="new or empty output directory")
+    snap.add_argument("--host-root", default="/", help="host root to copy (default /)")
+    snap.set_defaults(func=_snapshot)
     return p
 
 
