@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from hostdev import __version__
+from hostdev.cli_apply import add_apply_parser
 from hostdev.host.pciids import PciIds
 from hostdev.host.snapshot import snapshot
 from hostdev.host.sysfs import HostRootError, Sysfs
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     snap.add_argument("dir", help="new or empty output directory")
     snap.add_argument("--host-root", default="/", help="host root to copy (default /)")
     snap.set_defaults(func=_snapshot)
+    add_apply_parser(sub)
     return p
 
 

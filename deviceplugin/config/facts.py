@@ -1,0 +1,258 @@
+"""Gather the guard facts (what the host is using) from files under the host root.
+
+Everything is read from ``/proc`` and ``/sys`` under ``--host-root`` rather than through
+netlink (pyroute2) or ``mount(8)``: the same code then runs on a node (``/`` or a ``/host``
+mount), against a real kernel in the QEMU tier and against a fake tree in unit tests, and needs
+no extra dependency. The price is IPv4 addresses: ``/proc`` does not list them per interface,
+so an interface counts as addressed when the kernel has a connected route through it (which
+every up interface with an IPv4 address and a prefix shorter than /32 has). IPv6 addresses come
+from ``/proc/net/if_inet6`` (link-local and host scope ignored: every up interface has one).
+Network and mount tables are read as pid 1 sees them (``proc/1/...``), falling back to
+``proc/self/...``, so an agent without ``hostPID`` still reads its own (host) namespaces.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import re
+import socket
+import struct
+from collections.abc import Iterable
+
+from hostdev.host.address import PciAddress
+from hostdev.host.model import Inventory
+from hostdev.host.sysfs import Sysfs
+from hostdev.policy.guards import GuardFacts
+
+log = logging.getLogger(__name__)
+
+_PCI = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
+_IFF_UP = 0x1
+_IPV6_SKIP_SCOPES = {0x10, 0x20}  # host, link
+
+
+def _lines(path: str) -> list[str]:
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            return f.read().splitlines()
+    except OSError:
+        return []
+
+
+def _first_existing(sysfs: Sysfs, *candidates: str) -> str:
+    for c in candidates:
+        p = sysfs.path(c)
+        if os.path.exists(p):
+            return p
+    return sysfs.path(candidates[-1])
+
+
+def _pci_of(link_target: str) -> PciAddress | None:
+    """The nearest PCI function in a sysfs device path (the last ``dddd:bb:dd.f`` part)."""
+    for part in reversed(link_target.split("/")):
+        if _PCI.match(part):
+            return PciAddress.parse(part)
+    return None
+
+
+# ---- network --------------------------------------------------------------------------------
+def _ipv4_routes(sysfs: Sysfs) -> tuple[set[str], dict[str, list[str]]]:
+    default: set[str] = set()
+    connected: dict[str, list[str]] = {}
+    for line in _lines(_first_existing(sysfs, "proc/1/net/route", "proc/net/route"))[1:]:
+        f = line.split()
+        if len(f) < 8:
+            continue
+        iface, dest, gw, mask = f[0], f[1], f[2], f[7]
+        try:
+            d, g, m = int(dest, 16), int(gw, 16), int(mask, 16)
+        except ValueError:
+            continue
+        if d == 0 and m == 0:
+            default.add(iface)
+        elif g == 0:
+            net = socket.inet_ntoa(struct.pack("<I", d))
+            plen = bin(m).count("1")
+            connected.setdefault(iface, []).append(f"{net}/{plen} (connected route)")
+    return default, connected
+
+
+def _ipv6(sysfs: Sysfs) -> tuple[set[str], dict[str, list[str]]]:
+    default: set[str] = set()
+    for line in _lines(_first_existing(sysfs, "proc/1/net/ipv6_route", "proc/net/ipv6_route")):
+        f = line.split()
+        if len(f) >= 10 and int(f[0], 16) == 0 and f[1] == "00" and f[9] != "lo":
+            default.add(f[9])
+    addrs: dict[str, list[str]] = {}
+    for line in _lines(_first_existing(sysfs, "proc/1/net/if_inet6", "proc/net/if_inet6")):
+        f = line.split()
+        if len(f) < 6:
+            continue
+        try:
+            scope = int(f[3], 16)
+            addr = ipaddress.IPv6Address(int(f[0], 16))
+        except ValueError:
+            continue
+        if scope in _IPV6_SKIP_SCOPES:
+            continue
+        addrs.setdefault(f[5], []).append(f"{addr}/{int(f[2], 16)}")
+    return default, addrs
+
+
+def _is_up(sysfs: Sysfs, iface: str) -> bool:
+    raw = _lines(sysfs.path("sys/class/net", iface, "flags"))
+    try:
+        return bool(raw and int(raw[0], 16) & _IFF_UP)
+    except ValueError:
+        return False
+
+
+# ---- block devices and mounts ---------------------------------------------------------------
+def _mounted_majmin(sysfs: Sysfs) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for line in _lines(_first_existing(sysfs, "proc/1/mountinfo", "proc/self/mountinfo")):
+        f = line.split()
+        if len(f) >= 5:
+            out.setdefault(f[2], []).append(f[4])
+    return out
+
+
+def _swaps(sysfs: Sysfs) -> set[str]:
+    names = set()
+    for line in _lines(sysfs.path("proc/swaps"))[1:]:
+        f = line.split()
+        if f and f[0].startswith("/dev/"):
+            names.add(os.path.basename(f[0]))
+    return names
+
+
+def _block_usage(sysfs: Sysfs) -> dict[PciAddress, list[str]]:
+    """PCI function -> "nvme0n1p2 on /" for every mounted (or swapped-on, or held by a mounted
+    dm/md device) block device below it."""
+    base = sysfs.path("sys/class/block")
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return {}
+    mounted = _mounted_majmin(sysfs)
+    swaps = _swaps(sysfs)
+
+    def uses(name: str, depth: int = 0) -> list[str]:
+        out: list[str] = []
+        dev = (_lines(os.path.join(base, name, "dev")) or [""])[0].strip()
+        out += [f"{name} on {mp}" for mp in mounted.get(dev, [])]
+        if name in swaps:
+            out.append(f"{name} as swap")
+        if depth < 4:  # dm-crypt on LVM on md ...: follow holders a few levels up
+            try:
+                holders = os.listdir(os.path.join(base, name, "holders"))
+            except OSError:
+                holders = []
+            for h in holders:
+                out += [f"{name} via {u}" for u in uses(h, depth + 1)]
+        return out
+
+    result: dict[PciAddress, list[str]] = {}
+    for name in names:
+        try:
+            target = os.readlink(os.path.join(base, name))
+        except OSError:
+            continue
+        addr = _pci_of(target)
+        if addr is None:
+            continue
+        u = uses(name)
+        if u:
+            result.setdefault(addr, []).extend(u)
+    return result
+
+
+# ---- device nodes and who holds them open --------------------------------------------------
+def _device_nodes(sysfs: Sysfs) -> dict[PciAddress, list[str]]:
+    """PCI function -> /dev nodes of the class devices below it (its driver's nodes)."""
+    out: dict[PciAddress, list[str]] = {}
+    for kind in ("char", "block"):
+        base = sysfs.path("sys/dev", kind)
+        try:
+            entries = os.listdir(base)
+        except OSError:
+            continue
+        for e in entries:
+            try:
+                target = os.readlink(os.path.join(base, e))
+            except OSError:
+                continue
+            addr = _pci_of(target)
+            if addr is None:
+                continue
+            for line in _lines(os.path.join(base, e, "uevent")):
+                if line.startswith("DEVNAME="):
+                    out.setdefault(addr, []).append("/dev/" + line[8:])
+    return out
+
+
+def _open_nodes(sysfs: Sysfs, interesting: set[str] | None) -> dict[str, list[str]]:
+    """/dev path -> ["pid N (comm)"] for every process holding it open (``/proc/*/fd``)."""
+    out: dict[str, list[str]] = {}
+    proc = sysfs.path("proc")
+    try:
+        pids = [p for p in os.listdir(proc) if p.isdigit()]
+    except OSError:
+        return out
+    me = str(os.getpid())
+    for pid in pids:
+        fddir = os.path.join(proc, pid, "fd")
+        try:
+            fds = os.listdir(fddir)
+        except OSError:
+            continue  # gone, or a kernel thread
+        hits: set[str] = set()
+        for fd in fds:
+            try:
+                target = os.readlink(os.path.join(fddir, fd))
+            except OSError:
+                continue
+            if target.startswith("/dev/") and (interesting is None or target in interesting):
+                hits.add(target)
+        if not hits:
+            continue
+        comm = (_lines(os.path.join(proc, pid, "comm")) or ["?"])[0]
+        who = f"pid {pid} ({comm})" + (" (this process)" if pid == me else "")
+        for h in hits:
+            out.setdefault(h, []).append(who)
+    return out
+
+
+def _overrides(sysfs: Sysfs, addrs: Iterable[PciAddress]) -> dict[PciAddress, str]:
+    out = {}
+    for a in addrs:
+        raw = _lines(os.path.join(sysfs.pci_device_dir(a), "driver_override"))
+        value = raw[0].strip() if raw else ""
+        if value and value != "(null)":
+            out[a] = value
+    return out
+
+
+def gather_facts(sysfs: Sysfs, inv: Inventory) -> GuardFacts:
+    """One pass over /proc and /sys for everything the guards need."""
+    default4, connected = _ipv4_routes(sysfs)
+    default6, addrs6 = _ipv6(sysfs)
+    netdevs = {n for d in inv.devices.values() for n in d.netdevs}
+    addressed: dict[str, tuple[str, ...]] = {}
+    for n in sorted(netdevs):
+        shown = connected.get(n, []) + addrs6.get(n, [])
+        if shown and _is_up(sysfs, n):
+            addressed[n] = tuple(shown)
+    nodes = _device_nodes(sysfs)
+    interesting = {n for ns in nodes.values() for n in ns}
+    interesting |= {f"/dev/vfio/{g}" for g in inv.groups}
+    return GuardFacts(
+        default_route_ifaces=frozenset((default4 | default6) & netdevs),
+        addressed_ifaces=addressed,
+        mounts={a: tuple(v) for a, v in _block_usage(sysfs).items()},
+        device_nodes={a: tuple(sorted(v)) for a, v in nodes.items()},
+        open_nodes={k: tuple(v) for k, v in _open_nodes(sysfs, interesting).items()},
+        driver_overrides=_overrides(sysfs, inv.devices),
+    )

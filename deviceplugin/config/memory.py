@@ -1,0 +1,118 @@
+"""Persistent memory of the drivers hostdev took devices away from, plus a one-step journal.
+
+One small JSON file in the state directory (``/var/lib/hostdev`` on a node), rewritten
+atomically (write to a temp file, fsync, rename, fsync the directory) on every change, so an
+agent killed at any instant leaves either the old or the new file, never a torn one. The
+original driver is recorded *before* the first write to a device, so a restore after any crash
+or restart knows where the device came from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+from hostdev.host.address import PciAddress, PciAddressError
+
+FILENAME = "original-drivers.json"
+VERSION = 1
+
+
+class StateFileError(RuntimeError):
+    """The state file exists but cannot be used; it is left untouched."""
+
+
+class DriverMemory:
+    def __init__(self, state_dir: str) -> None:
+        self.state_dir = state_dir
+        self.path = os.path.join(state_dir, FILENAME)
+        self._originals: dict[PciAddress, str | None] = {}
+        self._in_progress: dict[str, Any] | None = None
+        self._load()
+
+    @property
+    def originals(self) -> Mapping[PciAddress, str | None]:
+        return dict(self._originals)
+
+    @property
+    def interrupted_step(self) -> dict[str, Any] | None:
+        """The step a previous run was executing when it stopped (None: it finished cleanly)."""
+        return self._in_progress
+
+    def _load(self) -> None:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as e:
+            raise StateFileError(
+                f"state file {self.path} is unreadable ({e}); it records the original drivers "
+                "of devices hostdev moved: fix it or move it away (restores then forget them)"
+            ) from e
+        if not isinstance(data, dict) or data.get("version") != VERSION:
+            raise StateFileError(
+                f"state file {self.path}: expected {{'version': {VERSION}, ...}}, "
+                "left untouched; fix it or move it away"
+            )
+        devices = data.get("devices") or {}
+        if not isinstance(devices, dict):
+            raise StateFileError(f"state file {self.path}: 'devices' must be a mapping")
+        for key, entry in devices.items():
+            try:
+                addr = PciAddress.parse(key)
+            except PciAddressError as e:
+                raise StateFileError(f"state file {self.path}: {e}") from e
+            drv = entry.get("originalDriver") if isinstance(entry, dict) else None
+            self._originals[addr] = drv if isinstance(drv, str) and drv else None
+        step = data.get("inProgress")
+        self._in_progress = step if isinstance(step, dict) else None
+
+    def _save(self) -> None:
+        os.makedirs(self.state_dir, exist_ok=True)
+        body = {
+            "version": VERSION,
+            "devices": {str(a): {"originalDriver": d} for a, d in sorted(self._originals.items())},
+            "inProgress": self._in_progress,
+        }
+        fd, tmp = tempfile.mkstemp(prefix=".original-drivers.", dir=self.state_dir)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(body, f, indent=1, sort_keys=True)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        dfd = os.open(self.state_dir, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def remember(self, addr: PciAddress, driver: str | None) -> None:
+        if addr in self._originals:
+            return  # the first original wins: it is where the device came from
+        self._originals[addr] = driver
+        self._save()
+
+    def forget(self, addr: PciAddress) -> None:
+        if addr in self._originals:
+            del self._originals[addr]
+            self._save()
+
+    def begin(self, step: Mapping[str, Any]) -> None:
+        self._in_progress = dict(step)
+        self._save()
+
+    def done(self) -> None:
+        if self._in_progress is not None:
+            self._in_progress = None
+            self._save()

@@ -1,0 +1,93 @@
+"""Safety guards: facts about what the host is using, and pure checks over them.
+
+The facts are gathered once per plan by an I/O function
+(:func:`hostdev.deviceplugin.config.facts.gather_facts`); every check here is pure and returns a
+human reason (or ``None``) so a refusal always says exactly what is in the way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from hostdev.host.address import PciAddress
+from hostdev.host.model import PciDevice
+
+
+@dataclass(frozen=True, slots=True)
+class GuardFacts:
+    """What the host is using right now (all keyed so the checks are lookups)."""
+
+    # netdevs the default route (IPv4 or IPv6) leaves through
+    default_route_ifaces: frozenset[str] = frozenset()
+    # up netdevs with an address -> what shows it ("10.0.2.0/24 (connected route)", "2001:db8::1")
+    addressed_ifaces: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # PCI function -> mounted filesystems / swap on its block devices ("nvme0n1p2 on /")
+    mounts: Mapping[PciAddress, tuple[str, ...]] = field(default_factory=dict)
+    # PCI function -> /dev nodes its current driver exposes (/dev/nvme0, /dev/nvme0n1, ...)
+    device_nodes: Mapping[PciAddress, tuple[str, ...]] = field(default_factory=dict)
+    # /dev path -> who holds it open ("pid 812 (qemu-kvm)")
+    open_nodes: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # PCI function -> its driver_override, where one is set
+    driver_overrides: Mapping[PciAddress, str] = field(default_factory=dict)
+
+
+def default_route(dev: PciDevice, facts: GuardFacts) -> str | None:
+    hit = sorted(set(dev.netdevs) & facts.default_route_ifaces)
+    if hit:
+        return f"{dev.address} carries the default route (via {', '.join(hit)})"
+    return None
+
+
+def addressed(dev: PciDevice, facts: GuardFacts) -> str | None:
+    hits = [
+        f"{n}: {', '.join(facts.addressed_ifaces[n])}"
+        for n in dev.netdevs
+        if n in facts.addressed_ifaces
+    ]
+    if hits:
+        return f"{dev.address} has an address on an up interface ({'; '.join(hits)})"
+    return None
+
+
+def mounted(dev: PciDevice, facts: GuardFacts) -> str | None:
+    m = facts.mounts.get(dev.address)
+    if m:
+        return f"{dev.address} hosts a mounted filesystem ({', '.join(m)})"
+    return None
+
+
+def host_nodes_open(dev: PciDevice, facts: GuardFacts) -> str | None:
+    held = [
+        f"{node} by {', '.join(facts.open_nodes[node])}"
+        for node in facts.device_nodes.get(dev.address, ())
+        if node in facts.open_nodes
+    ]
+    if held:
+        return f"{dev.address}'s device nodes are held open ({'; '.join(held)})"
+    return None
+
+
+def vfio_group_open(group: int | None, facts: GuardFacts) -> str | None:
+    if group is None:
+        return None
+    node = f"/dev/vfio/{group}"
+    who = facts.open_nodes.get(node)
+    if who:
+        return f"{node} is held open by {', '.join(who)} (a running VM owns the group)"
+    return None
+
+
+def in_use_reasons(dev: PciDevice, facts: GuardFacts) -> list[str]:
+    """Everything that makes taking ``dev`` away from its current host driver unsafe
+    (overridable per device with ``allowUnsafe``)."""
+    return [
+        r
+        for r in (
+            default_route(dev, facts),
+            addressed(dev, facts),
+            mounted(dev, facts),
+            host_nodes_open(dev, facts),
+        )
+        if r is not None
+    ]
