@@ -1,0 +1,151 @@
+"""KubeVirt CR configuration for policy resources: permittedHostDevices + HostDevices gate. Pure.
+
+Ownership: the entries (and the feature gate) this operator added are listed in an annotation
+on the KubeVirt CR, so it removes only what it added and never takes over what someone else
+wrote, even when that is identical to what it wants.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from hostdev.policy.nodestate import NodePlan, Policy
+
+OWNED_ANNOTATION = "hostdev.io/owned-permitted-host-devices"
+FEATURE_GATE = "HostDevices"
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class PciHostDevice:
+    pci_vendor_selector: str  # "VVVV:DDDD", upper-case as in KubeVirt's docs
+    resource_name: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.pci_vendor_selector}={self.resource_name}"
+
+    def as_entry(self) -> dict[str, Any]:
+        return {
+            "pciVendorSelector": self.pci_vendor_selector,
+            "resourceName": self.resource_name,
+            "externalResourceProvider": True,
+        }
+
+
+def _selector(vendor: str, device: str) -> str:
+    return f"{vendor.upper()}:{device.upper()}"
+
+
+def desired_entries(
+    policies: Iterable[Policy], plans: Mapping[str, NodePlan]
+) -> tuple[PciHostDevice, ...]:
+    """One entry per (vendor:device, resource): ids seen in the agents' inventories for devices
+    the policy holds, plus every vendor x device pair a policy names outright (so VMs can be
+    admitted before any agent has reported)."""
+    wanted: set[PciHostDevice] = set()
+    by_name = {p.name: p for p in policies}
+    for p in by_name.values():
+        for v in p.selector.vendors:
+            for d in p.selector.devices:
+                wanted.add(PciHostDevice(_selector(v, d), p.resource_name))
+    for plan in plans.values():
+        # holdings are only filled when the node reported an inventory
+        for policy_name, addresses in plan.holdings.items():
+            holder = by_name.get(policy_name)
+            if holder is None:
+                continue
+            for a in addresses:
+                if a in plan.ids:
+                    wanted.add(PciHostDevice(_selector(*plan.ids[a]), holder.resource_name))
+    return tuple(sorted(wanted))
+
+
+@dataclass(frozen=True, slots=True)
+class KubeVirtChange:
+    """A JSON merge patch for the KubeVirt CR, or None when it is already right."""
+
+    patch: dict[str, Any] | None
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+
+
+def _owned(kubevirt: Mapping[str, Any]) -> tuple[set[str], bool]:
+    ann = ((kubevirt.get("metadata") or {}).get("annotations") or {}).get(OWNED_ANNOTATION)
+    if not ann:
+        return set(), False
+    try:
+        data = json.loads(ann)
+    except ValueError:
+        return set(), False
+    if not isinstance(data, Mapping):
+        return set(), False
+    return {str(k) for k in data.get("pciHostDevices") or ()}, bool(data.get("featureGate"))
+
+
+def _key(entry: Mapping[str, Any]) -> str:
+    return f"{str(entry.get('pciVendorSelector', '')).upper()}={entry.get('resourceName', '')}"
+
+
+def merge_kubevirt(kubevirt: Mapping[str, Any], wanted: Iterable[PciHostDevice]) -> KubeVirtChange:
+    """Merge ``wanted`` into the CR's permittedHostDevices.pciHostDevices and feature gates.
+
+    Keeps every entry not owned by hostdev (in place), drops owned entries no longer wanted,
+    appends wanted ones that are missing. The HostDevices gate is added (and owned) when
+    anything is wanted and it is missing; it is removed only when owned and nothing is wanted.
+    """
+    spec = kubevirt.get("spec") or {}
+    config = spec.get("configuration") or {}
+    permitted = config.get("permittedHostDevices") or {}
+    current = [dict(e) for e in permitted.get("pciHostDevices") or () if isinstance(e, Mapping)]
+    gates = [str(g) for g in (config.get("developerConfiguration") or {}).get("featureGates") or ()]
+    owned, owned_gate = _owned(kubevirt)
+    wanted_by_key = {w.key: w for w in wanted}
+
+    present = {_key(e) for e in current}
+    kept = [e for e in current if _key(e) not in owned or _key(e) in wanted_by_key]
+    removed = tuple(
+        sorted(_key(e) for e in current if _key(e) in owned and _key(e) not in wanted_by_key)
+    )
+    added_entries = [w for k, w in sorted(wanted_by_key.items()) if k not in present]
+    new_list = kept + [w.as_entry() for w in added_entries]
+    # Ownership: what we owned and still want, plus what we add now. A foreign identical entry
+    # stays foreign.
+    new_owned = sorted((owned & set(wanted_by_key)) | {w.key for w in added_entries})
+
+    new_gates = list(gates)
+    new_owned_gate = owned_gate
+    if wanted_by_key and FEATURE_GATE not in gates:
+        new_gates.append(FEATURE_GATE)
+        new_owned_gate = True
+    elif not wanted_by_key and owned_gate:
+        new_gates = [g for g in gates if g != FEATURE_GATE]
+        new_owned_gate = False
+    if FEATURE_GATE not in new_gates:
+        new_owned_gate = False
+
+    annotation = (
+        json.dumps({"pciHostDevices": new_owned, "featureGate": new_owned_gate}, sort_keys=True)
+        if new_owned or new_owned_gate
+        else None
+    )
+    old_annotation = ((kubevirt.get("metadata") or {}).get("annotations") or {}).get(
+        OWNED_ANNOTATION
+    )
+    if new_list == current and new_gates == gates and annotation == old_annotation:
+        return KubeVirtChange(None, (), ())
+    patch: dict[str, Any] = {
+        "metadata": {"annotations": {OWNED_ANNOTATION: annotation}},
+        "spec": {"configuration": {}},
+    }
+    if new_list != current:
+        # pciHostDevices is an atomic list in KubeVirt's schema: a merge patch replaces it.
+        patch["spec"]["configuration"]["permittedHostDevices"] = {"pciHostDevices": new_list}
+    if new_gates != gates:
+        patch["spec"]["configuration"]["developerConfiguration"] = {"featureGates": new_gates}
+    rv = (kubevirt.get("metadata") or {}).get("resourceVersion")
+    if rv:
+        patch["metadata"]["resourceVersion"] = rv  # optimistic lock: 409 if someone raced us
+    return KubeVirtChange(patch, tuple(w.key for w in added_entries), removed)

@@ -1,0 +1,290 @@
+"""PassthroughPolicies + node labels -> PassthroughNodeState specs and policy status. Pure.
+
+Precedence between policies: higher ``priority`` first, then the older policy (creation
+timestamp), then the lexically first name. The spec shape is :mod:`hostdev.policy.nodeconfig`'s,
+so the node agent parses exactly what is rendered here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from hostdev.host.address import PciAddress, PciAddressError
+from hostdev.policy.labels import LabelSelector, LabelSelectorError
+from hostdev.policy.reported import ReportedNode
+from hostdev.policy.selector import DeviceSelector, PfRange, SelectorError
+
+DEFAULT_DRIVER = "vfio-pci"
+
+
+class PolicyError(ValueError):
+    """A policy the operator cannot use; the message says what to fix."""
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    name: str
+    resource_name: str
+    node_selector: LabelSelector
+    selector: DeviceSelector
+    selector_spec: Mapping[str, Any]  # the camelCase form, rendered into NodeState specs
+    num_vfs: int | None
+    driver: str
+    priority: int
+    created: str  # RFC 3339 creationTimestamp: sorts chronologically as a string
+    generation: int = 0
+
+    @property
+    def precedence(self) -> tuple[int, str, str]:
+        return (-self.priority, self.created, self.name)
+
+    @staticmethod
+    def from_object(obj: Mapping[str, Any]) -> Policy:
+        meta = obj.get("metadata") or {}
+        spec = obj.get("spec") or {}
+        name = str(meta.get("name", ""))
+        resource = spec.get("resourceName")
+        if not isinstance(resource, str) or "/" not in resource:
+            raise PolicyError(f"policy {name}: spec.resourceName must be domain/name")
+        raw_selector = spec.get("selector") or {}
+        try:
+            selector = DeviceSelector.from_dict(raw_selector)
+            node_selector = LabelSelector.from_dict(spec.get("nodeSelector"))
+        except (SelectorError, LabelSelectorError) as e:
+            raise PolicyError(f"policy {name}: {e}") from None
+        if selector.empty:
+            raise PolicyError(f"policy {name}: spec.selector is empty and would claim nothing")
+        sriov = spec.get("sriov")
+        num_vfs = None if not isinstance(sriov, Mapping) else sriov.get("numVfs")
+        if num_vfs is not None and (not isinstance(num_vfs, int) or num_vfs < 0):
+            raise PolicyError(f"policy {name}: spec.sriov.numVfs must be an integer >= 0")
+        if num_vfs is not None and not selector.pf_names:
+            raise PolicyError(f"policy {name}: spec.sriov needs selector.pfNames naming the PFs")
+        return Policy(
+            name=name,
+            resource_name=resource,
+            node_selector=node_selector,
+            selector=selector,
+            selector_spec=dict(raw_selector),
+            num_vfs=num_vfs,
+            driver=str(spec.get("driver") or DEFAULT_DRIVER),
+            priority=int(spec.get("priority") or 0),
+            created=str(meta.get("creationTimestamp") or ""),
+            generation=int(meta.get("generation") or 0),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    """``loser`` wanted ``target`` on ``node`` but ``winner`` has precedence."""
+
+    node: str
+    target: str  # PCI address, or PF name/address for numVfs
+    loser: str
+    winner: str
+    message: str
+
+    def as_status(self) -> dict[str, str]:
+        return {
+            "node": self.node,
+            "target": self.target,
+            "winner": self.winner,
+            "message": self.message,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class NodePlan:
+    """The rendered ``spec`` of one node's PassthroughNodeState, and who contributed what."""
+
+    node: str
+    spec: Mapping[str, Any]
+    policies: tuple[str, ...]  # in precedence order
+    conflicts: tuple[Conflict, ...] = ()
+    holdings: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # policy -> addrs
+    ids: Mapping[str, tuple[str, str]] = field(default_factory=dict)  # held addr -> (ven, dev)
+    reported: bool = False
+
+    def attribution(self) -> dict[str, Any]:
+        """The ``hostdev.io/policies`` annotation: contributing policies and lost PF settings."""
+        return {
+            "policies": list(self.policies),
+            "conflicts": [
+                {"target": c.target, "policy": c.loser, "winner": c.winner, "message": c.message}
+                for c in self.conflicts
+                if c.target in _pf_targets(self.spec)
+            ],
+        }
+
+
+def _pf_targets(spec: Mapping[str, Any]) -> set[str]:
+    return {str(p.get("pciAddress") or p.get("pfName")) for p in spec.get("pfs", ())}
+
+
+def order(policies: Iterable[Policy]) -> list[Policy]:
+    return sorted(policies, key=lambda p: p.precedence)
+
+
+def _why(winner: Policy) -> str:
+    return f"policy {winner.name} has precedence (priority {winner.priority}, then age, then name)"
+
+
+def _pf_key(pf: PfRange) -> tuple[str, dict[str, Any]]:
+    """A pfNames entry names a PF by netdev or by PCI address; nodeconfig wants which one."""
+    try:
+        address = str(PciAddress.parse(pf.pf))
+    except PciAddressError:
+        return pf.pf, {"pfName": pf.pf}
+    return address, {"pciAddress": address}
+
+
+def render_node(
+    node: str, policies: Sequence[Policy], reported: ReportedNode | None = None
+) -> NodePlan:
+    """The spec for ``node`` from the policies selecting it (given in any order).
+
+    Without ``reported`` the spec is pure selector rules. With the agent's inventory, every
+    device several policies claim with different wishes gets an explicit pciAddress entry for
+    the policy with precedence (explicit entries win over selector rules in nodeconfig).
+    """
+    ordered = order(policies)
+    conflicts: list[Conflict] = []
+    pfs: dict[str, dict[str, Any]] = {}
+    pf_owner: dict[str, Policy] = {}
+    for p in ordered:
+        if p.num_vfs is None:
+            continue
+        for pf in p.selector.pf_names:
+            key, ident = _pf_key(pf)
+            owner = pf_owner.get(key)
+            if owner is None:
+                pf_owner[key] = p
+                pfs[key] = {**ident, "numVfs": p.num_vfs}
+            elif owner.name != p.name and pfs[key]["numVfs"] != p.num_vfs:
+                conflicts.append(
+                    Conflict(
+                        node,
+                        key,
+                        p.name,
+                        owner.name,
+                        f"numVfs {p.num_vfs} on PF {key} overridden by {owner.num_vfs} "
+                        f"from policy {owner.name}: {_why(owner)}",
+                    )
+                )
+    rules = [
+        {"selector": dict(p.selector_spec), "driver": p.driver, "resourceName": p.resource_name}
+        for p in ordered
+    ]
+    explicit: list[dict[str, Any]] = []
+    holdings: dict[str, list[str]] = {p.name: [] for p in ordered}
+    ids: dict[str, tuple[str, str]] = {}
+    inventory = reported.inventory if reported is not None else None
+    if inventory is not None:
+        for address, dev in inventory.devices.items():
+            if dev.is_bridge:
+                continue
+            claimants = [p for p in ordered if p.selector.matches(dev, inventory)]
+            if not claimants:
+                continue
+            winner = claimants[0]
+            holdings[winner.name].append(str(address))
+            if dev.vendor and dev.device:
+                ids[str(address)] = (dev.vendor, dev.device)
+            losers = [p for p in claimants[1:] if p.name != winner.name]
+            for p in losers:
+                conflicts.append(
+                    Conflict(
+                        node,
+                        str(address),
+                        p.name,
+                        winner.name,
+                        f"device {address} goes to {winner.resource_name}: {_why(winner)}",
+                    )
+                )
+            if any(
+                (p.driver, p.resource_name) != (winner.driver, winner.resource_name) for p in losers
+            ):
+                explicit.append(
+                    {
+                        "pciAddress": str(address),
+                        "driver": winner.driver,
+                        "resourceName": winner.resource_name,
+                    }
+                )
+    spec = {"pfs": [pfs[k] for k in sorted(pfs)], "devices": explicit + rules}
+    return NodePlan(
+        node=node,
+        spec=spec,
+        policies=tuple(p.name for p in ordered),
+        conflicts=tuple(conflicts),
+        holdings={k: tuple(v) for k, v in holdings.items()},
+        ids=ids,
+        reported=inventory is not None,
+    )
+
+
+def select_nodes(policy: Policy, nodes: Mapping[str, Mapping[str, str]]) -> list[str]:
+    return sorted(n for n, labels in nodes.items() if policy.node_selector.matches(labels))
+
+
+def render_cluster(
+    policies: Iterable[Policy],
+    nodes: Mapping[str, Mapping[str, str]],
+    reported: Mapping[str, ReportedNode],
+) -> dict[str, NodePlan]:
+    """One plan per node that at least one policy selects (nodes no policy selects get none:
+    their PassthroughNodeState is deleted)."""
+    by_node: dict[str, list[Policy]] = {}
+    for p in policies:
+        for n in select_nodes(p, nodes):
+            by_node.setdefault(n, []).append(p)
+    return {n: render_node(n, ps, reported.get(n)) for n, ps in sorted(by_node.items())}
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyOutcome:
+    """What a policy got across the cluster: the basis of its status."""
+
+    nodes: tuple[str, ...]
+    devices: Mapping[str, tuple[str, ...]]  # node -> addresses held (reported nodes only)
+    unreported: tuple[str, ...]
+    conflicts: tuple[Conflict, ...]
+
+    @property
+    def device_count(self) -> int:
+        return sum(len(v) for v in self.devices.values())
+
+    def status(self) -> dict[str, Any]:
+        """The status fields besides conditions and observedGeneration."""
+        return {
+            "matchedNodes": list(self.nodes),
+            "matchedNodeCount": len(self.nodes),
+            "deviceCount": self.device_count,
+            "conflictCount": len(self.conflicts),
+            "nodes": [
+                {
+                    "node": n,
+                    "devices": list(self.devices.get(n, ())),
+                    "reported": n not in self.unreported,
+                }
+                for n in self.nodes
+            ],
+            "conflicts": [c.as_status() for c in self.conflicts],
+        }
+
+
+def policy_outcomes(
+    policies: Iterable[Policy], plans: Mapping[str, NodePlan]
+) -> dict[str, PolicyOutcome]:
+    out: dict[str, PolicyOutcome] = {}
+    for p in policies:
+        nodes = tuple(n for n, plan in plans.items() if p.name in plan.policies)
+        out[p.name] = PolicyOutcome(
+            nodes=nodes,
+            devices={n: plans[n].holdings.get(p.name, ()) for n in nodes if plans[n].reported},
+            unreported=tuple(n for n in nodes if not plans[n].reported),
+            conflicts=tuple(c for n in nodes for c in plans[n].conflicts if c.loser == p.name),
+        )
+    return out
