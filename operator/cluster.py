@@ -1,0 +1,275 @@
+"""Cluster-level reconciliation: policies + nodes -> PassthroughNodeStates, policy status and
+the KubeVirt CR. Event handlers only mark the state dirty; one task recomputes everything from
+kopf's in-memory indexes (no listing per event) and writes only what differs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, cast
+
+import kopf
+
+from hostdev.operator import metrics
+from hostdev.operator.kube import (
+    GROUP,
+    KUBEVIRT_GROUP,
+    KUBEVIRT_VERSION,
+    VERSION,
+    Api,
+    ConflictError,
+)
+from hostdev.policy.conditions import Condition, merge_conditions, same_conditions
+from hostdev.policy.kubevirt import desired_entries, merge_kubevirt
+from hostdev.policy.nodestate import NodePlan, Policy, PolicyError, policy_outcomes, render_cluster
+from hostdev.policy.reported import ReportedNode, read_node_state
+from hostdev.policy.request import Capacity
+
+log = logging.getLogger("hostdev.operator.cluster")
+
+ATTRIBUTION_ANNOTATION = "hostdev.io/policies"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "hostdev-operator"}
+DEBOUNCE_S = 0.2
+KUBEVIRT_RETRY_S = 30.0
+
+
+def now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def values(index: Mapping[Any, Iterable[Any]]) -> list[Any]:
+    """Flatten a kopf index (key -> store of values) into its values."""
+    return [v for key in list(index) for v in index.get(key, ())]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    policies: tuple[Policy, ...]
+    invalid: Mapping[str, str]  # policy name -> what to fix
+    plans: Mapping[str, NodePlan]
+    reported: Mapping[str, ReportedNode]
+
+    @property
+    def capacity(self) -> Capacity:
+        return Capacity.build(self.policies, self.plans, self.reported)
+
+
+@dataclass
+class Cluster:
+    """Holds kopf's indexes (handed over at startup) and the reconcile task's state."""
+
+    api: Api
+    indexes: dict[str, Mapping[Any, Iterable[Any]]] = field(default_factory=dict)
+    dirty: asyncio.Event = field(default_factory=asyncio.Event)
+    _snapshot: Snapshot | None = None
+    _stale: bool = True
+    kubevirt_missing: bool = False
+
+    def mark(self) -> None:
+        self._stale = True
+        self.dirty.set()
+
+    def use(self, **indexes: Mapping[Any, Iterable[Any]]) -> None:
+        self.indexes.update(indexes)
+
+    def snapshot(self) -> Snapshot:
+        """The desired state from the indexes as they are now (recomputed only when stale)."""
+        if self._snapshot is not None and not self._stale:
+            return self._snapshot
+        self._stale = False
+        policies: list[Policy] = []
+        invalid: dict[str, str] = {}
+        for obj in values(self.indexes.get("policies_idx", {})):
+            try:
+                policies.append(Policy.from_object(obj))
+            except PolicyError as e:
+                invalid[str(obj["metadata"]["name"])] = str(e)
+        nodes = {str(n["name"]): n["labels"] for n in values(self.indexes.get("nodes_idx", {}))}
+        reported = {
+            str(s["name"]): read_node_state(str(s["name"]), s.get("status"))
+            for s in values(self.indexes.get("nodestates_idx", {}))
+        }
+        plans = render_cluster(policies, nodes, reported)
+        self._snapshot = Snapshot(tuple(policies), invalid, plans, reported)
+        return self._snapshot
+
+    async def run(self) -> None:
+        while True:
+            await self.dirty.wait()
+            await asyncio.sleep(DEBOUNCE_S)  # coalesce bursts of events into one pass
+            self.dirty.clear()
+            try:
+                await self.reconcile()
+                metrics.RECONCILES.labels("cluster", "ok").inc()
+            except ConflictError:
+                metrics.API_CONFLICTS.labels("cluster").inc()
+                self.mark()
+            except Exception:
+                metrics.RECONCILES.labels("cluster", "error").inc()
+                log.exception("cluster reconcile failed; retrying in 5 s")
+                self._later(5.0)
+
+    def _later(self, delay: float) -> None:
+        asyncio.get_running_loop().call_later(delay, self.mark)
+
+    async def reconcile(self) -> None:
+        snap = self.snapshot()
+        await self._node_states(snap)
+        kubevirt = await self._kubevirt(snap)
+        await self._policy_status(snap, kubevirt)
+
+    # ---- PassthroughNodeStates -------------------------------------------------------------
+    async def _node_states(self, snap: Snapshot) -> None:
+        current = {str(s["name"]): s for s in values(self.indexes.get("nodestates_idx", {}))}
+        for node, plan in snap.plans.items():
+            attribution = json.dumps(plan.attribution(), sort_keys=True, separators=(",", ":"))
+            have = current.get(node)
+            if have is None:
+                body = {
+                    "apiVersion": f"{GROUP}/{VERSION}",
+                    "kind": "PassthroughNodeState",
+                    "metadata": {
+                        "name": node,
+                        "labels": MANAGED_BY,
+                        "annotations": {ATTRIBUTION_ANNOTATION: attribution},
+                    },
+                    "spec": dict(plan.spec),
+                }
+                obj = await self.api.create_cluster(GROUP, VERSION, "passthroughnodestates", body)
+                kopf.info(
+                    cast(kopf.Body, obj),
+                    reason="Created",
+                    message=f"policies: {', '.join(plan.policies)}",
+                )
+                log.info("PassthroughNodeState %s created (policies %s)", node, plan.policies)
+            elif have.get("spec") != plan.spec or have.get("attribution") != attribution:
+                await self.api.patch(
+                    GROUP,
+                    VERSION,
+                    "passthroughnodestates",
+                    node,
+                    # pfs/devices are lists: a merge patch replaces them whole, as intended.
+                    {
+                        "metadata": {"annotations": {ATTRIBUTION_ANNOTATION: attribution}},
+                        "spec": dict(plan.spec),
+                    },
+                )
+                log.info("PassthroughNodeState %s spec updated", node)
+        for node, have in current.items():
+            if (
+                node not in snap.plans
+                and have.get("managed")
+                and await self.api.delete(GROUP, VERSION, "passthroughnodestates", node)
+            ):
+                log.info("PassthroughNodeState %s deleted: no policy selects the node", node)
+        metrics.NODESTATES.set(len(snap.plans))
+
+    # ---- KubeVirt CR --------------------------------------------------------------------
+    async def _kubevirt(self, snap: Snapshot) -> Condition:
+        crs = sorted(
+            values(self.indexes.get("kubevirts_idx", {})),
+            key=lambda k: (k["metadata"]["namespace"], k["metadata"]["name"]),
+        )
+        if not crs:
+            if snap.policies:
+                self._later(KUBEVIRT_RETRY_S)
+            self.kubevirt_missing = True
+            return Condition(
+                "KubeVirtConfigured",
+                "False",
+                "KubeVirtNotFound",
+                "no KubeVirt CR (kubevirt.io/v1 KubeVirt) found; retrying every "
+                f"{int(KUBEVIRT_RETRY_S)} s",
+            )
+        self.kubevirt_missing = False
+        # One KubeVirt CR per cluster is KubeVirt's own rule; use the first if there are more.
+        meta = crs[0]["metadata"]
+        fresh = await self.api.get(
+            KUBEVIRT_GROUP, KUBEVIRT_VERSION, "kubevirts", meta["name"], meta["namespace"]
+        )
+        if fresh is None:
+            self._later(1.0)
+            return Condition("KubeVirtConfigured", "Unknown", "KubeVirtGone", "retrying")
+        change = merge_kubevirt(fresh, desired_entries(snap.policies, snap.plans))
+        where = f"{meta['namespace']}/{meta['name']}"
+        if change.patch is not None:
+            await self.api.patch(
+                KUBEVIRT_GROUP,
+                KUBEVIRT_VERSION,
+                "kubevirts",
+                meta["name"],
+                change.patch,
+                meta["namespace"],
+            )
+            log.info("KubeVirt %s: added %s, removed %s", where, change.added, change.removed)
+            kopf.info(
+                cast(kopf.Body, fresh),
+                reason="HostDevicesSynced",
+                message=f"hostdev added {list(change.added)}, removed {list(change.removed)}",
+            )
+        return Condition(
+            "KubeVirtConfigured", "True", "PermittedHostDevices", f"KubeVirt {where} permits it"
+        )
+
+    # ---- policy status ----------------------------------------------------------------
+    async def _policy_status(self, snap: Snapshot, kubevirt: Condition) -> None:
+        outcomes = policy_outcomes(snap.policies, snap.plans)
+        objs = {str(o["metadata"]["name"]): o for o in values(self.indexes.get("policies_idx", {}))}
+        conflicts = 0
+        for name, obj in objs.items():
+            gen = obj["metadata"].get("generation")
+            old = obj.get("status") or {}
+            if name in snap.invalid:
+                fields: dict[str, Any] = {}
+                conds = [Condition("Ready", "False", "InvalidPolicy", snap.invalid[name])]
+            else:
+                out = outcomes[name]
+                conflicts += len(out.conflicts)
+                fields = out.status()
+                waiting = (
+                    f"; {len(out.unreported)} node(s) not reported yet" if out.unreported else ""
+                )
+                conds = [
+                    Condition(
+                        "Ready",
+                        "True",
+                        "Rendered",
+                        f"rendered into {len(out.nodes)} PassthroughNodeState(s){waiting}",
+                    ),
+                    Condition(
+                        "Conflicted",
+                        "True" if out.conflicts else "False",
+                        "LostToPrecedence" if out.conflicts else "NoConflict",
+                        out.conflicts[0].message if out.conflicts else "no other policy wins here",
+                    ),
+                    kubevirt,
+                ]
+            conditions = merge_conditions(old.get("conditions"), conds, generation=gen, now=now())
+            same = all(old.get(k) == v for k, v in fields.items())
+            if (
+                same
+                and old.get("observedGeneration") == gen
+                and same_conditions(old.get("conditions"), conditions)
+            ):
+                continue
+            body = {"status": {**fields, "observedGeneration": gen, "conditions": conditions}}
+            await self.api.patch(GROUP, VERSION, "passthroughpolicies", name, body, status=True)
+            if fields.get("conflictCount") and fields.get("conflictCount") != old.get(
+                "conflictCount"
+            ):
+                kopf.warn(cast(kopf.Body, obj), reason="Conflict", message=conds[1].message)
+        metrics.POLICY_CONFLICTS.set(conflicts)
+
+
+def start(cluster: Cluster) -> Callable[[], None]:
+    """Run the reconcile loop; returns a function that stops it."""
+    task = asyncio.get_running_loop().create_task(cluster.run(), name="hostdev-cluster")
+
+    def stop() -> None:
+        task.cancel()
+
+    return stop

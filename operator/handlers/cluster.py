@@ -1,0 +1,88 @@
+"""Indexes and watches feeding the cluster reconciler (policies, nodes, node states, KubeVirt)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from hostdev.operator.cluster import ATTRIBUTION_ANNOTATION, MANAGED_BY, Cluster
+from hostdev.operator.kube import GROUP, KUBEVIRT_GROUP, KUBEVIRT_VERSION, VERSION
+
+
+def _meta(body: Mapping[str, Any]) -> dict[str, Any]:
+    m = body.get("metadata") or {}
+    keep = ("name", "namespace", "uid", "generation", "creationTimestamp", "resourceVersion")
+    return {k: m[k] for k in keep if k in m}
+
+
+@kopf.index(GROUP, VERSION, "passthroughpolicies")
+def policies_idx(*, name: str, body: kopf.Body, **_: Any) -> dict[str, Any]:
+    return {
+        name: {
+            "apiVersion": body.get("apiVersion"),
+            "kind": body.get("kind"),
+            "metadata": _meta(body),
+            "spec": dict(body.get("spec") or {}),
+            "status": dict(body.get("status") or {}),
+        }
+    }
+
+
+@kopf.index("", "v1", "nodes")
+def nodes_idx(*, name: str, labels: kopf.Labels, **_: Any) -> dict[str, Any]:
+    return {name: {"name": name, "labels": dict(labels)}}
+
+
+@kopf.index(GROUP, VERSION, "passthroughnodestates")
+def nodestates_idx(
+    *, name: str, body: kopf.Body, labels: kopf.Labels, annotations: kopf.Annotations, **_: Any
+) -> dict[str, Any]:
+    return {
+        name: {
+            "name": name,
+            "spec": dict(body.get("spec") or {}),
+            "status": dict(body.get("status") or {}),
+            "attribution": annotations.get(ATTRIBUTION_ANNOTATION),
+            "managed": all(labels.get(k) == v for k, v in MANAGED_BY.items()),
+        }
+    }
+
+
+@kopf.index(KUBEVIRT_GROUP, KUBEVIRT_VERSION, "kubevirts")
+def kubevirts_idx(*, name: str, namespace: str | None, **_: Any) -> dict[Any, Any]:
+    return {(namespace, name): {"metadata": {"name": name, "namespace": namespace}}}
+
+
+def _cluster(memo: Any) -> Cluster:
+    cluster: Cluster = memo["cluster"]
+    return cluster
+
+
+@kopf.on.event(GROUP, VERSION, "passthroughpolicies")
+def policy_changed(*, memo: Any, **_: Any) -> None:
+    _cluster(memo).mark()
+
+
+@kopf.on.event(GROUP, VERSION, "passthroughnodestates")
+def nodestate_changed(*, memo: Any, **_: Any) -> None:
+    _cluster(memo).mark()
+
+
+@kopf.on.event(KUBEVIRT_GROUP, KUBEVIRT_VERSION, "kubevirts")
+def kubevirt_changed(*, memo: Any, **_: Any) -> None:
+    _cluster(memo).mark()
+
+
+@kopf.on.event("", "v1", "nodes")
+def node_changed(*, memo: Any, name: str, labels: kopf.Labels, type: str | None, **_: Any) -> None:
+    # Nodes change status every few seconds: only label changes (and add/remove) matter here.
+    seen: dict[str, dict[str, str]] = memo.setdefault("node_labels", {})
+    if type == "DELETED":
+        seen.pop(name, None)
+    elif seen.get(name) == dict(labels):
+        return
+    else:
+        seen[name] = dict(labels)
+    _cluster(memo).mark()

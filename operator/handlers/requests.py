@@ -1,0 +1,296 @@
+"""PassthroughRequest handlers: capacity check, VM spec patch (finalizer-protected), status."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from hostdev.operator import metrics
+from hostdev.operator.cluster import Cluster, now, values
+from hostdev.operator.kube import (
+    GROUP,
+    KUBEVIRT_GROUP,
+    KUBEVIRT_VERSION,
+    VERSION,
+    Api,
+    ConflictError,
+)
+from hostdev.policy.conditions import Condition, merge_conditions, same_conditions
+from hostdev.policy.request import (
+    Request,
+    RequestError,
+    VmChange,
+    apply_to_vm,
+    check_request,
+    needs_restart,
+    remove_from_vm,
+    running_status,
+)
+
+PLURAL = "passthroughrequests"
+CONFLICT_RETRIES = 8
+RETRY_REFUSED_S = 60.0
+RETRY_PENDING_S = 10.0
+STATUS_INTERVAL_S = 15.0
+
+log = logging.getLogger("hostdev.operator.requests")
+
+
+@kopf.index(KUBEVIRT_GROUP, KUBEVIRT_VERSION, "virtualmachineinstances")
+def vmis_idx(*, name: str, namespace: str | None, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    devices = ((body.get("spec") or {}).get("domain") or {}).get("devices") or {}
+    return {
+        (namespace, name): {
+            "metadata": {"uid": body.get("metadata", {}).get("uid")},
+            "spec": {
+                "domain": {
+                    "devices": {
+                        f: [{"name": e.get("name")} for e in devices.get(f) or ()]
+                        for f in ("hostDevices", "gpus")
+                    }
+                }
+            },
+            "status": {"phase": (body.get("status") or {}).get("phase")},
+        }
+    }
+
+
+def _vmi(vmis_idx: kopf.Index[Any, Any], namespace: str, name: str) -> dict[str, Any] | None:
+    for v in vmis_idx.get((namespace, name), ()):
+        return dict(v)
+    return None
+
+
+def _locks(memo: Any) -> dict[tuple[str, str], asyncio.Lock]:
+    locks: dict[tuple[str, str], asyncio.Lock] = memo.setdefault("vm_locks", {})
+    return locks
+
+
+def _set_status(
+    patch: kopf.Patch,
+    status: Mapping[str, Any],
+    generation: int | None,
+    fields: Mapping[str, Any],
+    conditions: list[Condition],
+) -> bool:
+    """Fill kopf's patch with the status (only when it changes); True when it changed."""
+    merged = merge_conditions(
+        status.get("conditions"), conditions, generation=generation, now=now()
+    )
+    changed = {k: v for k, v in fields.items() if status.get(k) != v}
+    if (
+        not changed
+        and status.get("observedGeneration") == generation
+        and same_conditions(status.get("conditions"), merged)
+    ):
+        return False
+    for k, v in changed.items():
+        patch.status[k] = v
+    patch.status["observedGeneration"] = generation
+    patch.status["conditions"] = merged
+    if "phase" in changed:
+        metrics.REQUEST_PHASES.labels(str(fields["phase"])).inc()
+    return True
+
+
+async def _patch_vm(
+    api: Api, memo: Any, namespace: str, vm_name: str, compute: Any
+) -> tuple[dict[str, Any] | None, VmChange | None]:
+    """Read-compute-patch the VM under a per-VM lock, retrying on optimistic-lock conflicts."""
+    async with _locks(memo).setdefault((namespace, vm_name), asyncio.Lock()):
+        for _attempt in range(CONFLICT_RETRIES):
+            vm = await api.get(
+                KUBEVIRT_GROUP, KUBEVIRT_VERSION, "virtualmachines", vm_name, namespace
+            )
+            if vm is None:
+                return None, None
+            change: VmChange = compute(vm)
+            if change.patch is None:
+                return vm, change
+            try:
+                await api.patch(
+                    KUBEVIRT_GROUP,
+                    KUBEVIRT_VERSION,
+                    "virtualmachines",
+                    vm_name,
+                    change.patch,
+                    namespace,
+                )
+            except ConflictError:
+                metrics.API_CONFLICTS.labels("virtualmachines").inc()
+                continue
+            return vm, change
+    raise kopf.TemporaryError(f"VM {namespace}/{vm_name} kept changing under us", delay=1)
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL)
+async def apply_request(
+    *,
+    body: kopf.Body,
+    status: kopf.Status,
+    patch: kopf.Patch,
+    memo: Any,
+    **kwargs: Any,
+) -> None:
+    vmis_idx: kopf.Index[Any, Any] = kwargs["vmis_idx"]
+    generation = body.get("metadata", {}).get("generation")
+    try:
+        req = Request.from_object(body)
+    except RequestError as e:
+        _set_status(
+            patch,
+            status,
+            generation,
+            {"phase": "Failed", "message": str(e)},
+            [Condition("Accepted", "False", "Invalid", str(e))],
+        )
+        metrics.RECONCILES.labels("request", "invalid").inc()
+        raise kopf.PermanentError(str(e)) from None
+
+    cluster: Cluster = memo["cluster"]
+    verdict = check_request(req, cluster.snapshot().capacity)
+    if not verdict.accepted:
+        phase = "Refused" if verdict.final else "Pending"
+        if _set_status(
+            patch,
+            status,
+            generation,
+            {"phase": phase, "message": verdict.message},
+            [Condition("Accepted", "False", verdict.reason, verdict.message)],
+        ):
+            (kopf.warn if verdict.final else kopf.info)(body, reason=phase, message=verdict.message)
+        metrics.RECONCILES.labels("request", phase.lower()).inc()
+        # Capacity can appear (new node, new policy): look again later, never give up.
+        delay = RETRY_REFUSED_S if verdict.final else RETRY_PENDING_S
+        raise kopf.TemporaryError(verdict.message, delay=delay)
+
+    api: Api = memo["api"]
+    vm, change = await _patch_vm(
+        api,
+        memo,
+        req.namespace,
+        req.vm_name,
+        lambda vm: apply_to_vm(vm, req, verdict.devices, verdict.pin_node),
+    )
+    if vm is None or change is None:
+        msg = f"VirtualMachine {req.namespace}/{req.vm_name} not found; waiting for it"
+        _set_status(
+            patch,
+            status,
+            generation,
+            {"phase": "Pending", "message": msg},
+            [
+                Condition("Accepted", "True", verdict.reason, verdict.message),
+                Condition("Applied", "False", "VmNotFound", msg),
+            ],
+        )
+        raise kopf.TemporaryError(msg, delay=RETRY_PENDING_S)
+    if change.refusal is not None:
+        _set_status(
+            patch,
+            status,
+            generation,
+            {"phase": "Refused", "message": change.refusal},
+            [
+                Condition("Accepted", "True", verdict.reason, verdict.message),
+                Condition("Applied", "False", "VmConflict", change.refusal),
+            ],
+        )
+        kopf.warn(body, reason="Refused", message=change.refusal)
+        raise kopf.TemporaryError(change.refusal, delay=RETRY_REFUSED_S)
+
+    names = list(change.entries)
+    vmi = _vmi(vmis_idx, req.namespace, req.vm_name)
+    restarted = status.get("restartedVmiUid")
+    if needs_restart(req, vmi, names, restarted):
+        assert vmi is not None
+        uid = vmi["metadata"]["uid"]
+        await api.delete(
+            KUBEVIRT_GROUP, KUBEVIRT_VERSION, "virtualmachineinstances", req.vm_name, req.namespace
+        )
+        kopf.info(body, reason="Restarted", message=f"deleted VMI {req.vm_name} ({uid}) once")
+        patch.status["restartedVmiUid"] = uid
+        vmi = None
+    st = running_status(req, names, vmi, _allocations(cluster), change.eviction)
+    fields = {**st.fields(), "vmEntries": names}
+    if (
+        _set_status(patch, status, generation, fields, list(st.conditions))
+        and status.get("phase") != st.phase
+    ):
+        kopf.info(body, reason=st.phase, message=st.message)
+    metrics.RECONCILES.labels("request", "applied").inc()
+
+
+def _allocations(cluster: Cluster) -> list[Any]:
+    return [a for r in cluster.snapshot().reported.values() for a in r.allocations]
+
+
+@kopf.timer(
+    GROUP,
+    VERSION,
+    PLURAL,
+    interval=STATUS_INTERVAL_S,
+    initial_delay=STATUS_INTERVAL_S,
+    idle=STATUS_INTERVAL_S,
+)
+async def refresh_request(
+    *,
+    body: kopf.Body,
+    status: kopf.Status,
+    patch: kopf.Patch,
+    memo: Any,
+    **kwargs: Any,
+) -> None:
+    """Running/Allocated come from the VMI and the node agents' reports: poll the indexes."""
+    vmis_idx: kopf.Index[Any, Any] = kwargs["vmis_idx"]
+    if status.get("phase") not in {"Applied", "Running", "Allocated"}:
+        return
+    try:
+        req = Request.from_object(body)
+    except RequestError:
+        return
+    names = list(status.get("vmEntries") or ())
+    eviction = next(
+        (
+            Condition("EvictionSafe", c["status"], c.get("reason", ""), c.get("message", ""))
+            for c in status.get("conditions") or ()
+            if c.get("type") == "EvictionSafe"
+        ),
+        None,
+    )
+    cluster: Cluster = memo["cluster"]
+    st = running_status(
+        req, names, _vmi(vmis_idx, req.namespace, req.vm_name), _allocations(cluster), eviction
+    )
+    if _set_status(
+        patch, status, body.get("metadata", {}).get("generation"), st.fields(), list(st.conditions)
+    ):
+        kopf.info(body, reason=st.phase, message=st.message)
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL)
+async def release_request(*, body: kopf.Body, memo: Any, **_: Any) -> None:
+    """Remove exactly this request's VM entries; the finalizer goes only after that worked."""
+    meta = body.get("metadata", {})
+    name, namespace = str(meta.get("name")), str(meta.get("namespace"))
+    vm_name = (body.get("spec") or {}).get("vmName")
+    if not vm_name:
+        return
+    api: Api = memo["api"]
+    vm, change = await _patch_vm(
+        api, memo, namespace, str(vm_name), lambda vm: remove_from_vm(vm, name)
+    )
+    if vm is not None and change is not None and change.patch is not None:
+        log.info(
+            "PassthroughRequest %s/%s: removed its entries from VM %s", namespace, name, vm_name
+        )
+    metrics.RECONCILES.labels("request", "released").inc()
+
+
+__all__ = ["apply_request", "refresh_request", "release_request", "values", "vmis_idx"]
