@@ -7,6 +7,7 @@ The same engine the node agent runs for its PassthroughNodeState
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 import yaml
@@ -17,6 +18,39 @@ from hostdev.host.sysfs import HostRootError, Sysfs
 from hostdev.policy.nodeconfig import NodeConfigError, parse_node_config
 
 EXIT_BAD_INPUT = 4
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML without YAML 1.1's base-60 numbers: an unquoted ``0000:3b:00.0`` stays a string
+    (SafeLoader would read it as the float 60.0)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [
+        (tag, rx)
+        for tag, rx in resolvers
+        if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+    ]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^[-+]?(0|[1-9][0-9_]*|0x[0-9a-fA-F_]+|0o?[0-7_]+)$"),
+    list("-+0123456789"),
+)
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"^[-+]?([0-9][0-9_]*)?\.[0-9_]*([eE][-+]?[0-9]+)?$|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$"
+    ),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> object:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+
+
 DEFAULT_STATE_DIR = "/var/lib/hostdev"
 
 
@@ -50,7 +84,7 @@ def run_apply(args: argparse.Namespace) -> int:
 
     try:
         with open(args.config, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = load_yaml(f.read())
     except OSError as e:
         return fail(f"cannot read {args.config}: {e.strerror}")
     except yaml.YAMLError as e:

@@ -113,7 +113,9 @@ def _bool(value: Any, where: str) -> bool:
 
 def _addr(value: Any, where: str) -> PciAddress:
     if not isinstance(value, str):
-        raise NodeConfigError(f"{where}: must be a string like 0000:3b:00.0, got {value!r}")
+        raise NodeConfigError(
+            f"{where}: must be a string like 0000:3b:00.0, got {value!r} (quote it in YAML)"
+        )
     try:
         return PciAddress.parse(value.strip())
     except PciAddressError as e:
