@@ -1,0 +1,131 @@
+"""This node's ``PassthroughNodeState`` through the API server: list, watch, patch status; and
+the virt-launcher pods on this node (for the VMI names in the allocation report).
+
+Thin on purpose: the loop decides, this module only talks HTTP through the ``kubernetes``
+client. Objects are plain dicts (the CRD has no generated model).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes import client, watch
+from kubernetes.client.exceptions import ApiException
+
+from hostdev.policy.nodestatus import LAUNCHER_LABEL, vmi_of_pod
+
+log = logging.getLogger(__name__)
+
+GROUP = "hostdev.io"
+VERSION = "v1alpha1"
+PLURAL = "passthroughnodestates"
+FIELD_MANAGER = "hostdev-node"
+GONE = 410
+
+
+class WatchExpiredError(Exception):
+    """The resourceVersion we watched from is too old (HTTP 410): list again."""
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    type: str  # ADDED, MODIFIED, DELETED, BOOKMARK (only its resourceVersion counts)
+    obj: Mapping[str, Any]
+
+
+class NodeStateClient:
+    """One named ``PassthroughNodeState`` (cluster-scoped)."""
+
+    def __init__(self, api_client: client.ApiClient, name: str) -> None:
+        self.api = client.CustomObjectsApi(api_client)
+        self.name = name
+
+    def list(self) -> tuple[Mapping[str, Any] | None, str]:
+        """The object (None when it does not exist yet) and the list's resourceVersion."""
+        resp: Mapping[str, Any] = self.api.list_cluster_custom_object(  # type: ignore[assignment]
+            GROUP, VERSION, PLURAL, field_selector=f"metadata.name={self.name}"
+        )
+        items = resp.get("items") or []
+        rv = str((resp.get("metadata") or {}).get("resourceVersion", ""))
+        return (items[0] if items else None), rv
+
+    def watch(self, resource_version: str, timeout_seconds: int) -> Iterator[Event]:
+        """Events after ``resource_version`` until the server ends the watch (the timeout)."""
+        w = watch.Watch()  # type: ignore[no-untyped-call]
+        try:
+            for ev in w.stream(  # type: ignore[no-untyped-call]
+                self.api.list_cluster_custom_object,
+                GROUP,
+                VERSION,
+                PLURAL,
+                field_selector=f"metadata.name={self.name}",
+                resource_version=resource_version,
+                allow_watch_bookmarks=True,
+                timeout_seconds=timeout_seconds,
+                _request_timeout=timeout_seconds + 10,
+            ):
+                kind = ev.get("type")
+                obj = ev.get("object")
+                if kind in ("ADDED", "MODIFIED", "DELETED", "BOOKMARK") and isinstance(
+                    obj, Mapping
+                ):
+                    yield Event(str(kind), obj)
+        except ApiException as e:
+            if e.status == GONE:
+                raise WatchExpiredError(str(e.reason)) from e
+            raise
+        finally:
+            w.stop()  # type: ignore[no-untyped-call]
+
+    def patch_status(self, status: Mapping[str, Any]) -> Mapping[str, Any]:
+        """JSON merge patch of the status subresource (keys not in ``status`` are kept)."""
+        result: Mapping[str, Any] = self.api.patch_cluster_custom_object_status(  # type: ignore[assignment]
+            GROUP,
+            VERSION,
+            PLURAL,
+            self.name,
+            {"status": dict(status)},
+            field_manager=FIELD_MANAGER,
+        )
+        return result
+
+
+class LauncherPods:
+    """VMI names of the virt-launcher pods on this node; off for good once RBAC says no."""
+
+    def __init__(self, api_client: client.ApiClient, node_name: str) -> None:
+        self.core = client.CoreV1Api(api_client)
+        self.node_name = node_name
+        self.allowed = True
+
+    def vmis(self) -> dict[tuple[str, str], str]:
+        if not self.allowed:
+            return {}
+        try:
+            pods = self.core.list_pod_for_all_namespaces(
+                field_selector=f"spec.nodeName={self.node_name}",
+                label_selector=f"{LAUNCHER_LABEL[0]}={LAUNCHER_LABEL[1]}",
+            )
+        except ApiException as e:
+            if e.status in (401, 403):
+                self.allowed = False
+                log.warning(
+                    "cannot list pods on node %s (%s): allocations are reported without "
+                    "VMI names; grant the agent 'list pods' to get them",
+                    self.node_name,
+                    e.reason,
+                )
+                return {}
+            raise
+        out: dict[tuple[str, str], str] = {}
+        for pod in pods.items:
+            if pod.metadata is None:
+                continue
+            meta = self.core.api_client.sanitize_for_serialization(pod.metadata)
+            vmi = vmi_of_pod(meta)
+            if vmi:
+                out[(str(pod.metadata.namespace), str(pod.metadata.name))] = vmi
+        return out

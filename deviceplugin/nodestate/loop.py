@@ -1,0 +1,231 @@
+"""The node agent's cluster loop: this node's ``PassthroughNodeState`` in, configuration and
+device-plugin resources applied, status out.
+
+Threads: a watcher (list + watch from the resourceVersion, list again on 410) feeds a queue;
+the loop thread syncs when the spec generation changes (a status-only update never re-applies),
+re-runs the sync every ``resync`` seconds as a safety net, refreshes health and allocations
+every ``allocations_every`` seconds; a :class:`StatusWriter` sends the status batched and only
+on change.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+from hostdev.deviceplugin.nodestate.kube import NodeStateClient, WatchExpiredError
+from hostdev.deviceplugin.nodestate.status import StatusWriter
+from hostdev.deviceplugin.nodestate.sync import Syncer, generation_of, utc_now
+from hostdev.host.address import PciAddress
+from hostdev.host.model import Inventory
+from hostdev.policy.nodestatus import (
+    FAILED,
+    IN_PROGRESS,
+    AllocationRow,
+    SyncOutcome,
+    render_status,
+)
+
+log = logging.getLogger(__name__)
+
+Served = Mapping[str, tuple[PciAddress, ...]]
+
+
+class ResourceSink(Protocol):
+    """Where the resolved resources go (the device-plugin manager, through an adapter)."""
+
+    def apply(self, resources: Served) -> None: ...
+
+
+class AllocationSource(Protocol):
+    def read(self, served: Served, inventory: Inventory) -> tuple[AllocationRow, ...] | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class LoopSettings:
+    coalesce: float = 1.0  # seconds a status waits for newer ones before it is written
+    resync: float = 300.0  # re-run the sync this often even without a spec change
+    allocations_every: float = 30.0  # re-read health and allocations this often
+    watch_timeout: int = 60  # seconds per watch request (the server ends it; we re-watch)
+    backoff: float = 5.0  # after an API error
+
+
+def _flat(served: Served) -> dict[PciAddress, str]:
+    return {a: name for name, addrs in served.items() for a in addrs}
+
+
+class NodeStateLoop:
+    def __init__(
+        self,
+        client: NodeStateClient,
+        syncer: Syncer,
+        sink: ResourceSink,
+        *,
+        allocations: AllocationSource | None = None,
+        settings: LoopSettings | None = None,
+    ) -> None:
+        self.client = client
+        self.syncer = syncer
+        self.sink = sink
+        self.allocation_source = allocations
+        self.settings = settings or LoopSettings()
+        self.name = client.name
+        self.writer = StatusWriter(
+            client.patch_status, name=client.name, coalesce=self.settings.coalesce
+        )
+        self._events: queue.Queue[Mapping[str, Any] | None] = queue.Queue()
+        self._obj: Mapping[str, Any] | None = None
+        self._uid: str | None = None
+        self._synced_generation: int | None = None
+        self._served: Served | None = None
+        self._inventory: Inventory | None = None
+        self._outcome: SyncOutcome | None = None
+        self._allocations: tuple[AllocationRow, ...] | None = None
+        self.syncs = 0  # completed syncs (tests and logs)
+
+    # ---- watcher thread ---------------------------------------------------------------------
+    def _watch(self, stop: threading.Event) -> None:
+        rv: str | None = None
+        while not stop.is_set():
+            try:
+                if rv is None:
+                    obj, rv = self.client.list()
+                    self._events.put(obj)
+                for ev in self.client.watch(rv, self.settings.watch_timeout):
+                    rv = str((ev.obj.get("metadata") or {}).get("resourceVersion") or rv)
+                    if ev.type == "DELETED":
+                        self._events.put(None)
+                    elif ev.type != "BOOKMARK":
+                        self._events.put(ev.obj)
+                    if stop.is_set():
+                        return
+            except WatchExpiredError:
+                log.info("NodeState %s: watch expired, listing again", self.name)
+                rv = None
+            except Exception as e:
+                if stop.is_set():
+                    return
+                log.warning("NodeState %s: list/watch failed: %s", self.name, e)
+                rv = None
+                stop.wait(self.settings.backoff)
+
+    # ---- loop thread ------------------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        s = self.settings
+        self.writer.start()
+        watcher = threading.Thread(
+            target=self._watch, args=(stop,), name=f"watch-{self.name}", daemon=True
+        )
+        watcher.start()
+        next_resync = next_alloc = float("inf")
+        try:
+            while not stop.is_set():
+                now = time.monotonic()
+                wait = max(0.0, min(next_resync, next_alloc, now + 0.5) - now)
+                try:
+                    item = self._events.get(timeout=wait)
+                except queue.Empty:
+                    pass
+                else:
+                    self._observe(item)
+                    while True:  # take every queued event: one sync for a burst
+                        try:
+                            self._observe(self._events.get_nowait())
+                        except queue.Empty:
+                            break
+                now = time.monotonic()
+                if self._obj is not None and (
+                    generation_of(self._obj) != self._synced_generation or now >= next_resync
+                ):
+                    self.sync_once()
+                    now = time.monotonic()
+                    next_resync = now + s.resync
+                    next_alloc = now + s.allocations_every
+                elif self._outcome is not None and now >= next_alloc:
+                    self.refresh()
+                    next_alloc = time.monotonic() + s.allocations_every
+        finally:
+            self.writer.stop(flush=True)
+            watcher.join(timeout=1.0)
+
+    def _observe(self, obj: Mapping[str, Any] | None) -> None:
+        if obj is None:
+            if self._obj is not None:
+                log.warning(
+                    "NodeState %s was deleted: keeping the node's configuration and resources "
+                    "as they are until it is back",
+                    self.name,
+                )
+            self._obj = None
+            return
+        uid = str((obj.get("metadata") or {}).get("uid") or "")
+        if uid != self._uid:
+            # First sight (or re-created): what is written is whatever the object says now.
+            self._uid = uid
+            self._synced_generation = None
+            self.writer.reset(obj.get("status"))
+        self._obj = obj
+
+    def _render(self, outcome: SyncOutcome) -> dict[str, Any]:
+        assert self._inventory is not None
+        return render_status(
+            self._inventory,
+            outcome,
+            self._allocations,
+            previous=self.writer.written,
+            now=utc_now(),
+        )
+
+    def sync_once(self) -> None:
+        """Apply the current object's spec and report it."""
+        obj = self._obj
+        assert obj is not None
+        generation = generation_of(obj)
+        served = _flat(self._served or {})
+        if self._inventory is None:
+            self._inventory = self.syncer.discover()
+        self.writer.submit(self._render(SyncOutcome(IN_PROGRESS, generation, resources=served)))
+        result = self.syncer.sync(obj)
+        outcome = result.outcome
+        if result.serve is not None and result.serve != self._served:
+            try:
+                self.sink.apply(result.serve)
+                self._served = result.serve
+            except Exception as e:
+                log.exception(
+                    "NodeState %s: the device plugins did not take the resources", self.name
+                )
+                outcome = replace(
+                    outcome,
+                    state=FAILED,
+                    error=(outcome.error + "; " if outcome.error else "") + f"device plugins: {e}",
+                )
+        if result.serve is None or self._served != result.serve:
+            outcome = replace(outcome, resources=_flat(self._served or {}))
+        self._inventory = result.inventory
+        self._outcome = outcome
+        self._synced_generation = generation
+        self.syncs += 1
+        self._allocations = self._read_allocations(result.inventory)
+        self.writer.submit(self._render(outcome))
+
+    def refresh(self) -> None:
+        """Health and allocations may change without a sync: re-read and report them."""
+        assert self._outcome is not None
+        self._inventory = self.syncer.discover()
+        self._allocations = self._read_allocations(self._inventory)
+        self.writer.submit(self._render(self._outcome))
+
+    def _read_allocations(self, inventory: Inventory) -> tuple[AllocationRow, ...] | None:
+        if self.allocation_source is None:
+            return None
+        try:
+            return self.allocation_source.read(self._served or {}, inventory)
+        except Exception as e:
+            log.warning("NodeState %s: cannot read allocations: %s", self.name, e)
+            return None

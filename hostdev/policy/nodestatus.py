@@ -1,0 +1,306 @@
+"""What the node agent writes in ``PassthroughNodeState.status``. Pure.
+
+Inputs are the inventory after a sync, the outcome of that sync and the allocations read from
+the kubelet; the output is the status body (camelCase, as in ``crds/``), plus the helpers the
+agent needs around it: which resources to serve, which pod holds which device, and whether a
+new status differs from the last one written (timestamps aside, so a recomputation alone never
+causes a write). :mod:`hostdev.policy.reported` reads this shape back on the operator side.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from hostdev.host.address import PciAddress, PciAddressError
+from hostdev.host.model import Inventory, PciDevice
+from hostdev.policy.allocation import build_units
+from hostdev.policy.conditions import Condition, merge_conditions
+from hostdev.policy.health import unit_health
+from hostdev.policy.plan import Refusal
+from hostdev.policy.readiness import node_problems
+
+SyncState = Literal["Succeeded", "InProgress", "Failed"]
+SUCCEEDED: SyncState = "Succeeded"
+IN_PROGRESS: SyncState = "InProgress"
+FAILED: SyncState = "Failed"
+
+# KubeVirt's virt-launcher pods: label kubevirt.io=virt-launcher, controller ownerReference to
+# the VirtualMachineInstance, annotation kubevirt.io/domain=<vmi name>. vm.kubevirt.io/name is
+# only a convention of VM templates (not set by KubeVirt itself): last resort.
+LAUNCHER_LABEL = ("kubevirt.io", "virt-launcher")
+DOMAIN_ANNOTATION = "kubevirt.io/domain"
+TEMPLATE_VM_LABEL = "vm.kubevirt.io/name"
+
+_ADDRESS_IN_TEXT = re.compile(r"\b[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]\b")
+_PF_NAME = re.compile(r"^pf (\S+)$")
+
+
+@dataclass(frozen=True, slots=True)
+class SyncOutcome:
+    """How the last sync of one spec generation went."""
+
+    state: SyncState
+    generation: int | None
+    error: str = ""  # why it failed; "" when it succeeded or is in progress
+    # device -> resource it is served as (the desired state, resolved on this node)
+    resources: Mapping[PciAddress, str] = field(default_factory=dict)
+    refusals: tuple[Refusal, ...] = ()
+    finished_at: str | None = None  # RFC 3339; None while in progress
+
+
+@dataclass(frozen=True, slots=True)
+class PodDevices:
+    """One container's devices of one resource, as the kubelet PodResources API lists them."""
+
+    namespace: str
+    pod: str
+    container: str
+    resource_name: str
+    device_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class AllocationRow:
+    """One PCI function held by one pod (and the KubeVirt VMI of that pod, when known)."""
+
+    pci_address: PciAddress
+    resource_name: str
+    namespace: str
+    pod: str
+    container: str
+    vmi: str | None = None
+
+    def to_status(self) -> dict[str, Any]:
+        # The CRD has no container field (the VM's compute container is the only holder).
+        out: dict[str, Any] = {
+            "pciAddress": str(self.pci_address),
+            "resourceName": self.resource_name,
+            "namespace": self.namespace,
+            "pod": self.pod,
+        }
+        if self.vmi:
+            out["vmi"] = self.vmi
+        return out
+
+
+# ---- resources and allocations ----------------------------------------------------------
+def served_resources(
+    resources: Mapping[PciAddress, str],
+) -> dict[str, tuple[PciAddress, ...]]:
+    """device -> resource, turned into resource -> sorted devices (what the plugins serve)."""
+    out: dict[str, list[PciAddress]] = {}
+    for addr, name in resources.items():
+        out.setdefault(name, []).append(addr)
+    return {name: tuple(sorted(addrs)) for name, addrs in sorted(out.items())}
+
+
+def vmi_of_pod(meta: Mapping[str, Any]) -> str | None:
+    """The VirtualMachineInstance a pod runs, from its metadata (None: not a VM's pod)."""
+    for ref in meta.get("ownerReferences") or meta.get("owner_references") or ():
+        if not isinstance(ref, Mapping):
+            continue
+        api = str(ref.get("apiVersion") or ref.get("api_version") or "")
+        if ref.get("kind") == "VirtualMachineInstance" and api.startswith("kubevirt.io/"):
+            name = ref.get("name")
+            if isinstance(name, str) and name:
+                return name
+    labels = meta.get("labels") or {}
+    annotations = meta.get("annotations") or {}
+    if labels.get(LAUNCHER_LABEL[0]) == LAUNCHER_LABEL[1]:
+        domain = annotations.get(DOMAIN_ANNOTATION)
+        if isinstance(domain, str) and domain:
+            return domain
+    name = labels.get(TEMPLATE_VM_LABEL)
+    return name if isinstance(name, str) and name else None
+
+
+def _parse(addr: str) -> PciAddress | None:
+    try:
+        return PciAddress.parse(addr)
+    except PciAddressError:
+        return None
+
+
+def allocations_from(
+    pods: Iterable[PodDevices],
+    served: Mapping[str, tuple[PciAddress, ...]],
+    inventory: Inventory,
+    vmis: Mapping[tuple[str, str], str] | None = None,
+) -> tuple[AllocationRow, ...]:
+    """Rows for the devices of our resources that pods hold.
+
+    A kubelet device ID stands for one allocation unit (the resource's functions in one IOMMU
+    group, ID = lowest address), so an ID expands to every address of its unit. Device IDs of
+    other resources, or that are not PCI addresses, are not ours and are skipped."""
+    units: dict[tuple[str, PciAddress], tuple[PciAddress, ...]] = {}
+    for name, addrs in served.items():
+        devs = [inventory.devices[a] for a in addrs if a in inventory.devices]
+        for u in build_units(devs):
+            units[(name, u.addresses[0])] = u.addresses
+    rows: set[AllocationRow] = set()
+    for p in pods:
+        if p.resource_name not in served:
+            continue
+        vmi = (vmis or {}).get((p.namespace, p.pod))
+        for raw in p.device_ids:
+            first = _parse(raw)
+            if first is None:
+                continue
+            for a in units.get((p.resource_name, first), (first,)):
+                rows.add(AllocationRow(a, p.resource_name, p.namespace, p.pod, p.container, vmi))
+    return tuple(sorted(rows))
+
+
+# ---- per-device state ---------------------------------------------------------------------
+def refused_devices(refusals: Iterable[Refusal], inventory: Inventory) -> dict[PciAddress, str]:
+    """Each refusal attached to the devices its subject names (an address, a group's members,
+    or a PF by netdev name), as the text shown on those devices."""
+    out: dict[PciAddress, list[str]] = {}
+    for r in refusals:
+        addrs = [a for a in (_parse(m) for m in _ADDRESS_IN_TEXT.findall(r.subject)) if a]
+        m = _PF_NAME.match(r.subject)
+        if m:
+            addrs += [d.address for d in inventory.devices.values() if m.group(1) in d.netdevs]
+        text = f"refused to {r.action}: {'; '.join(r.reasons)}"
+        for a in addrs:
+            out.setdefault(a, []).append(text)
+    return {a: " / ".join(texts) for a, texts in out.items()}
+
+
+def _device_entry(
+    dev: PciDevice,
+    inventory: Inventory,
+    resource: str | None,
+    refused: str | None,
+) -> dict[str, Any]:
+    e: dict[str, Any] = {"pciAddress": str(dev.address)}
+    for key, value in (
+        ("vendor", dev.vendor),
+        ("device", dev.device),
+        ("class", dev.class_code),
+        ("iommuGroup", dev.iommu_group),
+        ("numaNode", dev.numa_node),
+        ("physfn", str(dev.physfn) if dev.physfn is not None else None),
+        ("vfIndex", dev.vf_index),
+        ("totalVfs", dev.sriov_totalvfs),
+        ("numVfs", dev.sriov_numvfs if dev.is_pf else None),
+    ):
+        if value is not None:
+            e[key] = value
+    e["driver"] = dev.driver or ""
+    if dev.netdevs:
+        e["netdevs"] = list(dev.netdevs)
+    messages: list[str] = []
+    if resource:
+        e["resourceName"] = resource
+        verdict = unit_health((dev.address,), dev.iommu_group, inventory.devices, inventory.groups)
+        e["health"] = verdict.kubelet
+        if verdict.reason:
+            messages.append(verdict.reason)
+    if refused:
+        messages.append(refused)
+    if dev.problems:
+        messages.append("; ".join(dev.problems))
+    if messages:
+        e["message"] = " / ".join(messages)
+    return e
+
+
+def _iommu(inventory: Inventory) -> dict[str, Any]:
+    node = inventory.node
+    out: dict[str, Any] = {
+        "enabled": node.enabled,
+        "vfioReady": node.vfio_ready,
+        "iommufd": node.iommufd,
+        "groupCount": node.group_count,
+    }
+    if node.vendor is not None:
+        out["vendor"] = node.vendor
+    if node.interrupt_remapping is not None:
+        out["interruptRemapping"] = node.interrupt_remapping
+    return out
+
+
+def _conditions(inventory: Inventory, outcome: SyncOutcome) -> list[Condition]:
+    problems = node_problems(inventory.node)
+    iommu = (
+        Condition("IommuReady", "True", "VfioReady", "IOMMU on and vfio-pci ready")
+        if inventory.node.vfio_ready
+        else Condition("IommuReady", "False", "NotReady", "; ".join(problems) or "VFIO not ready")
+    )
+    synced = {
+        SUCCEEDED: Condition("Synced", "True", "Succeeded", "the node matches its spec"),
+        IN_PROGRESS: Condition("Synced", "Unknown", "InProgress", "applying the spec"),
+        FAILED: Condition("Synced", "False", "Failed", outcome.error or "the sync failed"),
+    }[outcome.state]
+    return [iommu, synced]
+
+
+def render_status(
+    inventory: Inventory,
+    outcome: SyncOutcome,
+    allocations: Iterable[AllocationRow] | None,
+    *,
+    previous: Mapping[str, Any] | None = None,
+    now: str,
+) -> dict[str, Any]:
+    """The full status body. ``allocations`` None: unknown (the kubelet could not be asked), so
+    the allocation fields are left out and the last reported ones stay. ``previous``: the
+    status as last written, to keep condition transition times."""
+    refused = refused_devices(outcome.refusals, inventory)
+    devices = [
+        _device_entry(dev, inventory, outcome.resources.get(a), refused.get(a))
+        for a, dev in sorted(inventory.devices.items())
+        if not dev.is_bridge
+    ]
+    status: dict[str, Any] = {
+        "syncStatus": outcome.state,
+        "lastError": outcome.error if outcome.state == FAILED else "",
+        "iommu": _iommu(inventory),
+        "deviceCount": len(devices),
+        "devices": devices,
+        "conditions": merge_conditions(
+            (previous or {}).get("conditions"),
+            _conditions(inventory, outcome),
+            generation=outcome.generation,
+            now=now,
+        ),
+    }
+    if outcome.generation is not None:
+        status["observedGeneration"] = outcome.generation
+    if outcome.finished_at is not None:
+        status["lastSyncTime"] = outcome.finished_at
+    if allocations is not None:
+        rows = [r.to_status() for r in allocations]
+        status["allocations"] = rows
+        status["allocationCount"] = len(rows)
+    return status
+
+
+_VOLATILE = ("lastSyncTime",)
+
+
+def comparable(status: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The status without its timestamps: two statuses that compare equal here need no write."""
+    out = {k: v for k, v in (status or {}).items() if k not in _VOLATILE}
+    if "conditions" in out:
+        out["conditions"] = sorted(
+            (
+                {k: v for k, v in c.items() if k != "lastTransitionTime"}
+                for c in out["conditions"] or ()
+                if isinstance(c, Mapping)
+            ),
+            key=lambda c: str(c.get("type")),
+        )
+    return out
+
+
+def status_changed(written: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
+    """Whether ``new`` says anything that ``written`` (the last status sent) does not."""
+    if written is None:
+        return True
+    old = comparable(written)
+    return any(old.get(k) != v for k, v in comparable(new).items())
