@@ -1,0 +1,7 @@
+"""Root conftest: registers the shared fixture modules of tests/fixtures/."""
+
+pytest_plugins = [
+    "tests.fixtures.kubeletsim",
+    "tests.fixtures.kube",
+    "tests.fixtures.kernel",
+]
