@@ -36,6 +36,18 @@ lint: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest -ra tests/unit
 
+## Install/build the test tiers' tools only (apt packages, Go builds into ~/.cache/hostdev/bin).
+tools:
+	scripts/setup-test-tools.sh
+
+## A local etcd + kube-apiserver with the KubeVirt and hostdev CRDs (same as the test fixture);
+## prints `export KUBECONFIG=...`. State and logs: ~/.cache/hostdev/cluster.
+cluster-up: $(STAMP)
+	scripts/cluster.sh up
+
+cluster-down: $(STAMP)
+	scripts/cluster.sh down
+
 clean:
 	rm -rf $(VENV) build dist *.egg-info
 
