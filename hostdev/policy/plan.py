@@ -324,8 +324,10 @@ def plan(
                 movers.append((dev, d.driver, f"bind to {d.driver}"))
         for c in companions:
             dev = inv.devices[c]
-            if c in pins or is_vfio_driver(dev.driver) or dev.driver is None:
+            if c in pins or is_vfio_driver(dev.driver):
                 continue
+            if dev.driver is None and c not in originals:
+                continue  # driverless keeps the group viable; finish only what hostdev began
             if dev.driver in VIABLE_HOST_DRIVERS:
                 continue  # pci-stub keeps the group viable: leave it
             movers.append((dev, "vfio-pci", f"group {number} companion"))

@@ -168,6 +168,14 @@ CASES = [
         ],
     ),
     Case(
+        "crash-left-companion-unbound-is-finished",
+        {"devices": [{"pciAddress": GPU}]},
+        [f"probe {AUDIO} vfio-pci"],
+        originals={GPU: "nvidia", AUDIO: "snd_hda_intel"},
+        tree=lambda h: (h.bind(GPU, "vfio-pci"), h.bind(AUDIO, None)),
+        facts={"driver_overrides": {A(GPU): "vfio-pci", A(AUDIO): "vfio-pci"}},
+    ),
+    Case(
         "companion-on-pci-stub-left-alone",
         {"devices": [{"pciAddress": GPU}]},
         [
