@@ -1,4 +1,4 @@
-"""Executor + converge loop on fake trees driven by the simulated kernel (hostdev.testing.fakekernel):
+"""Executor + converge loop on fake trees driven by the simulated kernel (fakekernel):
 read-back checks, kernel error messages, failure recovery, kill-and-restart convergence."""
 
 from __future__ import annotations
