@@ -3,5 +3,6 @@
 pytest_plugins = [
     "tests.fixtures.kubeletsim",
     "tests.fixtures.kube",
+    "tests.fixtures.operator",
     "tests.fixtures.kernel",
 ]

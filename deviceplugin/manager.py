@@ -1,0 +1,365 @@
+"""Runs the device-plugin servers of one node and keeps them current.
+
+- :meth:`PluginManager.apply` sets the resource list (config file now, NodeState CR later):
+  servers start and stop only for resources that appear or disappear; a changed selector or
+  strategy is applied in place.
+- Rescans are event driven: kernel PCI uevents name the function to re-read, inotify on
+  ``/dev/vfio`` names the IOMMU group; both are debounced a few milliseconds and re-read only
+  what they name. A slow periodic full resync is the safety net.
+- Restarts: a re-created ``kubelet.sock`` (kubelet restart) makes every server register again;
+  a deleted plugin socket makes that server serve again; the last advertised lists are
+  persisted and re-advertised first after an agent restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+import grpc
+
+from hostdev.deviceplugin import persist
+from hostdev.deviceplugin.events import DirWatcher, PciEvent, UeventSource
+from hostdev.deviceplugin.hostview import HostView
+from hostdev.deviceplugin.metrics import Metrics
+from hostdev.deviceplugin.plugin import KUBELET_SOCKET, ResourcePlugin
+from hostdev.deviceplugin.resources import ResourceConfig, by_name
+from hostdev.host.address import PciAddress, PciAddressError
+from hostdev.host.sysfs import Sysfs
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PLUGIN_DIR = "/var/lib/kubelet/device-plugins"
+DEFAULT_STATE_DIR = "/var/lib/hostdev"
+
+
+class PluginManager:
+    def __init__(
+        self,
+        sysfs: Sysfs,
+        plugin_dir: str = DEFAULT_PLUGIN_DIR,
+        state_dir: str | None = DEFAULT_STATE_DIR,
+        metrics: Metrics | None = None,
+        *,
+        cdi: bool = False,
+        debounce: float = 0.003,
+        resync_interval: float = 60.0,
+        uevents: bool = True,
+        save_delay: float = 0.2,
+    ) -> None:
+        self.sysfs = sysfs
+        self.view = HostView(sysfs)
+        self.plugin_dir = os.path.abspath(plugin_dir)
+        self.state_dir = state_dir
+        self.metrics = metrics or Metrics()
+        self.cdi = cdi
+        self.debounce = debounce
+        self.resync_interval = resync_interval
+        self.use_uevents = uevents
+        self.save_delay = save_delay
+        self.plugins: dict[str, ResourcePlugin] = {}
+        self.saved = persist.load(state_dir) if state_dir else {}
+        self.scanned = False
+        self.uevents_active = False
+        self._pending: set[PciAddress] = set()
+        self._pending_full = False
+        self._wake = asyncio.Event()
+        self._kick_handle: asyncio.TimerHandle | None = None
+        self._save_handle: asyncio.TimerHandle | None = None
+        self._register_tasks: dict[str, asyncio.Task[None]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._uevents: UeventSource | None = None
+        self._watcher: DirWatcher | None = None
+        self._vfio_dir = sysfs.path("dev/vfio")
+        self._scan_done = asyncio.Event()
+        self.scan_count = 0
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start watching (directories, uevents, periodic resync). Servers start in apply()."""
+        os.makedirs(self.plugin_dir, exist_ok=True)
+        self._watcher = DirWatcher(self._on_dir_event)
+        self._watcher.watch(self.plugin_dir)
+        self._watcher.watch(self._vfio_dir)
+        if self.use_uevents:
+            src = UeventSource(self.notify)
+            try:
+                src.open()
+                self._uevents = src
+                self.uevents_active = True
+            except OSError as e:
+                log.warning(
+                    "kernel uevents unavailable (%s): relying on /dev/vfio inotify and the "
+                    "%.0fs resync",
+                    e,
+                    self.resync_interval,
+                )
+        self._tasks.append(asyncio.create_task(self._rescan_worker(), name="rescan"))
+        self._tasks.append(asyncio.create_task(self._resync_timer(), name="resync"))
+
+    async def close(self) -> None:
+        for t in [*self._tasks, *self._register_tasks.values()]:
+            t.cancel()
+        for t in [*self._tasks, *self._register_tasks.values()]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._tasks.clear()
+        self._register_tasks.clear()
+        for h in (self._kick_handle, self._save_handle):
+            if h is not None:
+                h.cancel()
+        self.save_now()  # the lists the kubelet saw last, for the next start
+        if self._uevents is not None:
+            self._uevents.close()
+        if self._watcher is not None:
+            self._watcher.close()
+        for p in list(self.plugins.values()):
+            await p.stop()
+        self.plugins.clear()
+
+    async def apply(self, resources: Sequence[ResourceConfig]) -> None:
+        """Serve exactly ``resources``: start new ones, stop removed ones, update changed ones."""
+        wanted = by_name(resources)
+        for name in list(self.plugins):
+            if name not in wanted:
+                await self._remove(name)
+        for name, cfg in wanted.items():
+            plugin = self.plugins.get(name)
+            if plugin is not None:
+                if plugin.config != cfg:
+                    log.info("%s: selector or strategy changed; updating in place", name)
+                    plugin.config = cfg
+                    if self.scanned:
+                        plugin.update(self.view.inventory)
+                continue
+            plugin = ResourcePlugin(
+                cfg,
+                self.sysfs,
+                self.plugin_dir,
+                self.metrics,
+                cdi=self.cdi,
+                on_change=self.schedule_save,
+            )
+            saved = self.saved.get(name)
+            if saved is not None and not self.scanned:
+                plugin.seed(saved.devices, saved.allocated)
+                log.info(
+                    "%s: advertising %d saved devices until the first scan",
+                    name,
+                    len(saved.devices),
+                )
+            elif self.scanned:
+                plugin.update(self.view.inventory)
+            self.plugins[name] = plugin
+            await plugin.start()
+            self._register_soon(plugin)
+
+    async def _remove(self, name: str) -> None:
+        plugin = self.plugins.pop(name)
+        task = self._register_tasks.pop(name, None)
+        if task is not None:
+            task.cancel()
+        await plugin.stop()
+        self.metrics.forget(name)
+        log.info("%s: resource removed; server stopped", name)
+        self.schedule_save()
+
+    # ---- registration -------------------------------------------------------------------
+    @property
+    def kubelet_socket(self) -> str:
+        return os.path.join(self.plugin_dir, KUBELET_SOCKET)
+
+    def _kubelet_socket_exists(self) -> bool:
+        return os.path.exists(self.kubelet_socket)  # one stat: not worth a thread
+
+    def _register_soon(self, plugin: ResourcePlugin) -> None:
+        old = self._register_tasks.pop(plugin.resource, None)
+        if old is not None:
+            old.cancel()
+        self._register_tasks[plugin.resource] = asyncio.create_task(
+            self._register_loop(plugin), name=f"register {plugin.resource}"
+        )
+
+    async def _register_loop(self, plugin: ResourcePlugin) -> None:
+        delay = 0.05
+        while plugin.serving:
+            if not self._kubelet_socket_exists():
+                # The directory watch calls us again when the kubelet creates its socket.
+                log.info("%s: waiting for %s", plugin.resource, self.kubelet_socket)
+                return
+            try:
+                await plugin.register()
+                return
+            except grpc.aio.AioRpcError as e:
+                log.warning(
+                    "%s: Register with the kubelet failed (%s: %s); retrying in %.2fs",
+                    plugin.resource,
+                    e.code().name,
+                    e.details(),
+                    delay,
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    def _on_dir_event(self, directory: str, name: str, created: bool) -> None:
+        if directory == self.plugin_dir:
+            if name == KUBELET_SOCKET and created:
+                log.info("kubelet.sock (re)created: registering every resource again")
+                for plugin in self.plugins.values():
+                    plugin.registered = False
+                    self._register_soon(plugin)
+            elif name == "" and created:
+                # The whole directory was re-created: serve and register again.
+                for plugin in self.plugins.values():
+                    self._restart_soon(plugin)
+            elif not created:
+                for plugin in self.plugins.values():
+                    if (
+                        os.path.basename(plugin.socket_path) == name
+                        and plugin.serving
+                        and not os.path.exists(plugin.socket_path)
+                    ):
+                        self._restart_soon(plugin)
+        elif directory == self._vfio_dir:
+            self._on_vfio_event(name)
+
+    def _restart_soon(self, plugin: ResourcePlugin) -> None:
+        async def restart() -> None:
+            log.warning(
+                "%s: socket %s was deleted; serving again", plugin.resource, plugin.socket_path
+            )
+            await plugin.stop(remove_socket=False)
+            if self.plugins.get(plugin.resource) is plugin:
+                await plugin.start()
+                self._register_soon(plugin)
+
+        self._spawn(restart(), f"restart {plugin.resource}")
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.append(task)
+        task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+
+    # ---- rescans ------------------------------------------------------------------------
+    def notify(self, event: PciEvent) -> None:
+        """A PCI event (kernel uevent or injected by tests): rescan what it names, soon."""
+        if event.address is None:
+            self._pending_full = True
+        else:
+            self._pending.add(event.address)
+        self._kick()
+
+    def request_full_rescan(self) -> None:
+        self._pending_full = True
+        self._kick()
+
+    def _on_vfio_event(self, name: str) -> None:
+        if not name.isdigit():
+            if name in ("", "vfio"):
+                self._pending_full = name == ""
+            self._kick()
+            return
+        group = int(name)
+        # Re-read the group's members: those we knew and those the kernel lists now.
+        inv = self.view.inventory if self.scanned else None
+        if inv is not None and group in inv.groups:
+            self._pending.update(inv.groups[group].members)
+        gdir = self.sysfs.path("sys/kernel/iommu_groups", name, "devices")
+        with contextlib.suppress(OSError):
+            for entry in os.listdir(gdir):
+                with contextlib.suppress(PciAddressError):
+                    self._pending.add(PciAddress.parse(entry))
+        self._kick()
+
+    def _kick(self) -> None:
+        if self._kick_handle is None:
+            loop = asyncio.get_running_loop()
+            self._kick_handle = loop.call_later(self.debounce, self._wake.set)
+
+    async def _resync_timer(self) -> None:
+        while True:
+            await asyncio.sleep(self.resync_interval)
+            self.request_full_rescan()
+
+    async def _rescan_worker(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            self._kick_handle = None
+            full, self._pending_full = self._pending_full or not self.scanned, False
+            addrs, self._pending = self._pending, set()
+            try:
+                if full:
+                    # Walking every function takes a while on big nodes: keep serving meanwhile.
+                    inv = await asyncio.to_thread(self.view.full)
+                    self.metrics.rescans.labels("full").inc()
+                else:
+                    inv = self.view.refresh(addrs)
+                    self.metrics.rescans.labels("targeted").inc()
+            except OSError as e:
+                log.error("host rescan failed: %s; retrying on the next event or resync", e)
+                self.metrics.errors.labels("", "rescan").inc()
+                continue
+            self.scanned = True
+            for plugin in list(self.plugins.values()):
+                plugin.update(inv)
+            self.scan_count += 1
+            self._scan_done.set()
+            self._scan_done = asyncio.Event()
+
+    async def rescan(self) -> None:
+        """A full rescan now; returns when the servers have the result."""
+        self.request_full_rescan()
+        await self.wait_scan()
+
+    async def wait_scan(self) -> None:
+        target = self.scan_count
+        while self.scan_count <= target:
+            await self._scan_done.wait()
+
+    # ---- persistence --------------------------------------------------------------------
+    def snapshot(self) -> dict[str, persist.SavedResource]:
+        out = dict(self.saved) if not self.scanned else {}
+        for name, p in self.plugins.items():
+            out[name] = persist.SavedResource(tuple(p.devices.values()), frozenset(p.allocated))
+        return out
+
+    def schedule_save(self) -> None:
+        if self.state_dir is None or self._save_handle is not None:
+            return
+        loop = asyncio.get_running_loop()
+        self._save_handle = loop.call_later(self.save_delay, self._save_async)
+
+    def _save_async(self) -> None:
+        self._save_handle = None
+        assert self.state_dir is not None
+        payload = persist.encode(self.snapshot())
+        self._spawn(asyncio.to_thread(self._write, payload), "save state")
+
+    def _write(self, payload: bytes) -> None:
+        assert self.state_dir is not None
+        try:
+            persist.save(self.state_dir, payload)
+        except OSError as e:
+            log.error("cannot save device lists under %s: %s", self.state_dir, e)
+            self.metrics.errors.labels("", "persist").inc()
+
+    def save_now(self) -> None:
+        if self.state_dir is not None:
+            self._write(persist.encode(self.snapshot()))
+
+    # ---- probes -------------------------------------------------------------------------
+    def health(self) -> tuple[bool, str]:
+        lines = []
+        ok = True
+        for name, p in sorted(self.plugins.items()):
+            ok = ok and p.serving
+            state = "registered" if p.registered else "not registered"
+            lines.append(
+                f"{name}: {'serving' if p.serving else 'DOWN'}, {state}, {len(p.devices)} devices"
+            )
+        return ok, "\n".join(lines) or "no resources configured"

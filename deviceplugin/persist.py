@@ -1,0 +1,92 @@
+"""The last advertised device lists, saved under the state dir (``--state-dir``).
+
+After a node-agent restart (or reboot), the kubelet re-admits running pods as soon as it sees
+their resources; if the plugin is not back yet, pods fail with UnexpectedAdmissionError
+(kubernetes/kubernetes#125579). Loading this file lets every server advertise its last list
+within milliseconds of start, before the (slower) host scan corrects it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from hostdev.deviceplugin.plugin import Advertised, advertised_from_json, advertised_to_json
+
+log = logging.getLogger(__name__)
+
+FILE_NAME = "deviceplugin-state.json"
+FORMAT = 1
+
+
+@dataclass(frozen=True, slots=True)
+class SavedResource:
+    devices: tuple[Advertised, ...] = ()
+    allocated: frozenset[str] = field(default_factory=frozenset)
+
+
+def state_path(state_dir: str) -> str:
+    return os.path.join(state_dir, FILE_NAME)
+
+
+def encode(resources: Mapping[str, SavedResource]) -> bytes:
+    doc = {
+        "format": FORMAT,
+        "resources": {
+            name: {
+                "devices": [advertised_to_json(a) for a in r.devices],
+                "allocated": sorted(r.allocated),
+            }
+            for name, r in sorted(resources.items())
+        },
+    }
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def save(state_dir: str, payload: bytes) -> None:
+    """Atomic replace: a crash mid-write leaves the previous file intact."""
+    os.makedirs(state_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".state-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, state_path(state_dir))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def load(state_dir: str) -> dict[str, SavedResource]:
+    """Whatever is usable in the saved file; a missing or damaged file yields {} (logged)."""
+    path = state_path(state_dir)
+    try:
+        with open(path, "rb") as f:
+            doc: Any = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        log.warning("%s: unreadable (%s); starting without the saved device lists", path, e)
+        return {}
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        log.warning("%s: unknown format; starting without the saved device lists", path)
+        return {}
+    out: dict[str, SavedResource] = {}
+    for name, entry in (doc.get("resources") or {}).items():
+        devices = []
+        for raw in (entry or {}).get("devices") or []:
+            try:
+                devices.append(advertised_from_json(raw))
+            except (KeyError, TypeError, ValueError) as e:
+                log.warning("%s: %s: dropping a saved device: %s", path, name, e)
+        allocated = frozenset(str(x) for x in (entry or {}).get("allocated") or [])
+        out[str(name)] = SavedResource(tuple(devices), allocated)
+    return out

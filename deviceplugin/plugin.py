@@ -1,0 +1,380 @@
+"""One kubelet device-plugin server: one resource name, one unix socket, one registration.
+
+Device IDs are allocation units (see :mod:`hostdev.policy.allocation`): one per IOMMU group of
+the resource, named by its lowest PCI address. The plugin never rescans the host itself; the
+manager hands it each new :class:`Inventory` through :meth:`ResourcePlugin.update`, which
+recomputes units and health and pushes a ListAndWatch message only when something changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from hostdev.deviceplugin.api.deviceplugin.v1beta1 import api_pb2 as pb
+from hostdev.deviceplugin.api.deviceplugin.v1beta1 import api_pb2_grpc as pb_grpc
+from hostdev.deviceplugin.metrics import Metrics
+from hostdev.deviceplugin.resources import ResourceConfig
+from hostdev.host.address import PciAddress, PciAddressError
+from hostdev.host.model import Inventory
+from hostdev.host.sysfs import Sysfs
+from hostdev.policy.allocation import AllocUnit, build_units, preferred_allocation
+from hostdev.policy.health import Verdict, unit_health
+from hostdev.policy.naming import cdi_device_name, resource_env_var, socket_name
+from hostdev.policy.selector import select_devices
+
+log = logging.getLogger(__name__)
+
+API_VERSION = "v1beta1"
+KUBELET_SOCKET = "kubelet.sock"
+PERMISSIONS = "mrw"
+VFIO_CONTAINER = "/dev/vfio/vfio"
+IOMMUFD = "/dev/iommu"
+
+# Reconnect quickly while a (re)starting kubelet binds before it listens.
+_CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 20),
+    ("grpc.min_reconnect_backoff_ms", 20),
+    ("grpc.max_reconnect_backoff_ms", 500),
+]
+
+
+class AllocationRefusedError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class Advertised:
+    """One device as the kubelet sees it (also what is persisted across agent restarts)."""
+
+    unit: AllocUnit
+    verdict: Verdict
+
+
+class ResourcePlugin(pb_grpc.DevicePluginServicer):
+    def __init__(
+        self,
+        config: ResourceConfig,
+        sysfs: Sysfs,
+        plugin_dir: str,
+        metrics: Metrics,
+        *,
+        cdi: bool = False,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
+        self.config = config
+        self._on_change = on_change
+        self.resource = config.resource_name
+        self.sysfs = sysfs
+        self.plugin_dir = plugin_dir
+        self.socket_path = os.path.join(plugin_dir, socket_name(self.resource))
+        self.env_var = resource_env_var(self.resource)
+        self.metrics = metrics
+        self.cdi = cdi
+        self.devices: dict[str, Advertised] = {}
+        self.allocated: set[str] = set()  # handed out by Allocate: never dropped from the list
+        self.registered = False
+        self._server: grpc.aio.Server | None = None
+        self._watchers: set[asyncio.Queue[pb.ListAndWatchResponse]] = set()
+        self._msgs: dict[str, pb.Device] = {}
+        self._snapshot = pb.ListAndWatchResponse()
+        self.generation = 0  # bumped on every published change (tests and benches wait on it)
+        self._published = asyncio.Event()
+
+    # ---- device set -------------------------------------------------------------------
+    def seed(self, devices: Iterable[Advertised], allocated: Iterable[str] = ()) -> None:
+        """Start from a persisted list (before any host scan), so the kubelet sees the same
+        devices right after an agent restart."""
+        self.devices = {a.unit.id: a for a in devices}
+        self.allocated = set(allocated) & set(self.devices)
+        self._publish()
+
+    def update(self, inventory: Inventory) -> bool:
+        """Recompute units and health from ``inventory``; publish if anything changed."""
+        units = build_units(select_devices(self.config.selector, inventory))
+        new: dict[str, Advertised] = {}
+        for u in units:
+            v = unit_health(u.addresses, u.group, inventory.devices, inventory.groups)
+            new[u.id] = Advertised(u, v)
+        for dev_id in self.allocated - new.keys():
+            # In use by a pod: keep it, Unhealthy, so the kubelet does not lose track of it.
+            old = self.devices.get(dev_id)
+            if old is not None:
+                why = old.verdict.reason if not old.verdict.healthy else None
+                new[dev_id] = Advertised(old.unit, Verdict(False, why or f"{dev_id} is gone"))
+        if new == self.devices:
+            return False
+        for dev_id, adv in new.items():
+            old = self.devices.get(dev_id)
+            if old is None:
+                log.info("%s: device %s appears (%s)", self.resource, dev_id, adv.verdict.kubelet)
+            elif old.verdict.healthy != adv.verdict.healthy:
+                log.warning(
+                    "%s: device %s is now %s%s",
+                    self.resource,
+                    dev_id,
+                    adv.verdict.kubelet,
+                    f": {adv.verdict.reason}" if adv.verdict.reason else "",
+                )
+        for dev_id in self.devices.keys() - new.keys():
+            log.info("%s: device %s is gone and not in use: dropped", self.resource, dev_id)
+        self.devices = new
+        self._publish()
+        return True
+
+    def _device_msg(self, adv: Advertised) -> pb.Device:
+        msg = self._msgs.get(adv.unit.id)
+        if msg is not None and msg.health == adv.verdict.kubelet:
+            return msg
+        msg = pb.Device(ID=adv.unit.id, health=adv.verdict.kubelet)
+        if adv.unit.numa_node is not None:
+            msg.topology.nodes.add(ID=adv.unit.numa_node)
+        self._msgs[adv.unit.id] = msg
+        return msg
+
+    def _publish(self) -> None:
+        for gone in self._msgs.keys() - self.devices.keys():
+            del self._msgs[gone]
+        snap = pb.ListAndWatchResponse(devices=[self._device_msg(a) for a in self.devices.values()])
+        self._snapshot = snap
+        healthy = sum(a.verdict.healthy for a in self.devices.values())
+        self.metrics.set_devices(self.resource, healthy, len(self.devices) - healthy)
+        for q in self._watchers:
+            if q.full():
+                q.get_nowait()  # only the newest list matters
+            q.put_nowait(snap)
+        self.generation += 1
+        if self._on_change is not None:
+            self._on_change()
+        self._published.set()
+        self._published = asyncio.Event()
+
+    async def wait_published(self, after: int) -> int:
+        while self.generation <= after:
+            await self._published.wait()
+        return self.generation
+
+    # ---- server lifecycle ---------------------------------------------------------------
+    @property
+    def serving(self) -> bool:
+        return self._server is not None
+
+    async def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)  # a stale socket from an earlier run
+        server = grpc.aio.server()
+        pb_grpc.add_DevicePluginServicer_to_server(self, server)
+        server.add_insecure_port(f"unix://{self.socket_path}")
+        await server.start()
+        self._server = server
+        self.registered = False
+        log.info("%s: serving on %s", self.resource, self.socket_path)
+
+    async def stop(self, *, remove_socket: bool = True) -> None:
+        server, self._server = self._server, None
+        self.registered = False
+        if server is not None:
+            await server.stop(grace=0.2)
+        if remove_socket:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket_path)
+
+    async def register(self, rpc_timeout: float = 10.0) -> None:
+        """Register with the kubelet (raises grpc.aio.AioRpcError on failure)."""
+        kubelet = os.path.join(self.plugin_dir, KUBELET_SOCKET)
+        req = pb.RegisterRequest(
+            version=API_VERSION,
+            endpoint=os.path.basename(self.socket_path),
+            resource_name=self.resource,
+            options=self._options(),
+        )
+        try:
+            async with grpc.aio.insecure_channel(
+                f"unix://{kubelet}", options=_CHANNEL_OPTIONS
+            ) as channel:
+                stub = pb_grpc.RegistrationStub(channel)
+                await stub.Register(req, timeout=rpc_timeout, wait_for_ready=True)
+        except grpc.aio.AioRpcError:
+            self.metrics.registrations.labels(self.resource, "error").inc()
+            raise
+        self.registered = True
+        self.metrics.registrations.labels(self.resource, "ok").inc()
+        log.info("%s: registered with the kubelet as %s", self.resource, req.endpoint)
+
+    # ---- DevicePlugin RPCs --------------------------------------------------------------
+    @staticmethod
+    def _options() -> pb.DevicePluginOptions:
+        return pb.DevicePluginOptions(
+            pre_start_required=False, get_preferred_allocation_available=True
+        )
+
+    async def GetDevicePluginOptions(  # noqa: N802 (gRPC method name)
+        self, request: pb.Empty, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.DevicePluginOptions:
+        return self._options()
+
+    async def ListAndWatch(  # noqa: N802 (gRPC method name)
+        self, request: pb.Empty, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.ListAndWatchResponse]:
+        q: asyncio.Queue[pb.ListAndWatchResponse] = asyncio.Queue(maxsize=1)
+        self._watchers.add(q)
+        log.info("%s: kubelet watching (%d devices)", self.resource, len(self.devices))
+        try:
+            yield self._snapshot
+            while True:
+                yield await q.get()
+        finally:
+            self._watchers.discard(q)
+
+    async def GetPreferredAllocation(  # noqa: N802 (gRPC method name)
+        self, request: pb.PreferredAllocationRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.PreferredAllocationResponse:
+        units = {k: a.unit for k, a in self.devices.items()}
+        resp = pb.PreferredAllocationResponse()
+        for creq in request.container_requests:
+            ids = preferred_allocation(
+                units,
+                list(creq.available_deviceIDs),
+                list(creq.must_include_deviceIDs),
+                creq.allocation_size,
+                self.config.strategy,
+            )
+            resp.container_responses.add(deviceIDs=ids)
+        return resp
+
+    async def Allocate(  # noqa: N802 (gRPC method name)
+        self, request: pb.AllocateRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.AllocateResponse:
+        resp = pb.AllocateResponse()
+        try:
+            for creq in request.container_requests:
+                resp.container_responses.append(self.container_response(creq.devices_ids))
+        except AllocationRefusedError as e:
+            self.metrics.errors.labels(self.resource, "allocate").inc()
+            log.error("%s: Allocate refused: %s", self.resource, e)
+            await context.abort(e.code, f"{self.resource}: {e}")
+        self.metrics.allocations.labels(self.resource).inc()
+        return resp
+
+    async def PreStartContainer(  # noqa: N802 (gRPC method name)
+        self, request: pb.PreStartContainerRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.PreStartContainerResponse:
+        return pb.PreStartContainerResponse()  # not requested at registration; nothing to do
+
+    # ---- Allocate: the KubeVirt contract ------------------------------------------------
+    def container_response(self, ids: Iterable[str]) -> pb.ContainerAllocateResponse:
+        """Env ``PCI_RESOURCE_<NAME>`` with every address of every unit, VFIO device specs.
+
+        Each device is re-read (one directory, a few small files) to be sure it is still on
+        vfio-pci in the group we advertised: a unit that changed since the last scan is refused
+        rather than handed to a VM that would then fail to start.
+        """
+        ids = list(ids)
+        if not ids:
+            raise AllocationRefusedError(
+                grpc.StatusCode.INVALID_ARGUMENT, "no device IDs requested"
+            )
+        addresses: list[PciAddress] = []
+        groups: list[int] = []
+        cdevs: list[str] = []
+        for dev_id in ids:
+            adv = self.devices.get(dev_id)
+            if adv is None:
+                raise AllocationRefusedError(
+                    grpc.StatusCode.NOT_FOUND, f"unknown device {dev_id!r} for this resource"
+                )
+            unit = adv.unit
+            if unit.group is None:
+                raise AllocationRefusedError(
+                    grpc.StatusCode.FAILED_PRECONDITION, f"device {dev_id} has no IOMMU group"
+                )
+            for addr in unit.addresses:
+                cdev = self._recheck(dev_id, addr, unit.group)
+                if cdev is not None:
+                    cdevs.append(cdev)
+            if not os.path.exists(self.sysfs.path("dev/vfio", str(unit.group))):
+                raise AllocationRefusedError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"device {dev_id}: /dev/vfio/{unit.group} does not exist",
+                )
+            addresses.extend(unit.addresses)
+            if unit.group not in groups:
+                groups.append(unit.group)
+        out = pb.ContainerAllocateResponse()
+        # Never fewer addresses than devices: every unit contributes all of its addresses.
+        out.envs[self.env_var] = ",".join(str(a) for a in addresses)
+        if self.cdi:
+            for dev_id in ids:
+                out.cdi_devices.add(name=cdi_device_name(self.resource, dev_id))
+        else:
+            paths = [VFIO_CONTAINER, *(f"/dev/vfio/{g}" for g in groups)]
+            if os.path.exists(self.sysfs.path(IOMMUFD)):
+                paths.append(IOMMUFD)
+                paths.extend(f"/dev/vfio/devices/{c}" for c in cdevs)
+            seen: set[str] = set()
+            for p in paths:
+                if p not in seen:
+                    seen.add(p)
+                    out.devices.add(container_path=p, host_path=p, permissions=PERMISSIONS)
+        if not self.allocated.issuperset(ids):
+            self.allocated.update(ids)
+            if self._on_change is not None:
+                self._on_change()
+        self.metrics.allocated_devices.labels(self.resource).inc(len(ids))
+        log.info("%s: allocated %s -> %s", self.resource, ",".join(ids), out.envs[self.env_var])
+        return out
+
+    def _recheck(self, dev_id: str, addr: PciAddress, group: int) -> str | None:
+        dev = self.sysfs.read_device(addr)
+        if dev is None:
+            why = "is gone from the PCI bus"
+        elif not dev.on_vfio:
+            why = f"is bound to {dev.driver or 'no driver'}, not vfio-pci"
+        elif dev.iommu_group != group:
+            why = f"moved from IOMMU group {group} to {dev.iommu_group}"
+        else:
+            if dev.vfio_cdev and os.path.exists(self.sysfs.path("dev/vfio/devices", dev.vfio_cdev)):
+                return dev.vfio_cdev
+            return None
+        raise AllocationRefusedError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"device {dev_id}: {addr} {why}; not handing it to a VM",
+        )
+
+
+def advertised_to_json(adv: Advertised) -> dict[str, Any]:
+    u = adv.unit
+    return {
+        "id": u.id,
+        "addresses": [str(a) for a in u.addresses],
+        "group": u.group,
+        "numa": u.numa_node,
+        "pf": None if u.pf is None else str(u.pf),
+        "healthy": adv.verdict.healthy,
+        "reason": adv.verdict.reason,
+    }
+
+
+def advertised_from_json(data: Mapping[str, Any]) -> Advertised:
+    """Raises ValueError/KeyError/TypeError on malformed input (the caller drops the entry)."""
+    try:
+        addrs = tuple(PciAddress.parse(a) for a in data["addresses"])
+        pf = None if data.get("pf") is None else PciAddress.parse(data["pf"])
+    except PciAddressError as e:
+        raise ValueError(str(e)) from None
+    if not addrs or str(addrs[0]) != data["id"]:
+        raise ValueError(f"entry {data.get('id')!r}: id must be its first address")
+    group, numa = data.get("group"), data.get("numa")
+    if not (group is None or isinstance(group, int)) or not (numa is None or isinstance(numa, int)):
+        raise TypeError(f"entry {data['id']}: group and numa must be integers or null")
+    unit = AllocUnit(id=data["id"], addresses=addrs, group=group, numa_node=numa, pf=pf)
+    return Advertised(unit, Verdict(bool(data.get("healthy")), data.get("reason")))

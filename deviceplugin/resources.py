@@ -1,0 +1,85 @@
+"""What the node agent serves: resource names and the selectors choosing their devices.
+
+For now from a YAML file (``--config``); the NodeState-driven mode hands the same
+:class:`ResourceConfig` values to :meth:`PluginManager.apply`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hostdev.policy.allocation import Strategy
+from hostdev.policy.naming import ResourceNameError, validate_resource_name
+from hostdev.policy.selector import DeviceSelector, SelectorError
+
+_STRATEGIES = ("spread", "pack")
+
+
+class ConfigError(ValueError):
+    """A config file the agent cannot use; the message names the file and the entry."""
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceConfig:
+    resource_name: str
+    selector: DeviceSelector
+    strategy: Strategy = "spread"
+
+
+def parse_resources(data: Any, source: str = "config") -> tuple[ResourceConfig, ...]:
+    """``[{resourceName, selector: {...}, strategy?}]`` (or ``{resources: [...]}``)."""
+    if isinstance(data, dict) and "resources" in data:
+        data = data["resources"]
+    if data is None:
+        return ()
+    if not isinstance(data, list):
+        raise ConfigError(f"{source}: expected a list of resources (or {{resources: [...]}})")
+    out: list[ResourceConfig] = []
+    seen: set[str] = set()
+    for i, entry in enumerate(data):
+        where = f"{source}: resources[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: expected a mapping with resourceName and selector")
+        unknown = set(entry) - {"resourceName", "selector", "strategy"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)}")
+        name = entry.get("resourceName")
+        if not isinstance(name, str):
+            raise ConfigError(f"{where}: resourceName (string) is required")
+        try:
+            validate_resource_name(name)
+            selector = DeviceSelector.from_dict(entry.get("selector") or {})
+        except (ResourceNameError, SelectorError) as e:
+            raise ConfigError(f"{where} ({name}): {e}") from None
+        if selector.empty:
+            raise ConfigError(f"{where} ({name}): the selector is empty and would match nothing")
+        strategy = entry.get("strategy", "spread")
+        if strategy not in _STRATEGIES:
+            raise ConfigError(f"{where} ({name}): strategy must be one of {_STRATEGIES}")
+        if name in seen:
+            raise ConfigError(f"{where}: resource {name} is listed twice")
+        seen.add(name)
+        out.append(ResourceConfig(name, selector, "pack" if strategy == "pack" else "spread"))
+    return tuple(out)
+
+
+def load_resources_file(path: str | Path) -> tuple[ResourceConfig, ...]:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    return parse_resources(data, str(p))
+
+
+def by_name(resources: Sequence[ResourceConfig]) -> dict[str, ResourceConfig]:
+    return {r.resource_name: r for r in resources}
