@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -69,9 +69,19 @@ class Cluster:
     _stale: bool = True
     kubevirt_missing: bool = False
 
+    _task: asyncio.Task[None] | None = None
+
     def mark(self) -> None:
+        """Call from async handlers: the first call starts the reconcile task there, so it
+        inherits kopf's handler context (which kopf.info/kopf.warn need to post Events)."""
         self._stale = True
         self.dirty.set()
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self.run(), name="hostdev-cluster")
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
 
     def use(self, **indexes: Mapping[Any, Iterable[Any]]) -> None:
         self.indexes.update(indexes)
@@ -114,7 +124,7 @@ class Cluster:
                 self._later(5.0)
 
     def _later(self, delay: float) -> None:
-        asyncio.get_running_loop().call_later(delay, self.mark)
+        asyncio.get_running_loop().call_later(delay, self.mark)  # runs in the loop: safe
 
     async def reconcile(self) -> None:
         snap = self.snapshot()
@@ -263,13 +273,3 @@ class Cluster:
             ):
                 kopf.warn(cast(kopf.Body, obj), reason="Conflict", message=conds[1].message)
         metrics.POLICY_CONFLICTS.set(conflicts)
-
-
-def start(cluster: Cluster) -> Callable[[], None]:
-    """Run the reconcile loop; returns a function that stops it."""
-    task = asyncio.get_running_loop().create_task(cluster.run(), name="hostdev-cluster")
-
-    def stop() -> None:
-        task.cancel()
-
-    return stop

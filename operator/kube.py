@@ -25,12 +25,22 @@ def _status(e: Exception) -> int | None:
     return getattr(e, "status", None)
 
 
+def client_configuration() -> kubernetes.client.Configuration:
+    """In-cluster service account, else $KUBECONFIG (what kopf.login_via_client uses too)."""
+    config = kubernetes.client.Configuration()
+    try:
+        kubernetes.config.load_incluster_config(client_configuration=config)  # type: ignore[no-untyped-call]
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config(client_configuration=config)  # type: ignore[no-untyped-call]
+    return config
+
+
 class Api:
     """Thin async facade over ``kubernetes.client.CustomObjectsApi``."""
 
     def __init__(self, client: kubernetes.client.ApiClient | None = None) -> None:
         if client is None:
-            config = kubernetes.client.Configuration.get_default_copy()
+            config = client_configuration()
             # Handlers run concurrently in threads: one pooled connection each.
             config.connection_pool_maxsize = 32
             client = kubernetes.client.ApiClient(config)

@@ -27,7 +27,6 @@ from typing import Any
 import kopf
 from prometheus_client import start_http_server
 
-from hostdev.operator import cluster as cluster_mod
 from hostdev.operator.cluster import Cluster
 from hostdev.operator.handlers import cluster as _cluster_handlers  # noqa: F401  (registers)
 from hostdev.operator.handlers import requests as _request_handlers  # noqa: F401  (registers)
@@ -61,14 +60,13 @@ async def configure(*, settings: kopf.OperatorSettings, memo: Any, **kwargs: Any
     )
     memo["api"] = api
     memo["cluster"] = cluster
-    memo["stop_cluster"] = cluster_mod.start(cluster)
 
 
 @kopf.on.cleanup()
 async def stop(*, memo: Any, **_: Any) -> None:
-    stop_cluster = memo.get("stop_cluster")
-    if stop_cluster is not None:
-        stop_cluster()
+    cluster = memo.get("cluster")
+    if cluster is not None:
+        cluster.stop()
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -18,7 +18,7 @@ def _meta(body: Mapping[str, Any]) -> dict[str, Any]:
 
 
 @kopf.index(GROUP, VERSION, "passthroughpolicies")
-def policies_idx(*, name: str, body: kopf.Body, **_: Any) -> dict[str, Any]:
+async def policies_idx(*, name: str, body: kopf.Body, **_: Any) -> dict[str, Any]:
     return {
         name: {
             "apiVersion": body.get("apiVersion"),
@@ -31,12 +31,12 @@ def policies_idx(*, name: str, body: kopf.Body, **_: Any) -> dict[str, Any]:
 
 
 @kopf.index("", "v1", "nodes")
-def nodes_idx(*, name: str, labels: kopf.Labels, **_: Any) -> dict[str, Any]:
+async def nodes_idx(*, name: str, labels: kopf.Labels, **_: Any) -> dict[str, Any]:
     return {name: {"name": name, "labels": dict(labels)}}
 
 
 @kopf.index(GROUP, VERSION, "passthroughnodestates")
-def nodestates_idx(
+async def nodestates_idx(
     *, name: str, body: kopf.Body, labels: kopf.Labels, annotations: kopf.Annotations, **_: Any
 ) -> dict[str, Any]:
     return {
@@ -51,7 +51,7 @@ def nodestates_idx(
 
 
 @kopf.index(KUBEVIRT_GROUP, KUBEVIRT_VERSION, "kubevirts")
-def kubevirts_idx(*, name: str, namespace: str | None, **_: Any) -> dict[Any, Any]:
+async def kubevirts_idx(*, name: str, namespace: str | None, **_: Any) -> dict[Any, Any]:
     return {(namespace, name): {"metadata": {"name": name, "namespace": namespace}}}
 
 
@@ -61,22 +61,24 @@ def _cluster(memo: Any) -> Cluster:
 
 
 @kopf.on.event(GROUP, VERSION, "passthroughpolicies")
-def policy_changed(*, memo: Any, **_: Any) -> None:
+async def policy_changed(*, memo: Any, **_: Any) -> None:
     _cluster(memo).mark()
 
 
 @kopf.on.event(GROUP, VERSION, "passthroughnodestates")
-def nodestate_changed(*, memo: Any, **_: Any) -> None:
+async def nodestate_changed(*, memo: Any, **_: Any) -> None:
     _cluster(memo).mark()
 
 
 @kopf.on.event(KUBEVIRT_GROUP, KUBEVIRT_VERSION, "kubevirts")
-def kubevirt_changed(*, memo: Any, **_: Any) -> None:
+async def kubevirt_changed(*, memo: Any, **_: Any) -> None:
     _cluster(memo).mark()
 
 
 @kopf.on.event("", "v1", "nodes")
-def node_changed(*, memo: Any, name: str, labels: kopf.Labels, type: str | None, **_: Any) -> None:
+async def node_changed(
+    *, memo: Any, name: str, labels: kopf.Labels, type: str | None, **_: Any
+) -> None:
     # Nodes change status every few seconds: only label changes (and add/remove) matter here.
     seen: dict[str, dict[str, str]] = memo.setdefault("node_labels", {})
     if type == "DELETED":

@@ -41,7 +41,9 @@ log = logging.getLogger("hostdev.operator.requests")
 
 
 @kopf.index(KUBEVIRT_GROUP, KUBEVIRT_VERSION, "virtualmachineinstances")
-def vmis_idx(*, name: str, namespace: str | None, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+async def vmis_idx(
+    *, name: str, namespace: str | None, body: kopf.Body, **_: Any
+) -> dict[Any, Any]:
     devices = ((body.get("spec") or {}).get("domain") or {}).get("devices") or {}
     return {
         (namespace, name): {
