@@ -3,6 +3,7 @@
 pytest_plugins = [
     "tests.fixtures.kubeletsim",
     "tests.fixtures.kube",
+    "tests.fixtures.kubelet",
     "tests.fixtures.operator",
     "tests.fixtures.kernel",
 ]
