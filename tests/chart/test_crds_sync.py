@@ -1,0 +1,67 @@
+"""The chart's CRDs are generated from the top-level crds/ (one source of truth)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import yaml
+from kopf._cogs.structs import references
+
+from tests.chart.helmtool import CHART, REPO_ROOT
+
+SCRIPT = REPO_ROOT / "scripts" / "sync-chart-crds.sh"
+# Maintained in the chart itself (kopf's peering resource, not part of the hostdev API).
+CHART_ONLY = {"kopf.dev_clusterkopfpeerings.yaml"}
+
+
+def run_sync(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", str(root / "scripts" / "sync-chart-crds.sh"), *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_chart_crds_equal_the_source_of_truth() -> None:
+    source = {p.name: p.read_bytes() for p in (REPO_ROOT / "crds").glob("hostdev.io_*.yaml")}
+    chart = {p.name: p.read_bytes() for p in (CHART / "crds").glob("*.yaml")}
+    assert source, "no CRDs in crds/"
+    assert set(chart) == set(source) | CHART_ONLY
+    stale = [name for name in source if chart[name] != source[name]]
+    assert stale == [], "run scripts/sync-chart-crds.sh"
+    check = run_sync(REPO_ROOT, "--check")
+    assert check.returncode == 0, check.stderr
+
+
+def test_check_names_a_stale_copy_and_sync_fixes_it(tmp_path: Path) -> None:
+    for part in ("crds", "charts/hostdev/crds", "scripts"):
+        shutil.copytree(REPO_ROOT / part, tmp_path / part)
+    policy = tmp_path / "crds" / "hostdev.io_passthroughpolicies.yaml"
+    policy.write_text(policy.read_text() + "# changed\n")
+    (tmp_path / "charts/hostdev/crds/hostdev.io_gone.yaml").write_text("{}\n")
+
+    check = run_sync(tmp_path, "--check")
+    assert check.returncode == 1
+    assert "out of date: charts/hostdev/crds/hostdev.io_passthroughpolicies.yaml" in check.stderr
+    assert "stale: charts/hostdev/crds/hostdev.io_gone.yaml" in check.stderr
+
+    assert run_sync(tmp_path).returncode == 0
+    assert run_sync(tmp_path, "--check").returncode == 0
+    copied = tmp_path / "charts/hostdev/crds/hostdev.io_passthroughpolicies.yaml"
+    assert copied.read_text().endswith("# changed\n")
+    assert not (tmp_path / "charts/hostdev/crds/hostdev.io_gone.yaml").exists()
+    # the hand-maintained kopf CRD is never touched
+    assert (tmp_path / "charts/hostdev/crds/kopf.dev_clusterkopfpeerings.yaml").exists()
+
+
+def test_kopf_peering_crd_matches_what_kopf_uses() -> None:
+    """kopf looks up clusterkopfpeerings in kopf.dev/v1 (kopf._cogs.structs.references)."""
+    crd = yaml.safe_load((CHART / "crds" / "kopf.dev_clusterkopfpeerings.yaml").read_text())
+    sel = references.CLUSTER_PEERINGS_K
+    assert (crd["spec"]["group"], crd["spec"]["names"]["plural"]) == (sel.group, sel.any_name)
+    assert [v["name"] for v in crd["spec"]["versions"]] == [sel.version]
+    assert crd["spec"]["scope"] == "Cluster"

@@ -1,0 +1,182 @@
+"""What the chart renders with default and notable values: security contexts, host access of
+the agent, RBAC rules (least privilege), the own-node admission policy. Needs only helm."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.chart.helmtool import find, render
+
+EXPECTED_HOST_PATHS = {
+    "/sys": ("/host/sys", False),
+    "/proc": ("/host/proc", True),
+    "/dev/vfio": ("/host/dev/vfio", True),
+    "/var/lib/kubelet/device-plugins": ("/var/lib/kubelet/device-plugins", False),
+    "/var/lib/kubelet/pod-resources": ("/var/lib/kubelet/pod-resources", False),
+    "/var/lib/hostdev": ("/var/lib/hostdev", False),
+}
+
+
+@pytest.fixture(scope="module")
+def docs() -> list[dict[str, Any]]:
+    return render()
+
+
+def rules(docs: list[dict[str, Any]], role_suffix: str) -> list[dict[str, Any]]:
+    return list(find(docs, "ClusterRole", role_suffix)["rules"])
+
+
+def test_operator_pod_is_locked_down(docs: list[dict[str, Any]]) -> None:
+    pod = find(docs, "Deployment", "-operator")["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    sc = c["securityContext"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert not any("hostPath" in v for v in pod.get("volumes", []))
+    assert not pod.get("hostNetwork") and not pod.get("hostPID")
+
+
+def test_operator_peering_flags(docs: list[dict[str, Any]]) -> None:
+    c = find(docs, "Deployment", "-operator")["spec"]["template"]["spec"]["containers"][0]
+    script = c["args"][0]
+    assert script.startswith("exec hostdev-operator --peering hostdev ")
+    assert "--priority" in script and "/dev/urandom" in script
+    assert {"name": "POD_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in c["env"]
+    standalone = render({"operator.peering.enabled": False})
+    c2 = find(standalone, "Deployment", "-operator")["spec"]["template"]["spec"]["containers"][0]
+    assert c2["command"] == ["hostdev-operator"] and "--standalone" in c2["args"]
+    assert not any(d["kind"] == "ClusterKopfPeering" for d in standalone)
+
+
+def test_agent_daemonset_shape(docs: list[dict[str, Any]]) -> None:
+    ds = find(docs, "DaemonSet", "-agent")
+    pod = ds["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"hostdev.io/enabled": "true"}
+    assert pod["priorityClassName"] == "system-node-critical"
+    assert pod["hostNetwork"] is False and "hostPID" not in pod
+    assert any(t.get("key") == "node-role.kubernetes.io/control-plane" for t in pod["tolerations"])
+    (c,) = pod["containers"]
+    assert {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}} in c[
+        "env"
+    ]
+    assert "--host-root=/host" in c["args"]
+
+
+def test_agent_mounts_only_what_it_needs(docs: list[dict[str, Any]]) -> None:
+    pod = find(docs, "DaemonSet", "-agent")["spec"]["template"]["spec"]
+    host = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
+    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    got = {
+        path: (mounts[name]["mountPath"], mounts[name].get("readOnly", False))
+        for name, path in host.items()
+    }
+    assert got == EXPECTED_HOST_PATHS
+
+
+def test_agent_privileges_are_bounded(docs: list[dict[str, Any]]) -> None:
+    c = find(docs, "DaemonSet", "-agent")["spec"]["template"]["spec"]["containers"][0]
+    sc = c["securityContext"]
+    assert sc["privileged"] is False and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["SYS_PTRACE", "DAC_READ_SEARCH"]}
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    priv = render({"agent.privileged": True})
+    sc2 = find(priv, "DaemonSet", "-agent")["spec"]["template"]["spec"]["containers"][0][
+        "securityContext"
+    ]
+    assert sc2 == {"privileged": True}
+
+
+def test_no_rule_grants_secrets_or_wildcards(docs: list[dict[str, Any]]) -> None:
+    for role in (d for d in docs if d["kind"] in ("ClusterRole", "Role")):
+        for rule in role["rules"]:
+            assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"], role[
+                "metadata"
+            ]["name"]
+            assert "secrets" not in rule["resources"], role["metadata"]["name"]
+            assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"])
+
+
+def test_agent_role_is_exactly_nodestates_status_and_pods(docs: list[dict[str, Any]]) -> None:
+    got = {
+        (g, r, tuple(sorted(rule["verbs"])))
+        for rule in rules(docs, "-agent")
+        for g in rule["apiGroups"]
+        for r in rule["resources"]
+    }
+    assert got == {
+        ("hostdev.io", "passthroughnodestates", ("get", "list", "watch")),
+        ("hostdev.io", "passthroughnodestates/status", ("get", "patch", "update")),
+        ("", "pods", ("get", "list")),
+    }
+
+
+def test_operator_role_covers_its_api_calls(docs: list[dict[str, Any]]) -> None:
+    def verbs(group: str, resource: str) -> set[str]:
+        return {
+            v
+            for rule in rules(docs, "-operator")
+            if group in rule["apiGroups"] and resource in rule["resources"]
+            for v in rule["verbs"]
+        }
+
+    assert verbs("kubevirt.io", "kubevirts") == {"get", "list", "watch", "patch"}
+    assert verbs("kubevirt.io", "virtualmachines") == {"get", "list", "watch", "patch"}
+    assert verbs("kubevirt.io", "virtualmachineinstances") == {"get", "list", "watch", "delete"}
+    assert verbs("", "nodes") == {"get", "list", "watch"}
+    assert verbs("", "events") == {"create", "patch"}
+    assert {"create", "delete", "patch"} <= verbs("hostdev.io", "passthroughnodestates")
+    assert verbs("kopf.dev", "clusterkopfpeerings") == {"get", "list", "watch", "patch"}
+    assert verbs("", "pods") == set() and verbs("", "configmaps") == set()
+
+
+def test_own_nodestate_policy(docs: list[dict[str, Any]]) -> None:
+    vap = find(docs, "ValidatingAdmissionPolicy")
+    binding = find(docs, "ValidatingAdmissionPolicyBinding")
+    assert binding["spec"]["policyName"] == vap["metadata"]["name"]
+    assert binding["spec"]["validationActions"] == ["Deny"]
+    (cond,) = vap["spec"]["matchConditions"]
+    assert (
+        cond["expression"]
+        == "request.userInfo.username == 'system:serviceaccount:hostdev-system:hd-hostdev-agent'"
+    )
+    assert "authentication.kubernetes.io/node-name" in vap["spec"]["variables"][0]["expression"]
+    assert (
+        "passthroughnodestates/status"
+        in vap["spec"]["matchConstraints"]["resourceRules"][0]["resources"]
+    )
+
+
+def test_metrics_services_and_servicemonitor() -> None:
+    docs = render(
+        {
+            "metrics.serviceMonitor.enabled": True,
+            "metrics.serviceMonitor.labels": {"release": "prom"},
+        }
+    )
+    agent = find(docs, "Service", "-agent-metrics")
+    assert agent["spec"]["clusterIP"] == "None"
+    find(docs, "Service", "-operator-metrics")
+    sm = find(docs, "ServiceMonitor")
+    assert sm["metadata"]["labels"]["release"] == "prom"
+    assert sm["spec"]["endpoints"][0]["port"] == "metrics"
+    assert not any(d["kind"] == "ServiceMonitor" for d in render())
+
+
+def test_disabled_agent_renders_no_agent_objects() -> None:
+    docs = render(
+        {
+            "agent.enabled": False,
+            "agent.devicePlugin.enabled": False,
+            "agent.ownNodeStateGuard.enabled": False,
+        }
+    )
+    names = [d["metadata"]["name"] for d in docs]
+    assert not [n for n in names if "agent" in n]
+    find(docs, "Deployment", "-operator")
