@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from hostdev.deviceplugin.manager import DEFAULT_PLUGIN_DIR, DEFAULT_STATE_DIR, PluginManager
 from hostdev.deviceplugin.metrics import Metrics, serve_http
+from hostdev.deviceplugin.nodestate.runner import add_cluster_args, cluster_mode, run_cluster
 from hostdev.deviceplugin.resources import ConfigError, ResourceConfig, load_resources_file
 from hostdev.host.sysfs import Sysfs
 
@@ -42,6 +43,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resync-seconds", type=float, default=60.0, help="full rescan period")
     p.add_argument("--no-uevents", action="store_true", help="do not open the kernel uevent socket")
     p.add_argument("--log-level", default="INFO")
+    add_cluster_args(p)  # --node-name / NODE_NAME: resources come from the node's NodeState
     return p.parse_args(argv)
 
 
@@ -96,6 +98,8 @@ async def run(args: argparse.Namespace) -> int:
             args.host_root,
         )
         manager.request_full_rescan()
+        if cluster_mode(args):
+            return await run_cluster(args, manager, stop)
         await stop.wait()
     finally:
         await manager.close()

@@ -1,0 +1,147 @@
+"""``hostdev-node --node-name``: the cluster mode of the node agent.
+
+The NodeState loop (threads, blocking Kubernetes client) runs beside the asyncio device-plugin
+manager; resources reach the manager through :class:`ManagerSink`, which runs
+``PluginManager.apply`` on the manager's event loop and waits for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import threading
+from collections.abc import Mapping
+
+from kubernetes import client, config
+
+from hostdev.deviceplugin.config.memory import DriverMemory, StateFileError
+from hostdev.deviceplugin.manager import PluginManager
+from hostdev.deviceplugin.nodestate.allocations import KubeletAllocations
+from hostdev.deviceplugin.nodestate.kube import LauncherPods, NodeStateClient
+from hostdev.deviceplugin.nodestate.loop import LoopSettings, NodeStateLoop
+from hostdev.deviceplugin.nodestate.sync import Syncer
+from hostdev.deviceplugin.podresources import DEFAULT_SOCKET, PodResourcesClient
+from hostdev.deviceplugin.resources import ResourceConfig
+from hostdev.host.address import PciAddress
+from hostdev.host.sysfs import Sysfs
+from hostdev.policy.selector import DeviceSelector
+
+log = logging.getLogger(__name__)
+
+EXIT_SETUP = 2
+
+
+def add_cluster_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--node-name",
+        default=os.environ.get("NODE_NAME") or None,
+        help="this node's name (default: env NODE_NAME, from the downward API): apply "
+        "PassthroughNodeState <node-name> and report its status (cluster mode)",
+    )
+    p.add_argument(
+        "--kubeconfig",
+        default=os.environ.get("KUBECONFIG") or None,
+        help="kubeconfig file (default: env KUBECONFIG, else the in-cluster service account)",
+    )
+    p.add_argument(
+        "--pod-resources-socket",
+        default=DEFAULT_SOCKET,
+        help=f"kubelet PodResources socket, for the allocation report (default {DEFAULT_SOCKET})",
+    )
+    p.add_argument(
+        "--nodestate-resync-seconds",
+        type=float,
+        default=LoopSettings().resync,
+        help="re-apply the NodeState spec this often even without a change",
+    )
+
+
+def cluster_mode(args: argparse.Namespace) -> bool:
+    """NodeState mode: a node name and no --config (a resource file means file mode)."""
+    return bool(getattr(args, "node_name", None)) and not getattr(args, "config", None)
+
+
+def to_resource_configs(
+    served: Mapping[str, tuple[PciAddress, ...]],
+) -> tuple[ResourceConfig, ...]:
+    """The resolved devices per resource, as the manager's resource list (exact addresses)."""
+    return tuple(
+        ResourceConfig(name, DeviceSelector(pci_addresses=frozenset(addrs)))
+        for name, addrs in sorted(served.items())
+        if addrs
+    )
+
+
+class ManagerSink:
+    """``ResourceSink`` for the loop thread: applies on the manager's asyncio loop."""
+
+    def __init__(
+        self, manager: PluginManager, loop: asyncio.AbstractEventLoop, timeout: float = 120.0
+    ) -> None:
+        self.manager = manager
+        self.loop = loop
+        self.timeout = timeout
+
+    async def _apply(self, resources: tuple[ResourceConfig, ...]) -> None:
+        await self.manager.apply(resources)
+        # Drivers just changed under the plugins: re-read the host now, not at the next event.
+        self.manager.request_full_rescan()
+
+    def apply(self, resources: Mapping[str, tuple[PciAddress, ...]]) -> None:
+        configs = to_resource_configs(resources)
+        log.info(
+            "serving %s",
+            ", ".join(f"{c.resource_name} ({len(c.selector.pci_addresses)})" for c in configs)
+            or "no resources",
+        )
+        asyncio.run_coroutine_threadsafe(self._apply(configs), self.loop).result(self.timeout)
+
+
+def api_client(kubeconfig: str | None) -> client.ApiClient:
+    conf = client.Configuration()
+    if kubeconfig:
+        config.load_kube_config(config_file=kubeconfig, client_configuration=conf)  # type: ignore[no-untyped-call]
+    else:
+        config.load_incluster_config(client_configuration=conf)  # type: ignore[no-untyped-call]
+    return client.ApiClient(conf)
+
+
+async def run_cluster(args: argparse.Namespace, manager: PluginManager, stop: asyncio.Event) -> int:
+    """Run the NodeState loop until ``stop`` is set (or the loop dies)."""
+    node = str(args.node_name)
+    try:
+        memory = DriverMemory(args.state_dir)
+    except StateFileError as e:
+        log.error("%s", e)
+        return EXIT_SETUP
+    try:
+        api = api_client(args.kubeconfig)
+    except (config.ConfigException, OSError) as e:
+        log.error("cannot reach the API server for NodeState %s: %s", node, e)
+        return EXIT_SETUP
+    loop = NodeStateLoop(
+        NodeStateClient(api, node),
+        Syncer(Sysfs(args.host_root), memory),
+        ManagerSink(manager, asyncio.get_running_loop()),
+        allocations=KubeletAllocations(
+            PodResourcesClient(args.pod_resources_socket), LauncherPods(api, node)
+        ),
+        settings=LoopSettings(resync=args.nodestate_resync_seconds),
+    )
+    log.info("cluster mode: applying PassthroughNodeState %s", node)
+    halt = threading.Event()
+    worker = asyncio.create_task(asyncio.to_thread(loop.run, halt), name="nodestate")
+    stopper = asyncio.create_task(stop.wait(), name="stop")
+    try:
+        await asyncio.wait({worker, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        halt.set()
+        stopper.cancel()
+        await asyncio.gather(worker, return_exceptions=True)
+        api.close()  # type: ignore[no-untyped-call]
+    if worker.exception() is not None:
+        log.error("NodeState loop for %s died: %s", node, worker.exception())
+        return 1
+    return 0
