@@ -74,12 +74,12 @@ class AllocationRow:
     vmi: str | None = None
 
     def to_status(self) -> dict[str, Any]:
-        # The CRD has no container field (the VM's compute container is the only holder).
         out: dict[str, Any] = {
             "pciAddress": str(self.pci_address),
             "resourceName": self.resource_name,
             "namespace": self.namespace,
             "pod": self.pod,
+            "container": self.container,
         }
         if self.vmi:
             out["vmi"] = self.vmi

@@ -238,6 +238,7 @@ def test_loop_applies_spec_reports_status_and_allocations(agent: Agent) -> None:
             "resourceName": RES,
             "namespace": ns,
             "pod": "virt-launcher-db-abcde",
+            "container": "compute",
             "vmi": "db",
         }
     ]

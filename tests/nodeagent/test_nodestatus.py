@@ -309,6 +309,7 @@ def test_allocations_expand_units_and_skip_foreign(tmp_path: Path) -> None:
         "resourceName": GPU,
         "namespace": "vms",
         "pod": "virt-launcher-a-1",
+        "container": "compute",
         "vmi": "a",
     }
     assert "vmi" not in AllocationRow(A("0000:17:00.0"), GPU, "n", "p", "c").to_status()
