@@ -16,6 +16,8 @@ export GOFLAGS="-modcacherw -buildvcs=false"
 # go.mod asks for Go 1.26; an older go (>= 1.21) fetches that toolchain from the module proxy.
 export GOTOOLCHAIN=${GOTOOLCHAIN:-auto}
 
+# The official tarball installs to /usr/local/go, which non-login shells may not have on PATH.
+command -v go >/dev/null || PATH=$PATH:/usr/local/go/bin
 if ! command -v go >/dev/null; then
   echo "go-tools: 'go' not found; install Go >= 1.21 (https://go.dev/dl/; Debian 12's golang is too old)" >&2
   exit 1
