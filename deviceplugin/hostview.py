@@ -23,6 +23,8 @@ class HostView:
     def __init__(self, sysfs: Sysfs) -> None:
         self.sysfs = sysfs
         self._devices: dict[PciAddress, PciDevice] = {}
+        self._groups: dict[int, IommuGroup] = {}
+        self._nodes: frozenset[int] = frozenset()
         self._node: NodeIommu | None = None
         self._inventory: Inventory | None = None
 
@@ -36,25 +38,39 @@ class HostView:
         """Re-read everything (start-up, periodic resync, events we cannot attribute)."""
         inv = self.sysfs.discover()
         self._devices = dict(inv.devices)
+        self._groups = dict(inv.groups)
+        self._nodes = frozenset(g for g, grp in inv.groups.items() if grp.vfio_node)
         self._node = inv.node
         self._inventory = inv
         return inv
 
     def refresh(self, addresses: Iterable[PciAddress]) -> Inventory:
-        """Re-read ``addresses`` (gone ones are dropped) and the /dev/vfio nodes."""
+        """Re-read ``addresses`` (gone ones are dropped) and the /dev/vfio nodes; recompute
+        only the IOMMU groups those touch."""
         if self._inventory is None:
             return self.full()
         todo = set(addresses)
+        touched: set[int] = set()
         pfs: set[PciAddress] = set()
+        added = False
         for addr in sorted(todo):
+            old = self._devices.get(addr)
             dev = self.sysfs.read_device(addr)
+            if old is not None and old.iommu_group is not None:
+                touched.add(old.iommu_group)
             if dev is None:
-                old = self._devices.pop(addr, None)
-                if old is not None and old.physfn is not None:
-                    pfs.add(old.physfn)
+                if old is not None:
+                    del self._devices[addr]
                 continue
-            if dev.physfn is not None:
-                pfs.add(dev.physfn)
+            if dev.iommu_group is not None:
+                touched.add(dev.iommu_group)
+            physfn = dev.physfn
+            if physfn is not None:
+                if old is not None and old.physfn == physfn and old.vf_index is not None:
+                    dev = replace(dev, vf_index=old.vf_index)
+                else:
+                    pfs.add(physfn)  # a new VF: its index is on the PF side
+            added = added or old is None
             self._devices[addr] = dev
         for pf_addr in pfs - todo:
             pf = self.sysfs.read_device(pf_addr)
@@ -69,26 +85,38 @@ class HostView:
                 vf = self._devices.get(vf_addr)
                 if vf is not None and (vf.vf_index != index or vf.physfn != pf_addr):
                     self._devices[vf_addr] = replace(vf, physfn=pf_addr, vf_index=index)
-        self._devices = dict(sorted(self._devices.items()))
-        self._inventory = self._assemble()
+        if added:
+            self._devices = dict(sorted(self._devices.items()))
+        nodes = self.sysfs.vfio_group_nodes()
+        touched |= nodes ^ self._nodes
+        self._nodes = nodes
+        self._regroup(touched)
+        self._inventory = Inventory(
+            node=self._node or self.sysfs.node_iommu(),
+            devices=dict(self._devices),
+            groups=dict(self._groups),
+        )
         return self._inventory
 
-    def _assemble(self) -> Inventory:
-        assert self._node is not None
-        nodes = self.sysfs.vfio_group_nodes()
-        members: dict[int, list[PciDevice]] = {}
+    def _regroup(self, numbers: set[int]) -> None:
+        if not numbers:
+            return
+        new_keys = any(n not in self._groups for n in numbers)
+        members: dict[int, list[PciDevice]] = {n: [] for n in numbers}
         for dev in self._devices.values():
-            if dev.iommu_group is not None:
-                members.setdefault(dev.iommu_group, []).append(dev)
-        groups: dict[int, IommuGroup] = {}
-        for num in sorted(members):
-            devs = members[num]
+            if dev.iommu_group in members:
+                members[dev.iommu_group].append(dev)
+        for num, devs in members.items():
+            if not devs:
+                self._groups.pop(num, None)
+                continue
             viable, reason = group_verdict(devs)
-            groups[num] = IommuGroup(
+            self._groups[num] = IommuGroup(
                 number=num,
                 members=tuple(d.address for d in devs),
                 viable=viable,
                 reason=reason,
-                vfio_node=num in nodes,
+                vfio_node=num in self._nodes,
             )
-        return Inventory(node=self._node, devices=self._devices, groups=groups)
+        if new_keys:
+            self._groups = dict(sorted(self._groups.items()))
