@@ -1,0 +1,218 @@
+"""The NodeState loop's control flow with an in-memory API (no cluster): watch expiry, deletion
+and re-creation, a bad spec, device plugins that refuse the resources, a kernel write failing."""
+
+from __future__ import annotations
+
+import copy
+import errno
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hostdev.deviceplugin.config.memory import DriverMemory
+from hostdev.deviceplugin.nodestate.kube import Event, WatchExpiredError
+from hostdev.deviceplugin.nodestate.loop import LoopSettings, NodeStateLoop
+from hostdev.deviceplugin.nodestate.sync import Syncer
+from hostdev.host import PciAddress, Sysfs
+from hostdev.testing import scenarios
+from hostdev.testing.fakekernel import FakeKernel
+
+A = PciAddress.parse
+GPU = "example.com/a10"
+GOOD = {"devices": [{"pciAddress": "0000:17:00.0", "resourceName": GPU}]}
+
+
+class FakeApi:
+    """One NodeState in memory; watch events are whatever the test puts in ``events``."""
+
+    name = "node-1"
+
+    def __init__(self) -> None:
+        self.obj: dict[str, Any] | None = None
+        self.events: queue.Queue[Event] = queue.Queue()
+        self.lists = 0
+        self.expire_next_watch = False
+        self.patches: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+
+    def put(self, spec: Mapping[str, Any], *, generation: int, uid: str = "u1") -> None:
+        with self.lock:
+            status = (self.obj or {}).get("status") if self.obj and self.uid == uid else None
+            self.obj = {
+                "metadata": {
+                    "name": self.name,
+                    "uid": uid,
+                    "generation": generation,
+                    "resourceVersion": str(generation),
+                },
+                "spec": dict(spec),
+            }
+            if status:
+                self.obj["status"] = status
+            self.events.put(Event("MODIFIED", copy.deepcopy(self.obj)))
+
+    @property
+    def uid(self) -> str | None:
+        return None if self.obj is None else self.obj["metadata"]["uid"]
+
+    def delete(self) -> None:
+        with self.lock:
+            assert self.obj is not None
+            self.events.put(Event("DELETED", copy.deepcopy(self.obj)))
+            self.obj = None
+
+    # ---- the NodeStateClient surface ------------------------------------------------------
+    def list(self) -> tuple[Mapping[str, Any] | None, str]:
+        with self.lock:
+            self.lists += 1
+            return copy.deepcopy(self.obj), "1"
+
+    def watch(self, resource_version: str, timeout_seconds: int) -> Iterator[Event]:
+        if self.expire_next_watch:
+            self.expire_next_watch = False
+            raise WatchExpiredError("too old resource version")
+        deadline = time.monotonic() + 0.3
+        while time.monotonic() < deadline:
+            try:
+                yield self.events.get(timeout=0.05)
+            except queue.Empty:
+                continue
+
+    def patch_status(self, status: Mapping[str, Any]) -> Mapping[str, Any]:
+        with self.lock:
+            self.patches.append(copy.deepcopy(dict(status)))
+            if self.obj is not None:
+                self.obj["status"] = {**(self.obj.get("status") or {}), **status}
+            return copy.deepcopy(self.obj or {})
+
+    def status(self) -> dict[str, Any]:
+        with self.lock:
+            return copy.deepcopy((self.obj or {}).get("status") or {})
+
+
+class Manager:
+    def __init__(self) -> None:
+        self.applies: list[dict[str, tuple[PciAddress, ...]]] = []
+        self.fail: str | None = None
+
+    def apply(self, resources: Mapping[str, tuple[PciAddress, ...]]) -> None:
+        if self.fail:
+            raise RuntimeError(self.fail)
+        self.applies.append(dict(resources))
+
+
+def wait_for(what: str, ok: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not ok():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+class Harness:
+    def __init__(self, tmp_path: Path, build: Callable[[Path], Any] = scenarios.gpu_with_audio):
+        host = build(tmp_path / "host")
+        self.kernel = FakeKernel(host)
+        self.sysfs = Sysfs(str(tmp_path / "host"))
+        self.api = FakeApi()
+        self.manager = Manager()
+        self.loop = NodeStateLoop(
+            self.api,  # type: ignore[arg-type]
+            Syncer(self.sysfs, DriverMemory(str(tmp_path / "state")), io=self.kernel, settle=0.5),
+            self.manager,
+            settings=LoopSettings(coalesce=0.05, resync=3600, allocations_every=3600, backoff=0.1),
+        )
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.loop.run, args=(self.stop,), daemon=True)
+
+    def synced(self, generation: int, state: str) -> dict[str, Any]:
+        def ok() -> bool:
+            st = self.api.status()
+            return st.get("observedGeneration") == generation and st.get("syncStatus") == state
+
+        wait_for(f"generation {generation} {state}", ok)
+        return self.api.status()
+
+
+@pytest.fixture
+def h(tmp_path: Path) -> Iterator[Harness]:
+    harness = Harness(tmp_path)
+    yield harness
+    harness.stop.set()
+    harness.thread.join(10)
+    assert not harness.thread.is_alive()
+
+
+def test_watch_expiry_lists_again_without_a_new_sync(h: Harness) -> None:
+    h.api.put(GOOD, generation=1)
+    h.api.expire_next_watch = True
+    h.thread.start()
+    h.synced(1, "Succeeded")
+    wait_for("a second list after the 410", lambda: h.api.lists >= 2)
+    time.sleep(0.3)
+    assert h.loop.syncs == 1  # the re-listed object has the same generation
+    assert h.manager.applies == [{GPU: (A("0000:17:00.0"),)}]
+
+
+def test_waits_for_the_object_then_resyncs_a_recreated_one(h: Harness) -> None:
+    h.thread.start()
+    time.sleep(0.3)
+    assert h.loop.syncs == 0 and h.api.patches == []  # nothing to apply, nothing to write
+    h.api.put(GOOD, generation=1)
+    h.synced(1, "Succeeded")
+    h.api.delete()
+    time.sleep(0.3)
+    assert h.loop.syncs == 1  # deletion keeps the node as it is
+    h.api.put(GOOD, generation=1, uid="u2")  # re-created: same generation, new object
+    h.synced(1, "Succeeded")
+    wait_for("the second sync", lambda: h.loop.syncs == 2)
+    # Same resources as before: the plugins are not told again.
+    assert h.manager.applies == [{GPU: (A("0000:17:00.0"),)}]
+
+
+def test_bad_spec_fails_and_keeps_serving(h: Harness) -> None:
+    h.api.put(GOOD, generation=1)
+    h.thread.start()
+    h.synced(1, "Succeeded")
+    h.api.put({"devices": [{"pciAddress": "0000:17:00.0", "resourceNme": GPU}]}, generation=2)
+    st = h.synced(2, "Failed")
+    assert st["lastError"].startswith("spec: devices[0]: unknown field(s) ['resourceNme']")
+    assert h.manager.applies == [{GPU: (A("0000:17:00.0"),)}]
+    gpu = next(d for d in st["devices"] if d["pciAddress"] == "0000:17:00.0")
+    assert gpu["resourceName"] == GPU  # still served, and the status says so
+
+
+def test_plugins_refusing_resources_is_a_failed_sync(h: Harness) -> None:
+    h.manager.fail = "socket dir not writable"
+    h.api.put(GOOD, generation=1)
+    h.thread.start()
+    st = h.synced(1, "Failed")
+    assert st["lastError"] == "device plugins: socket dir not writable"
+    gpu = next(d for d in st["devices"] if d["pciAddress"] == "0000:17:00.0")
+    assert "resourceName" not in gpu  # not served, so not reported as served
+    # The next generation tries again and succeeds.
+    h.manager.fail = None
+    h.api.put({**GOOD, "pfs": []}, generation=2)
+    h.synced(2, "Succeeded")
+    assert h.manager.applies == [{GPU: (A("0000:17:00.0"),)}]
+
+
+def test_kernel_write_failure_is_reported_with_device_state(tmp_path: Path) -> None:
+    h = Harness(tmp_path, lambda root: scenarios.sriov_nic_dual_socket(root, numvfs=0))
+    h.kernel.inject("sriov_numvfs", errno.ENOMEM, "0000:3b:00.0")
+    h.api.put({"pfs": [{"pciAddress": "0000:3b:00.0", "numVfs": 4}]}, generation=1)
+    h.thread.start()
+    try:
+        st = h.synced(1, "Failed")
+    finally:
+        h.stop.set()
+        h.thread.join(10)
+    assert "ran out of resources for 4 VFs (ENOMEM)" in st["lastError"]
+    assert "sriov_numvfs 0" in st["lastError"]  # what the device looks like now
+    assert h.sysfs.discover().devices[A("0000:3b:00.0")].sriov_numvfs == 0
+    assert h.manager.applies == [{}]  # the first sync always says what to serve: nothing
