@@ -11,6 +11,7 @@
 #   virtio-net                              root port on pcie.0, own group (plain device)
 #   e1000e 2-function device (no ACS)       one group of 2
 #   pcie-pci-bridge + 2 x e1000             one group of 3 (bridge + 2 NICs)
+#   NVMe controller with a 16 MB namespace  root port on pcie.0, own group (a disk to mount)
 #   igb (82576) PF, 7 VFs                   only when the QEMU has igb (>= 8.0)
 # Guest root = the host's / over read-only 9p with a tmpfs overlay (host python + venvs run
 # unchanged); cwd = the host cwd; /run/rk = the run directory on the host; RK_GUEST=1.
@@ -151,6 +152,8 @@ port pxb1; DEV+=(-device "e1000e,bus=rp$rp")
 port; DEV+=(-device "virtio-net-pci,bus=rp$rp")
 port; DEV+=(-device "e1000e,bus=rp$rp,addr=0.0,multifunction=on" -device "e1000e,bus=rp$rp,addr=0.1")
 port; DEV+=(-device "pcie-pci-bridge,id=pbr,bus=rp$rp" -device e1000,bus=pbr,addr=1 -device e1000,bus=pbr,addr=2)
+truncate -s 16M "$RUN/disk0.img" || die "cannot create $RUN/disk0.img"   # sparse: a disk to mount
+port; DEV+=(-drive "file=$RUN/disk0.img,if=none,id=disk0,format=raw" -device "nvme,bus=rp$rp,serial=rkdisk0,drive=disk0")
 
 CMDLINE="console=ttyS0 quiet intel_iommu=on iommu=pt panic=-1"
 CON=(-serial "file:$RUN/console.log")

@@ -40,4 +40,6 @@ def test_in_real_kernel(name: str, guest_run: GuestRun) -> None:
             f"guest output tail:\n{guest_run.output[-3000:]}"
         )
     bad = [c for c in cases if c.outcome != "passed"]
-    assert not bad, "\n\n".join(f"{c.name}: {c.outcome}\n{c.text[-3000:]}" for c in bad)
+    assert not bad, "\n\n".join(f"{c.name}: {c.outcome}\n{c.text}" for c in bad) + (
+        f"\n(guest run dir: {guest_run.run_dir})"
+    )

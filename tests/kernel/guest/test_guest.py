@@ -350,6 +350,31 @@ def test_refuses_device_whose_driver_nodes_are_open(state: Path) -> None:
         os.close(fd)
 
 
+def test_refuses_controller_of_a_mounted_disk(state: Path, tmp_path: Path) -> None:
+    (disk,) = [d for d in devices(QEMU_VENDOR, NVME_DEV) if not d.is_pf]
+    ctrl_dir = Path(SYS.pci_device_dir(disk.address)) / "nvme"
+    wait_for(lambda: any(ctrl_dir.glob("nvme*/nvme*n1")), "the NVMe namespace")
+    blk = next(ctrl_dir.glob("nvme*/nvme*n1")).name
+    # the kernel's own module requests run in the initramfs root, not this one: load ext4 here
+    subprocess.run(["modprobe", "ext4"], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", f"/dev/{blk}"], check=True)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mount", f"/dev/{blk}", str(mnt)], check=True)
+    try:
+        res = apply({"devices": [{"pciAddress": str(disk.address)}]}, state)
+        assert res.exit_code == 1 and driver(disk.address) == "nvme"
+        text = res.refusals[0].describe()
+        print(text)
+        # pid 1's mount table: the guest's init sees this chroot's paths under /newroot
+        assert f"{disk.address} hosts a mounted filesystem ({blk} on " in text
+        assert f"{mnt})" in text
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+    res = apply({"devices": [{"pciAddress": str(disk.address)}]}, state)
+    assert res.exit_code == 0 and driver(disk.address) == "vfio-pci"
+
+
 # ---- kernel errors, mapped to words ---------------------------------------------------------
 def test_kernel_errors_are_explained(state: Path) -> None:
     pf = nvme_pf()
