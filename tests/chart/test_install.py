@@ -1,0 +1,317 @@
+"""`helm install` of the chart into the real test API server (etcd + kube-apiserver; no
+kubelet or controllers, so no pod runs), then the API server's own authorization and admission
+decide what the two ServiceAccounts may do:
+
+- every object of the release exists and the CRDs are Established;
+- the operator's ServiceAccount cannot read Secrets (SubjectAccessReview and a real request);
+- the agent's ServiceAccount can write the status of its own node's PassthroughNodeState only
+  (RBAC allows status writes; the chart's ValidatingAdmissionPolicy pins the node), checked both
+  by impersonation with the node-name extra and with a real pod-bound token from TokenRequest.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client as k8s
+
+from tests.chart.helmtool import CHART, helm
+from tests.fixtures.kube import Cluster
+
+pytestmark = pytest.mark.kube
+
+NODE_NAME_KEY = "authentication.kubernetes.io/node-name"
+GROUP, VERSION, NODESTATES = "hostdev.io", "v1alpha1", "passthroughnodestates"
+
+
+@dataclass(frozen=True)
+class Release:
+    name: str
+    namespace: str
+    fullname: str
+    manifest: list[dict[str, Any]]
+
+    @property
+    def operator_sa(self) -> str:
+        return f"system:serviceaccount:{self.namespace}:{self.fullname}-operator"
+
+    @property
+    def agent_sa(self) -> str:
+        return f"system:serviceaccount:{self.namespace}:{self.fullname}-agent"
+
+
+def install(cluster: Cluster, namespace: str, *extra: str) -> Release:
+    name = f"hd{uuid.uuid4().hex[:6]}"
+    helm(
+        "install", name, CHART, "--namespace", namespace,
+        # cluster-scoped names must not collide with other releases in the shared API server
+        "--set", f"operator.peering.name={name}",
+        *extra,
+        kubeconfig=cluster.kubeconfig,
+    )  # fmt: skip
+    manifest = helm(
+        "get", "manifest", name, "--namespace", namespace, kubeconfig=cluster.kubeconfig
+    )
+    docs = [d for d in yaml.safe_load_all(manifest) if d]
+    return Release(name, namespace, f"{name}-hostdev", docs)
+
+
+@pytest.fixture(scope="module")
+def release(kube_apiserver: Cluster) -> Iterator[Release]:
+    ns = kube_apiserver.create_namespace("hostdev-chart")
+    rel = install(kube_apiserver, ns, "--set", "operator.replicas=2")
+    try:
+        yield rel
+    finally:
+        helm(
+            "uninstall",
+            rel.name,
+            "--namespace",
+            ns,
+            kubeconfig=kube_apiserver.kubeconfig,
+            check=False,
+        )
+        kube_apiserver.delete_namespace(ns)
+
+
+def impersonating(
+    cluster: Cluster, user: str, extra: dict[str, str] | None = None
+) -> k8s.ApiClient:
+    """An admin client that acts as ``user`` (with optional user extras), as kubectl --as does."""
+    api = cluster.api_client()
+    api.set_default_header("Impersonate-User", user)
+    for key, value in (extra or {}).items():
+        api.set_default_header(f"Impersonate-Extra-{key.replace('/', '%2F')}", value)
+    return api
+
+
+def can(
+    cluster: Cluster, user: str, verb: str, resource: str, group: str = "", **attrs: str
+) -> bool:
+    ns_name = user.split(":")[2]
+    sar = k8s.V1SubjectAccessReview(
+        spec=k8s.V1SubjectAccessReviewSpec(
+            user=user,
+            groups=[
+                "system:serviceaccounts",
+                f"system:serviceaccounts:{ns_name}",
+                "system:authenticated",
+            ],
+            resource_attributes=k8s.V1ResourceAttributes(
+                verb=verb, resource=resource, group=group, **attrs
+            ),
+        )
+    )
+    result = k8s.AuthorizationV1Api(cluster.admin).create_subject_access_review(sar)
+    return bool(result.status.allowed)
+
+
+def ensure_nodestate(cluster: Cluster, node: str) -> None:
+    objs = k8s.CustomObjectsApi(cluster.admin)
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "PassthroughNodeState",
+        "metadata": {"name": node},
+        "spec": {},
+    }
+    try:
+        objs.create_cluster_custom_object(GROUP, VERSION, NODESTATES, body)
+    except k8s.ApiException as e:
+        if e.status != 409:
+            raise
+
+
+def patch_status(api: k8s.ApiClient, node: str, sync: str = "InProgress") -> None:
+    k8s.CustomObjectsApi(api).patch_cluster_custom_object_status(
+        GROUP, VERSION, NODESTATES, node, {"status": {"syncStatus": sync}}
+    )
+
+
+def denied(api: k8s.ApiClient, node: str) -> k8s.ApiException:
+    """The status patch is refused; waits (bounded) for the policy to be loaded by admission."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            patch_status(api, node)
+        except k8s.ApiException as e:
+            return e
+        if time.monotonic() > deadline:
+            pytest.fail(f"patching PassthroughNodeState {node} was allowed for 30 s")
+        time.sleep(0.5)
+
+
+# ---- the release's objects ------------------------------------------------------------------
+
+
+def test_every_object_of_the_release_exists(kube_apiserver: Cluster, release: Release) -> None:
+    kinds = sorted(d["kind"] for d in release.manifest)
+    assert kinds == sorted(
+        [
+            "ClusterKopfPeering",
+            "ClusterRole", "ClusterRole", "ClusterRoleBinding", "ClusterRoleBinding",
+            "DaemonSet", "Deployment", "Service", "Service",
+            "ServiceAccount", "ServiceAccount",
+            "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding",
+        ]
+    )  # fmt: skip
+    for doc in release.manifest:
+        res = kube_apiserver.resource(doc["apiVersion"], doc["kind"])
+        ns = release.namespace if res.namespaced else None
+        live = res.get(name=doc["metadata"]["name"], namespace=ns)
+        assert live.metadata.labels["app.kubernetes.io/instance"] == release.name
+    apps = k8s.AppsV1Api(kube_apiserver.admin)
+    dep = apps.read_namespaced_deployment(f"{release.fullname}-operator", release.namespace)
+    assert dep.spec.replicas == 2
+    ds = apps.read_namespaced_daemon_set(f"{release.fullname}-agent", release.namespace)
+    assert ds.spec.template.spec.node_selector == {"hostdev.io/enabled": "true"}
+
+
+def test_crds_are_established(kube_apiserver: Cluster, release: Release) -> None:
+    ext = k8s.ApiextensionsV1Api(kube_apiserver.admin)
+    files = sorted((CHART / "crds").glob("*.yaml"))
+    names = [yaml.safe_load(p.read_text())["metadata"]["name"] for p in files]
+    assert "clusterkopfpeerings.kopf.dev" in names and len(names) == 4
+    for name in names:
+        crd = ext.read_custom_resource_definition(name)
+        conditions = {c.type: c.status for c in crd.status.conditions}
+        assert conditions.get("Established") == "True", name
+
+
+# ---- RBAC -------------------------------------------------------------------------------------
+
+
+def test_operator_cannot_read_secrets(kube_apiserver: Cluster, release: Release) -> None:
+    sa = release.operator_sa
+    for verb in ("get", "list", "watch"):
+        assert not can(kube_apiserver, sa, verb, "secrets")
+        assert not can(kube_apiserver, sa, verb, "secrets", namespace=release.namespace)
+    # positive controls: the review does see the operator's grants
+    assert can(kube_apiserver, sa, "patch", "virtualmachines", "kubevirt.io", namespace="default")
+    assert can(kube_apiserver, sa, "patch", "clusterkopfpeerings", "kopf.dev", name=release.name)
+    # and a real request as that ServiceAccount is refused by the API server
+    api = impersonating(kube_apiserver, sa)
+    with pytest.raises(k8s.ApiException) as e:
+        k8s.CoreV1Api(api).list_namespaced_secret(release.namespace)
+    assert e.value.status == 403
+    with pytest.raises(k8s.ApiException) as e:
+        k8s.CoreV1Api(api).list_secret_for_all_namespaces()
+    assert e.value.status == 403
+
+
+def test_agent_rbac_is_status_only(kube_apiserver: Cluster, release: Release) -> None:
+    sa = release.agent_sa
+    assert can(kube_apiserver, sa, "patch", NODESTATES, GROUP, subresource="status")
+    assert can(kube_apiserver, sa, "watch", NODESTATES, GROUP)
+    assert can(kube_apiserver, sa, "list", "pods")
+    assert not can(kube_apiserver, sa, "patch", NODESTATES, GROUP)  # the spec is the operator's
+    assert not can(kube_apiserver, sa, "delete", NODESTATES, GROUP)
+    assert not can(kube_apiserver, sa, "get", "secrets")
+    assert not can(kube_apiserver, sa, "patch", "nodes")
+    assert not can(kube_apiserver, sa, "patch", "passthroughpolicies", GROUP, subresource="status")
+
+
+# ---- the own-node admission policy ------------------------------------------------------------
+
+
+def test_agent_may_write_only_its_own_nodestate(kube_apiserver: Cluster, release: Release) -> None:
+    ensure_nodestate(kube_apiserver, "node-a")
+    ensure_nodestate(kube_apiserver, "node-b")
+    as_agent_on_a = impersonating(kube_apiserver, release.agent_sa, {NODE_NAME_KEY: "node-a"})
+
+    err = denied(as_agent_on_a, "node-b")
+    assert err.status == 403
+    assert "may write only PassthroughNodeState node-a, not node-b" in err.body
+    assert "ValidatingAdmissionPolicy" in err.body
+
+    patch_status(as_agent_on_a, "node-a", "Succeeded")
+    got = k8s.CustomObjectsApi(kube_apiserver.admin).get_cluster_custom_object(
+        GROUP, VERSION, NODESTATES, "node-a"
+    )
+    assert got["status"]["syncStatus"] == "Succeeded"
+
+    # a token that is not bound to a pod (no node name) cannot write any NodeState
+    as_agent_nowhere = impersonating(kube_apiserver, release.agent_sa)
+    err = denied(as_agent_nowhere, "node-a")
+    assert err.status == 403
+    assert "only with a pod-bound service account token" in err.body
+
+    # other identities are not affected by the policy (the admin writes any node's status)
+    patch_status(kube_apiserver.admin, "node-b", "Failed")
+
+
+def test_pod_bound_token_carries_the_node_and_is_pinned_to_it(
+    kube_apiserver: Cluster, release: Release
+) -> None:
+    """No impersonation: a real token of a pod scheduled on node-a (TokenRequest bound to the
+    pod, as the kubelet gets it for the agent), used as the agent would use it."""
+    core = k8s.CoreV1Api(kube_apiserver.admin)
+    node = core.create_node(
+        k8s.V1Node(metadata=k8s.V1ObjectMeta(name=f"node-{uuid.uuid4().hex[:6]}"))
+    )
+    other = f"{node.metadata.name}-other"
+    ensure_nodestate(kube_apiserver, node.metadata.name)
+    ensure_nodestate(kube_apiserver, other)
+    try:
+        sa_name = release.agent_sa.rsplit(":", 1)[1]
+        pod = core.create_namespaced_pod(
+            release.namespace,
+            k8s.V1Pod(
+                metadata=k8s.V1ObjectMeta(name="agent-probe"),
+                spec=k8s.V1PodSpec(
+                    node_name=node.metadata.name,
+                    service_account_name=sa_name,
+                    automount_service_account_token=False,
+                    containers=[k8s.V1Container(name="c", image="hostdev:test")],
+                ),
+            ),
+        )
+        token = core.create_namespaced_service_account_token(
+            sa_name,
+            release.namespace,
+            k8s.AuthenticationV1TokenRequest(
+                spec=k8s.V1TokenRequestSpec(
+                    audiences=[],
+                    expiration_seconds=600,
+                    bound_object_ref=k8s.V1BoundObjectReference(
+                        kind="Pod", api_version="v1", name=pod.metadata.name, uid=pod.metadata.uid
+                    ),
+                )
+            ),
+        ).status.token
+        as_pod = kube_apiserver.api_client(token=token)
+        review = k8s.AuthenticationV1Api(as_pod).create_self_subject_review(
+            k8s.V1SelfSubjectReview()
+        )
+        assert review.status.user_info.extra[NODE_NAME_KEY] == [node.metadata.name]
+
+        err = denied(as_pod, other)
+        assert f"may write only PassthroughNodeState {node.metadata.name}, not {other}" in err.body
+        patch_status(as_pod, node.metadata.name, "Succeeded")
+    finally:
+        core.delete_node(node.metadata.name)
+
+
+# ---- uninstall ------------------------------------------------------------------------------
+
+
+def test_uninstall_removes_the_release_but_keeps_crds(
+    kube_apiserver: Cluster, kube_namespace: str
+) -> None:
+    rel = install(kube_apiserver, kube_namespace)
+    helm("uninstall", rel.name, "--namespace", kube_namespace, kubeconfig=kube_apiserver.kubeconfig)
+    for doc in rel.manifest:
+        res = kube_apiserver.resource(doc["apiVersion"], doc["kind"])
+        ns = kube_namespace if res.namespaced else None
+        with pytest.raises(Exception) as e:
+            res.get(name=doc["metadata"]["name"], namespace=ns)
+        assert getattr(e.value, "status", None) == 404, doc["kind"]
+    # Helm never deletes CRDs (or the objects of them): policies and NodeStates survive
+    k8s.ApiextensionsV1Api(kube_apiserver.admin).read_custom_resource_definition(
+        "passthroughpolicies.hostdev.io"
+    )
