@@ -27,8 +27,12 @@ def _ln(link: Path, target: str) -> None:
 def host(root: Path) -> FakeHost:
     h = FakeHost(root)
     h.add_device(DISK, vendor="144d", device="a80a", class_code="010802", driver="nvme")
-    h.add_device(NIC, vendor="8086", device="10d3", class_code="020000", driver="e1000e", netdev="eno1")  # fmt: skip
-    h.add_device(NIC2, vendor="8086", device="10d3", class_code="020000", driver="e1000e", netdev="eno2")  # fmt: skip
+    h.add_device(
+        NIC, vendor="8086", device="10d3", class_code="020000", driver="e1000e", netdev="eno1"
+    )
+    h.add_device(
+        NIC2, vendor="8086", device="10d3", class_code="020000", driver="e1000e", netdev="eno2"
+    )
     r = h.root
     _w(
         r / "proc/net/route",
@@ -92,7 +96,10 @@ def test_gather_facts(tmp_path: Path) -> None:
     }
     assert f.mounts == {A(DISK): ("nvme0n1p2 on /",)}
     assert f.device_nodes[A(DISK)] == ("/dev/nvme0", "/dev/nvme0n1", "/dev/nvme0n1p2")
-    assert f.open_nodes == {"/dev/nvme0": ("pid 700 (smartd)",), "/dev/vfio/2": ("pid 900 (qemu-kvm)",)}  # fmt: skip
+    assert f.open_nodes == {
+        "/dev/nvme0": ("pid 700 (smartd)",),
+        "/dev/vfio/2": ("pid 900 (qemu-kvm)",),
+    }
     assert f.driver_overrides == {A(NIC2): "vfio-pci"}
 
 
@@ -115,7 +122,9 @@ def test_down_interface_has_no_address_and_dm_holder_mount_counts(tmp_path: Path
 
 def test_missing_proc_files_mean_no_facts_not_errors(tmp_path: Path) -> None:
     h = FakeHost(tmp_path)
-    h.add_device(NIC, vendor="8086", device="10d3", class_code="020000", driver="e1000e", netdev="eno1")  # fmt: skip
+    h.add_device(
+        NIC, vendor="8086", device="10d3", class_code="020000", driver="e1000e", netdev="eno1"
+    )
     sysfs = Sysfs(str(h.root))
     f = gather_facts(sysfs, sysfs.discover())
     assert not f.default_route_ifaces and not f.addressed_ifaces and not f.mounts

@@ -85,9 +85,15 @@ spec:
             "resourceName must look like vendor.example/name",
         ),
         ({"devices": [{"pciAddress": "0000:01:00.0", "allowUnsafe": "yes"}]}, "true or false"),
-        ({"devices": [{"pciAddress": "0000:01:00.0", "force": True}]}, "unknown field(s) ['force']"),
+        (
+            {"devices": [{"pciAddress": "0000:01:00.0", "force": True}]},
+            "unknown field(s) ['force']",
+        ),
         ({"devices": [{"selector": {}}]}, "empty selector matches nothing"),
-        ({"devices": [{"selector": {"vendors": ["xyz"]}}]}, "devices[0].selector: selector.vendors"),
+        (
+            {"devices": [{"selector": {"vendors": ["xyz"]}}]},
+            "devices[0].selector: selector.vendors",
+        ),
         ({"spec": {"gpus": []}}, "spec: unknown field(s) ['gpus']"),
         (
             {"devices": [{"pciAddress": "0000:01:00.0"}, {"pciAddress": "0000:01:00.0"}]},
@@ -135,8 +141,17 @@ def test_cli_refusal_exit_code(tmp_path: Path, capsys: pytest.CaptureFixture[str
     h = _tree(tmp_path / "root")
     cfg = tmp_path / "node.yaml"
     cfg.write_text("devices:\n  - pciAddress: 0000:99:00.0\n")
-    rc = main(["apply", "--config", str(cfg), "--host-root", str(h.root), "--state-dir",
-               str(tmp_path / "s")])  # fmt: skip
+    rc = main(
+        [
+            "apply",
+            "--config",
+            str(cfg),
+            "--host-root",
+            str(h.root),
+            "--state-dir",
+            str(tmp_path / "s"),
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 1
     assert "REFUSED 0000:99:00.0: refused to bind to vfio-pci: not present on this node" in out
@@ -166,8 +181,17 @@ def test_cli_bad_host_root_and_state_file(
 ) -> None:
     cfg = tmp_path / "node.yaml"
     cfg.write_text("{}\n")
-    rc = main(["apply", "--config", str(cfg), "--host-root", str(tmp_path / "nope"),
-               "--state-dir", str(tmp_path / "s")])  # fmt: skip
+    rc = main(
+        [
+            "apply",
+            "--config",
+            str(cfg),
+            "--host-root",
+            str(tmp_path / "nope"),
+            "--state-dir",
+            str(tmp_path / "s"),
+        ]
+    )
     assert rc == 4 and "no PCI bus at" in capsys.readouterr().err
     (tmp_path / "s").mkdir(exist_ok=True)
     (tmp_path / "s/original-drivers.json").write_text("[]")
