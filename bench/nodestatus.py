@@ -1,0 +1,63 @@
+"""NodeState status: render time, change-check time and body size against fake hosts of growing
+size (every VF served as a resource). Prints figures only.
+
+.venv/bin/python bench/nodestatus.py [--repeat N]
+
+The body size matters: etcd refuses objects above 1.5 MiB (--max-request-bytes), and the
+whole status of a node is one object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from hostdev.host import Sysfs
+from hostdev.policy.nodestatus import SUCCEEDED, SyncOutcome, render_status, status_changed
+from hostdev.testing.scenarios import sriov_scale
+
+SIZES = [(2, 32), (4, 128), (8, 128), (16, 256)]
+NOW = "2026-01-01T00:00:00Z"
+
+
+def timed(fn, repeat: int) -> list[float]:  # type: ignore[no-untyped-def]
+    out = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--repeat", type=int, default=7)
+    args = p.parse_args()
+    print(
+        f"{'devices':>8} {'VFs':>6} {'render p50':>11} {'changed? p50':>13} "
+        f"{'body KiB':>9} {'per device B':>13}"
+    )
+    for pfs, vfs in SIZES:
+        with tempfile.TemporaryDirectory() as d:
+            sriov_scale(Path(d), pfs=pfs, vfs=vfs)
+            inv = Sysfs(d).discover()
+            served = {a: "example.com/vf" for a, dev in inv.devices.items() if dev.is_vf}
+            outcome = SyncOutcome(SUCCEEDED, 1, resources=served, finished_at=NOW)
+            status = render_status(inv, outcome, (), now=NOW)
+            render = timed(lambda i=inv, o=outcome: render_status(i, o, (), now=NOW), args.repeat)
+            again = render_status(inv, outcome, (), previous=status, now=NOW)
+            check = timed(lambda s=status, a=again: status_changed(s, a), args.repeat)
+            body = len(json.dumps({"status": status}, separators=(",", ":")))
+            n = status["deviceCount"]
+            print(
+                f"{n:>8} {len(served):>6} {statistics.median(render) * 1e3:>9.1f}ms "
+                f"{statistics.median(check) * 1e3:>11.1f}ms {body / 1024:>9.0f} {body / n:>13.0f}"
+            )
+
+
+if __name__ == "__main__":
+    main()
