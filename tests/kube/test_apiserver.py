@@ -11,11 +11,8 @@ from typing import Any
 
 import pytest
 from kubernetes import client as k8s
-from kubernetes.dynamic.exceptions import (
-    ApiException,
-    InternalServerError,
-    UnprocessibleEntityError,
-)
+from kubernetes.client import ApiException
+from kubernetes.dynamic.exceptions import InternalServerError, UnprocessibleEntityError
 
 from tests.fixtures.kube import Cluster, kubevirt_crds, project_crds
 
@@ -42,7 +39,7 @@ def _vm(name: str, host_devices: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _status_message(err: ApiException) -> str:
-    message: str = json.loads(err.body)["message"]
+    message: str = json.loads(err.body or "{}")["message"]
     return message
 
 
@@ -58,7 +55,8 @@ def test_apiserver_ready_and_kubevirt_crds_established(kube_apiserver: Cluster) 
     } <= expected
     for name in sorted(expected):
         crd = ext.read_custom_resource_definition(name)
-        conditions = {c.type: c.status for c in crd.status.conditions}
+        assert crd.status is not None
+        conditions = {c.type: c.status for c in crd.status.conditions or []}
         assert conditions.get("Established") == "True", name
     vm = ext.read_custom_resource_definition("virtualmachines.kubevirt.io")
     assert vm.spec.scope == "Namespaced"
@@ -72,7 +70,7 @@ def test_vm_with_host_devices_accepted(kube_apiserver: Cluster, kube_namespace: 
         {"name": "gpu1", "deviceName": "hostdev.io/nvidia-a100", "tag": "gpu"},
     ]
     [vm] = kube_apiserver.apply(_vm("good-vm", devices), kube_namespace)
-    stored = vm.to_dict()["spec"]["template"]["spec"]["domain"]["devices"]["hostDevices"]
+    stored = vm["spec"]["template"]["spec"]["domain"]["devices"]["hostDevices"]
     assert stored == devices
 
 
@@ -150,9 +148,7 @@ def test_kubevirt_cr_with_permitted_pci_host_devices(
         },
     }
     [applied] = kube_apiserver.apply(kv, kube_namespace)
-    assert applied.to_dict()["spec"]["configuration"]["permittedHostDevices"]["pciHostDevices"] == (
-        pci
-    )
+    assert applied["spec"]["configuration"]["permittedHostDevices"]["pciHostDevices"] == (pci)
 
     bad = json.loads(json.dumps(kv))
     del bad["spec"]["configuration"]["permittedHostDevices"]["pciHostDevices"][1]["resourceName"]
@@ -170,8 +166,9 @@ def test_identities_for_rbac_tests(kube_apiserver: Cluster, kube_namespace: str)
 
     def whoami(api: k8s.ApiClient) -> tuple[str, list[str]]:
         review = k8s.AuthenticationV1Api(api).create_self_subject_review(k8s.V1SelfSubjectReview())
+        assert review.status is not None and review.status.user_info is not None
         info = review.status.user_info
-        return info.username, info.groups
+        return info.username or "", info.groups or []
 
     with kube_apiserver.api_client(user="carol", groups=["team-a", "team-b"]) as api:
         assert whoami(api) == ("carol", ["team-a", "team-b", "system:authenticated"])

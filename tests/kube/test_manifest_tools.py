@@ -95,7 +95,7 @@ def test_helm_renders_a_chart(helm_bin: Path, tmp_path: Path) -> None:
 
 def test_server_side_dry_run(kube_apiserver: Cluster, kube_namespace: str) -> None:
     [ds] = kube_apiserver.apply(DAEMONSET, kube_namespace, dry_run=True)
-    assert ds.metadata.uid  # fully processed by the server ...
+    assert ds["metadata"]["uid"]  # fully processed by the server ...
     apps = kube_apiserver.resource("apps/v1", "DaemonSet")
     assert apps.get(namespace=kube_namespace).items == []  # ... and not stored
     with pytest.raises(UnprocessibleEntityError):
