@@ -142,7 +142,7 @@ class NodeStateLoop:
                 if self._obj is not None and (
                     generation_of(self._obj) != self._synced_generation or now >= next_resync
                 ):
-                    self.sync_once()
+                    self._guarded_sync()
                     now = time.monotonic()
                     next_resync = now + s.resync
                     next_alloc = now + s.allocations_every
@@ -181,6 +181,24 @@ class NodeStateLoop:
             now=utc_now(),
         )
 
+    def _guarded_sync(self) -> None:
+        """A bug in one sync must not end the agent: report it, try again at the next resync."""
+        try:
+            self.sync_once()
+        except Exception as e:
+            log.exception("NodeState %s: sync failed unexpectedly", self.name)
+            self._synced_generation = generation_of(self._obj or {})
+            if self._inventory is not None:
+                failed = SyncOutcome(
+                    FAILED,
+                    self._synced_generation,
+                    f"internal error: {type(e).__name__}: {e}",
+                    resources=_flat(self._served or {}),
+                    finished_at=utc_now(),
+                )
+                self._outcome = failed
+                self.writer.submit(self._render(failed))
+
     def sync_once(self) -> None:
         """Apply the current object's spec and report it."""
         obj = self._obj
@@ -189,7 +207,10 @@ class NodeStateLoop:
         served = _flat(self._served or {})
         if self._inventory is None:
             self._inventory = self.syncer.discover()
-        self.writer.submit(self._render(SyncOutcome(IN_PROGRESS, generation, resources=served)))
+        if generation != self._synced_generation:
+            # A new spec: say so (a slow apply shows InProgress; a fast one is batched away).
+            # A periodic re-sync of the same spec says nothing unless its result differs.
+            self.writer.submit(self._render(SyncOutcome(IN_PROGRESS, generation, resources=served)))
         result = self.syncer.sync(obj)
         outcome = result.outcome
         if result.serve is not None and result.serve != self._served:

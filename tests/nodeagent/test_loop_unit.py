@@ -115,7 +115,12 @@ def wait_for(what: str, ok: Callable[[], bool], timeout: float = 20.0) -> None:
 
 
 class Harness:
-    def __init__(self, tmp_path: Path, build: Callable[[Path], Any] = scenarios.gpu_with_audio):
+    def __init__(
+        self,
+        tmp_path: Path,
+        build: Callable[[Path], Any] = scenarios.gpu_with_audio,
+        resync: float = 3600,
+    ):
         host = build(tmp_path / "host")
         self.kernel = FakeKernel(host)
         self.sysfs = Sysfs(str(tmp_path / "host"))
@@ -125,7 +130,9 @@ class Harness:
             self.api,  # type: ignore[arg-type]
             Syncer(self.sysfs, DriverMemory(str(tmp_path / "state")), io=self.kernel, settle=0.5),
             self.manager,
-            settings=LoopSettings(coalesce=0.05, resync=3600, allocations_every=3600, backoff=0.1),
+            settings=LoopSettings(
+                coalesce=0.05, resync=resync, allocations_every=3600, backoff=0.1
+            ),
         )
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.loop.run, args=(self.stop,), daemon=True)
@@ -216,3 +223,45 @@ def test_kernel_write_failure_is_reported_with_device_state(tmp_path: Path) -> N
     assert "sriov_numvfs 0" in st["lastError"]  # what the device looks like now
     assert h.sysfs.discover().devices[A("0000:3b:00.0")].sriov_numvfs == 0
     assert h.manager.applies == [{}]  # the first sync always says what to serve: nothing
+
+
+def test_periodic_resync_writes_nothing_when_nothing_changed(tmp_path: Path) -> None:
+    h = Harness(tmp_path, resync=0.1)
+    h.api.put(GOOD, generation=1)
+    h.thread.start()
+    try:
+        h.synced(1, "Succeeded")
+        wait_for("three re-syncs", lambda: h.loop.syncs >= 4)
+        writes = len(h.api.patches)
+        wait_for("three more", lambda: h.loop.syncs >= 7)
+        assert len(h.api.patches) == writes == 1
+        # Something changes on the host behind the agent's back: the next re-sync repairs it
+        # and the status does not change (the node is back where the spec wants it).
+        h.kernel.host.bind("0000:17:00.0", None)
+        syncs = h.loop.syncs
+        wait_for("the repair", lambda: h.loop.syncs > syncs + 1)
+        assert h.sysfs.discover().devices[A("0000:17:00.0")].driver == "vfio-pci"
+        assert len(h.api.patches) == 1
+    finally:
+        h.stop.set()
+        h.thread.join(10)
+
+
+def test_an_unexpected_error_fails_the_sync_and_the_loop_goes_on(h: Harness) -> None:
+    real = h.loop.syncer.sync
+    calls = []
+
+    def broken(obj: Mapping[str, Any]) -> Any:
+        calls.append(obj)
+        if len(calls) == 1:
+            raise KeyError("bug")
+        return real(obj)
+
+    h.loop.syncer.sync = broken  # type: ignore[method-assign]
+    h.api.put(GOOD, generation=1)
+    h.thread.start()
+    st = h.synced(1, "Failed")
+    assert st["lastError"] == "internal error: KeyError: 'bug'"
+    h.api.put({**GOOD, "pfs": []}, generation=2)
+    h.synced(2, "Succeeded")
+    assert h.thread.is_alive()
