@@ -84,7 +84,8 @@ class ResourcePlugin(pb_grpc.DevicePluginServicer):
         self.allocated: set[str] = set()  # handed out by Allocate: never dropped from the list
         self.registered = False
         self._server: grpc.aio.Server | None = None
-        self._watchers: set[asyncio.Queue[pb.ListAndWatchResponse]] = set()
+        # None in a queue ends that stream (server stopping).
+        self._watchers: set[asyncio.Queue[pb.ListAndWatchResponse | None]] = set()
         self._msgs: dict[str, pb.Device] = {}
         self._snapshot = pb.ListAndWatchResponse()
         self._selected: tuple[PciDevice, ...] = ()
@@ -144,10 +145,25 @@ class ResourcePlugin(pb_grpc.DevicePluginServicer):
                 new[dev_id] = Advertised(old.unit, Verdict(False, why or f"{dev_id} is gone"))
         if new == self.devices:
             return False
+        appeared = [k for k in new if k not in self.devices]
+        if len(appeared) > 16:
+            # A first scan of a big node: one line, not thousands.
+            healthy = sum(new[k].verdict.healthy for k in appeared)
+            log.info(
+                "%s: %d devices appear (%d healthy), %s .. %s",
+                self.resource,
+                len(appeared),
+                healthy,
+                appeared[0],
+                appeared[-1],
+            )
         for dev_id, adv in new.items():
             old = self.devices.get(dev_id)
             if old is None:
-                log.info("%s: device %s appears (%s)", self.resource, dev_id, adv.verdict.kubelet)
+                if len(appeared) <= 16:
+                    log.info(
+                        "%s: device %s appears (%s)", self.resource, dev_id, adv.verdict.kubelet
+                    )
             elif old.verdict.healthy != adv.verdict.healthy:
                 log.warning(
                     "%s: device %s is now %s%s",
@@ -214,7 +230,13 @@ class ResourcePlugin(pb_grpc.DevicePluginServicer):
     async def stop(self, *, remove_socket: bool = True) -> None:
         server, self._server = self._server, None
         self.registered = False
+        for q in self._watchers:
+            # End the streams ourselves: cancelled handlers make grpc log tracebacks.
+            if q.full():
+                q.get_nowait()
+            q.put_nowait(None)
         if server is not None:
+            await asyncio.sleep(0)  # let the stream handlers return
             await server.stop(grace=0.2)
         if remove_socket:
             with contextlib.suppress(FileNotFoundError):
@@ -257,13 +279,13 @@ class ResourcePlugin(pb_grpc.DevicePluginServicer):
     async def ListAndWatch(  # noqa: N802 (gRPC method name)
         self, request: pb.Empty, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.ListAndWatchResponse]:
-        q: asyncio.Queue[pb.ListAndWatchResponse] = asyncio.Queue(maxsize=1)
+        q: asyncio.Queue[pb.ListAndWatchResponse | None] = asyncio.Queue(maxsize=1)
         self._watchers.add(q)
         log.info("%s: kubelet watching (%d devices)", self.resource, len(self.devices))
         try:
             yield self._snapshot
-            while True:
-                yield await q.get()
+            while (msg := await q.get()) is not None:
+                yield msg
         finally:
             self._watchers.discard(q)
 
