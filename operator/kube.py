@@ -6,7 +6,9 @@ Every write goes through here so it is counted (metric hostdev_operator_api_writ
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kubernetes
@@ -38,17 +40,23 @@ def client_configuration() -> kubernetes.client.Configuration:
 class Api:
     """Thin async facade over ``kubernetes.client.CustomObjectsApi``."""
 
-    def __init__(self, client: kubernetes.client.ApiClient | None = None) -> None:
+    def __init__(
+        self, client: kubernetes.client.ApiClient | None = None, concurrency: int = 32
+    ) -> None:
         if client is None:
             config = client_configuration()
-            # Handlers run concurrently in threads: one pooled connection each.
-            config.connection_pool_maxsize = 32
+            # One pooled connection per thread.
+            config.connection_pool_maxsize = concurrency
             client = kubernetes.client.ApiClient(config)
         self.objects = kubernetes.client.CustomObjectsApi(client)
+        # Own pool: asyncio's default has min(32, CPUs + 4) threads, which caps concurrent
+        # API calls at 6 on a 2-CPU node while every call mostly waits on the network.
+        self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="hostdev-api")
 
     async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        loop = asyncio.get_running_loop()
         try:
-            return await asyncio.to_thread(fn, *args, **kwargs)
+            return await loop.run_in_executor(self.pool, functools.partial(fn, *args, **kwargs))
         except kubernetes.client.ApiException as e:
             if e.status == 409:
                 raise ConflictError(str(e.reason)) from e

@@ -58,8 +58,12 @@ async def configure(*, settings: kopf.OperatorSettings, memo: Any, **kwargs: Any
     cluster.use(
         **{k: kwargs[k] for k in ("policies_idx", "nodes_idx", "nodestates_idx", "kubevirts_idx")}
     )
+    # kopf gives each object a shallow copy of this memo: shared state must exist here, now.
     memo["api"] = api
     memo["cluster"] = cluster
+    memo["vm_locks"] = {}
+    memo["vm_cache"] = {}
+    memo["node_labels"] = {}
 
 
 @kopf.on.cleanup()

@@ -80,7 +80,7 @@ async def node_changed(
     *, memo: Any, name: str, labels: kopf.Labels, type: str | None, **_: Any
 ) -> None:
     # Nodes change status every few seconds: only label changes (and add/remove) matter here.
-    seen: dict[str, dict[str, str]] = memo.setdefault("node_labels", {})
+    seen: dict[str, dict[str, str]] = memo["node_labels"]  # shared: made at startup
     if type == "DELETED":
         seen.pop(name, None)
     elif seen.get(name) == dict(labels):

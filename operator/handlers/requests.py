@@ -68,7 +68,7 @@ def _vmi(vmis_idx: kopf.Index[Any, Any], namespace: str, name: str) -> dict[str,
 
 
 def _locks(memo: Any) -> dict[tuple[str, str], asyncio.Lock]:
-    locks: dict[tuple[str, str], asyncio.Lock] = memo.setdefault("vm_locks", {})
+    locks: dict[tuple[str, str], asyncio.Lock] = memo["vm_locks"]  # shared: made at startup
     return locks
 
 
@@ -102,19 +102,31 @@ def _set_status(
 async def _patch_vm(
     api: Api, memo: Any, namespace: str, vm_name: str, compute: Any
 ) -> tuple[dict[str, Any] | None, VmChange | None]:
-    """Read-compute-patch the VM under a per-VM lock, retrying on optimistic-lock conflicts."""
-    async with _locks(memo).setdefault((namespace, vm_name), asyncio.Lock()):
+    """Read-compute-patch the VM under a per-VM lock, retrying on optimistic-lock conflicts.
+
+    The VM as our last patch returned it is kept: the next request for the same VM patches
+    from it without a GET. It is only a guess; the resourceVersion in the patch turns a stale
+    guess into a 409 (then we GET), and "nothing to do" is only ever decided on a fresh read.
+    """
+    key = (namespace, vm_name)
+    cache: dict[tuple[str, str], dict[str, Any]] = memo["vm_cache"]
+    async with _locks(memo).setdefault(key, asyncio.Lock()):
         for _attempt in range(CONFLICT_RETRIES):
-            vm = await api.get(
-                KUBEVIRT_GROUP, KUBEVIRT_VERSION, "virtualmachines", vm_name, namespace
-            )
+            vm = cache.pop(key, None)
+            fresh = vm is None
+            if vm is None:
+                vm = await api.get(
+                    KUBEVIRT_GROUP, KUBEVIRT_VERSION, "virtualmachines", vm_name, namespace
+                )
             if vm is None:
                 return None, None
             change: VmChange = compute(vm)
             if change.patch is None:
+                if not fresh:
+                    continue  # decide "already right" on a fresh read only
                 return vm, change
             try:
-                await api.patch(
+                cache[key] = await api.patch(
                     KUBEVIRT_GROUP,
                     KUBEVIRT_VERSION,
                     "virtualmachines",
