@@ -29,6 +29,7 @@ from hostdev.deviceplugin.podresources import PodResourcesClient
 from hostdev.host import PciAddress, Sysfs
 from hostdev.testing import scenarios
 from hostdev.testing.fakekernel import FakeKernel
+from tests.chart.helmtool import find, render
 from tests.fixtures.kube import Cluster
 
 pytestmark = pytest.mark.kube
@@ -115,13 +116,40 @@ def spec(num_vfs: int, last_vf: int) -> dict[str, Any]:
     }
 
 
+def chart_agent_identity(cluster: Cluster, name: str) -> k8s.ApiClient:
+    """A user holding exactly the Helm chart's agent ClusterRole (least privilege)."""
+    role = find(render(), "ClusterRole", "-agent")
+    role["metadata"] = {"name": f"agent-{name}"}
+    rbac = k8s.RbacAuthorizationV1Api(cluster.admin)
+    rbac.create_cluster_role(role)
+    rbac.create_cluster_role_binding(
+        {
+            "metadata": {"name": f"agent-{name}"},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": f"agent-{name}",
+            },
+            "subjects": [
+                {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": f"agent-{name}"}
+            ],
+        }
+    )
+    return cluster.api_client(user=f"agent-{name}")
+
+
 @pytest.fixture
-def agent(kube_apiserver: Cluster, kube_namespace: str, tmp_path: Path) -> Iterator[Agent]:
+def agent(
+    kube_apiserver: Cluster, kube_namespace: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Agent]:
     host = scenarios.sriov_nic_dual_socket(tmp_path / "host", numvfs=0)
     kernel = FakeKernel(host, vf_drivers={PF: "iavf"})
     sysfs = Sysfs(str(tmp_path / "host"))
     name = f"node-{uuid.uuid4().hex[:8]}"
     api = kube_apiserver.api_client()
+    # The loop's own identity: admin, or (param "chart-rbac") only what the chart grants.
+    identity = getattr(request, "param", "admin")
+    agent_api = chart_agent_identity(kube_apiserver, name) if identity == "chart-rbac" else api
     crd = k8s.CustomObjectsApi(api)
     crd.create_cluster_custom_object(
         GROUP,
@@ -159,13 +187,13 @@ def agent(kube_apiserver: Cluster, kube_namespace: str, tmp_path: Path) -> Itera
     server.add_insecure_port(f"unix://{sock}")
     server.start()
 
-    client = CountingClient(api, name)
+    client = CountingClient(agent_api, name)
     manager = RecordingManager()
     loop = NodeStateLoop(
         client,
         Syncer(sysfs, DriverMemory(str(tmp_path / "state")), io=kernel, settle=1.0),
         manager,
-        allocations=KubeletAllocations(PodResourcesClient(sock), LauncherPods(api, name)),
+        allocations=KubeletAllocations(PodResourcesClient(sock), LauncherPods(agent_api, name)),
         settings=LoopSettings(coalesce=0.3, resync=3600, allocations_every=0.2, watch_timeout=2),
     )
     stop = threading.Event()
@@ -180,6 +208,8 @@ def agent(kube_apiserver: Cluster, kube_namespace: str, tmp_path: Path) -> Itera
         Path(sock).unlink(missing_ok=True)
         Path(sockdir).rmdir()
         crd.delete_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+        if agent_api is not api:
+            agent_api.close()
         api.close()
     assert not thread.is_alive(), "the loop did not stop"
 
@@ -192,6 +222,7 @@ def by_addr(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {d["pciAddress"]: d for d in status["devices"]}
 
 
+@pytest.mark.parametrize("agent", ["admin", "chart-rbac"], indirect=True)
 def test_loop_applies_spec_reports_status_and_allocations(agent: Agent) -> None:
     obj = agent.wait_synced(1, "Succeeded")
     st = obj["status"]
