@@ -35,11 +35,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--metrics-port", type=int, default=9101, help="/metrics and /healthz port (0: off)"
     )
     p.add_argument("--metrics-addr", default="", help="address for the metrics port")
-    p.add_argument(
-        "--cdi",
-        action="store_true",
-        help="answer Allocate with CDI device names (<resource>=<id>) instead of device specs",
-    )
     p.add_argument("--resync-seconds", type=float, default=60.0, help="full rescan period")
     p.add_argument("--no-uevents", action="store_true", help="do not open the kernel uevent socket")
     p.add_argument("--log-level", default="INFO")
@@ -61,7 +56,6 @@ async def run(args: argparse.Namespace) -> int:
         args.plugin_dir,
         args.state_dir,
         metrics,
-        cdi=args.cdi,
         resync_interval=args.resync_seconds,
         uevents=not args.no_uevents,
     )

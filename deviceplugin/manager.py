@@ -45,7 +45,6 @@ class PluginManager:
         state_dir: str | None = DEFAULT_STATE_DIR,
         metrics: Metrics | None = None,
         *,
-        cdi: bool = False,
         debounce: float = 0.003,
         resync_interval: float = 60.0,
         uevents: bool = True,
@@ -56,7 +55,6 @@ class PluginManager:
         self.plugin_dir = os.path.abspath(plugin_dir)
         self.state_dir = state_dir
         self.metrics = metrics or Metrics()
-        self.cdi = cdi
         self.debounce = debounce
         self.resync_interval = resync_interval
         self.use_uevents = uevents
@@ -141,7 +139,6 @@ class PluginManager:
                 self.sysfs,
                 self.plugin_dir,
                 self.metrics,
-                cdi=self.cdi,
                 on_change=self.schedule_save,
             )
             saved = self.saved.get(name)

@@ -27,7 +27,7 @@ from hostdev.host.model import Inventory, IommuGroup, PciDevice
 from hostdev.host.sysfs import Sysfs
 from hostdev.policy.allocation import AllocUnit, build_units, preferred_allocation
 from hostdev.policy.health import Verdict, unit_health
-from hostdev.policy.naming import cdi_device_name, resource_env_var, socket_name
+from hostdev.policy.naming import resource_env_var, socket_name
 from hostdev.policy.selector import select_devices
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,6 @@ class ResourcePlugin(pb_grpc.DevicePluginServicer):
         plugin_dir: str,
         metrics: Metrics,
         *,
-        cdi: bool = False,
         on_change: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
@@ -79,7 +78,6 @@ class ResourcePlugin(pb_grpc.DevicePluginServicer):
         self.socket_path = os.path.join(plugin_dir, socket_name(self.resource))
         self.env_var = resource_env_var(self.resource)
         self.metrics = metrics
-        self.cdi = cdi
         self.devices: dict[str, Advertised] = {}
         self.allocated: set[str] = set()  # handed out by Allocate: never dropped from the list
         self.registered = False
@@ -366,19 +364,15 @@ class ResourcePlugin(pb_grpc.DevicePluginServicer):
         out = pb.ContainerAllocateResponse()
         # Never fewer addresses than devices: every unit contributes all of its addresses.
         out.envs[self.env_var] = ",".join(str(a) for a in addresses)
-        if self.cdi:
-            for dev_id in ids:
-                out.cdi_devices.add(name=cdi_device_name(self.resource, dev_id))
-        else:
-            paths = [VFIO_CONTAINER, *(f"/dev/vfio/{g}" for g in groups)]
-            if os.path.exists(self.sysfs.path(IOMMUFD)):
-                paths.append(IOMMUFD)
-                paths.extend(f"/dev/vfio/devices/{c}" for c in cdevs)
-            seen: set[str] = set()
-            for p in paths:
-                if p not in seen:
-                    seen.add(p)
-                    out.devices.add(container_path=p, host_path=p, permissions=PERMISSIONS)
+        paths = [VFIO_CONTAINER, *(f"/dev/vfio/{g}" for g in groups)]
+        if os.path.exists(self.sysfs.path(IOMMUFD)):
+            paths.append(IOMMUFD)
+            paths.extend(f"/dev/vfio/devices/{c}" for c in cdevs)
+        seen: set[str] = set()
+        for p in paths:
+            if p not in seen:
+                seen.add(p)
+                out.devices.add(container_path=p, host_path=p, permissions=PERMISSIONS)
         if not self.allocated.issuperset(ids):
             self.allocated.update(ids)
             if self._on_change is not None:

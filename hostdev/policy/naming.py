@@ -41,13 +41,3 @@ def resource_env_var(resource_name: str, prefix: str = PCI_PREFIX) -> str:
 def socket_name(resource_name: str) -> str:
     """The plugin's socket file in the kubelet's device-plugin directory."""
     return "hostdev-" + _SOCKET_UNSAFE.sub("_", resource_name) + ".sock"
-
-
-def cdi_kind(resource_name: str) -> str:
-    """The CDI kind (``vendor/class``) for a resource: its own name, which has that shape."""
-    return resource_name
-
-
-def cdi_device_name(resource_name: str, device_id: str) -> str:
-    """A fully qualified CDI device name, e.g. ``example.com/e810_vf=0000:3b:02.0``."""
-    return f"{cdi_kind(resource_name)}={device_id}"
