@@ -26,9 +26,12 @@ import pytest
 from hostdev.deviceplugin.config.apply import ApplyResult, converge
 from hostdev.deviceplugin.config.executor import Executor, StepError
 from hostdev.deviceplugin.config.memory import DriverMemory
+from hostdev.deviceplugin.events import PciEvent, parse_uevent
+from hostdev.deviceplugin.hostview import HostView
 from hostdev.host.address import PciAddress
 from hostdev.host.model import Inventory, PciDevice
 from hostdev.host.sysfs import Sysfs
+from hostdev.policy.health import unit_health
 from hostdev.policy.nodeconfig import parse_node_config
 from hostdev.policy.plan import Step
 
@@ -404,6 +407,21 @@ def test_kernel_errors_are_explained(state: Path) -> None:
 
 
 # ---- health: a real uevent when a VF leaves vfio-pci ----------------------------------------
+def _await_unbind_uevent(sock: socket.socket, addr: PciAddress) -> bytes:
+    seen: list[bytes] = []
+    end = time.monotonic() + 20
+    while time.monotonic() < end:
+        r, _, _ = select.select([sock], [], [], 1.0)
+        if not r:
+            continue
+        data = sock.recv(65536)
+        seen.append(data[:80])
+        fields = dict(f.decode().split("=", 1) for f in data.split(b"\0")[1:] if b"=" in f)
+        if fields.get("ACTION") == "unbind" and fields.get("PCI_SLOT_NAME") == str(addr):
+            return data
+    raise AssertionError(f"no unbind uevent for {addr}; saw {seen}")
+
+
 def test_unbind_from_vfio_raises_uevent_and_removes_group_node(state: Path) -> None:
     pf = nvme_pf()
     spec = {
@@ -414,28 +432,28 @@ def test_unbind_from_vfio_raises_uevent_and_removes_group_node(state: Path) -> N
     vf = inv().devices[inv().devices[pf.address].virtfns[0]]
     node = f"/dev/vfio/{vf.iommu_group}"
     assert vf.driver == "vfio-pci" and os.path.exists(node)
+    # the device plugin's own view and health verdict, before and after (its code, real kernel)
+    view = HostView(SYS)
+    before = view.full()
+    assert unit_health((vf.address,), vf.iommu_group, before.devices, before.groups).healthy
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_KOBJECT_UEVENT)
     try:
         sock.bind((0, 1))  # group 1: kernel uevents
         write(os.path.join(SYS.path("sys/bus/pci/drivers/vfio-pci"), "unbind"), str(vf.address))
-        seen: list[dict[str, str]] = []
-        end = time.monotonic() + 20
-        while time.monotonic() < end:
-            r, _, _ = select.select([sock], [], [], 1.0)
-            if not r:
-                continue
-            raw = sock.recv(65536).split(b"\0")
-            ev = dict(f.decode().split("=", 1) for f in raw[1:] if b"=" in f)
-            seen.append(ev)
-            if ev.get("ACTION") == "unbind" and ev.get("PCI_SLOT_NAME") == str(vf.address):
-                break
-        else:
-            raise AssertionError(f"no unbind uevent for {vf.address}; saw {seen}")
-        assert ev["SUBSYSTEM"] == "pci" and ev["DEVPATH"].endswith(str(vf.address))
-        print(f"uevent: {ev}")
+        data = _await_unbind_uevent(sock, vf.address)
     finally:
         sock.close()
+    fields = dict(f.decode().split("=", 1) for f in data.split(b"\0")[1:] if b"=" in f)
+    print(f"uevent: {fields}")
+    assert fields["SUBSYSTEM"] == "pci" and fields["DEVPATH"].endswith(str(vf.address))
+    assert "DRIVER" not in fields  # the kernel sends unbind after the driver is gone
+    assert parse_uevent(data) == PciEvent("unbind", vf.address)
     wait_for(lambda: not os.path.exists(node), f"{node} to vanish")
+    after = view.refresh([vf.address])  # what the plugin's rescan does on that event
+    verdict = unit_health((vf.address,), vf.iommu_group, after.devices, after.groups)
+    print(f"health after unbind: {verdict}")
+    assert not verdict.healthy and verdict.kubelet == "Unhealthy"
+    assert verdict.reason == f"{vf.address} is bound to no driver, not vfio-pci"
     d = inv().devices[vf.address]
     assert d.driver is None and not inv().group_of(d).vfio_node  # type: ignore[union-attr]
 
