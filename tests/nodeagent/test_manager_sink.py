@@ -22,7 +22,7 @@ from hostdev.deviceplugin.nodestate.sync import Syncer
 from hostdev.host import PciAddress, Sysfs
 from hostdev.testing import scenarios
 from hostdev.testing.fakekernel import FakeKernel
-from tests.nodeagent.test_loop_unit import FakeApi
+from tests.nodeagent.fakeapi import FakeApi
 
 A = PciAddress.parse
 NIC_A = "example.com/ens1f0-vf"
