@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
-# Copies the API's source of truth (crds/hostdev.io_*.yaml) into the Helm chart's crds/.
+# Copies the API's source of truth (crds/*.yaml) into the Helm chart's crds/.
 #   scripts/sync-chart-crds.sh          write the copies (and drop copies of removed CRDs)
 #   scripts/sync-chart-crds.sh --check  exit 1 and name every file that differs (CI)
-# Only hostdev.io_* files are managed; kopf's peering CRD in the chart is maintained by hand.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 src=crds
@@ -10,7 +9,7 @@ dst=charts/hostdev/crds
 check=0
 [ "${1:-}" = "--check" ] && check=1
 stale=0
-for f in "$src"/hostdev.io_*.yaml; do
+for f in "$src"/*.yaml; do
   name=$(basename "$f")
   if ! cmp -s "$f" "$dst/$name"; then
     if [ $check = 1 ]; then
@@ -22,7 +21,7 @@ for f in "$src"/hostdev.io_*.yaml; do
     fi
   fi
 done
-for f in "$dst"/hostdev.io_*.yaml; do
+for f in "$dst"/*.yaml; do
   [ -e "$f" ] || continue
   if [ ! -e "$src/$(basename "$f")" ]; then
     if [ $check = 1 ]; then

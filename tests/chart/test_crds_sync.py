@@ -12,8 +12,6 @@ from kopf._cogs.structs import references
 from tests.chart.helmtool import CHART, REPO_ROOT
 
 SCRIPT = REPO_ROOT / "scripts" / "sync-chart-crds.sh"
-# Maintained in the chart itself (kopf's peering resource, not part of the hostdev API).
-CHART_ONLY = {"kopf.dev_clusterkopfpeerings.yaml"}
 
 
 def run_sync(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -27,10 +25,10 @@ def run_sync(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_chart_crds_equal_the_source_of_truth() -> None:
-    source = {p.name: p.read_bytes() for p in (REPO_ROOT / "crds").glob("hostdev.io_*.yaml")}
+    source = {p.name: p.read_bytes() for p in (REPO_ROOT / "crds").glob("*.yaml")}
     chart = {p.name: p.read_bytes() for p in (CHART / "crds").glob("*.yaml")}
     assert source, "no CRDs in crds/"
-    assert set(chart) == set(source) | CHART_ONLY
+    assert set(chart) == set(source)
     stale = [name for name in source if chart[name] != source[name]]
     assert stale == [], "run scripts/sync-chart-crds.sh"
     check = run_sync(REPO_ROOT, "--check")
@@ -54,8 +52,6 @@ def test_check_names_a_stale_copy_and_sync_fixes_it(tmp_path: Path) -> None:
     copied = tmp_path / "charts/hostdev/crds/hostdev.io_passthroughpolicies.yaml"
     assert copied.read_text().endswith("# changed\n")
     assert not (tmp_path / "charts/hostdev/crds/hostdev.io_gone.yaml").exists()
-    # the hand-maintained kopf CRD is never touched
-    assert (tmp_path / "charts/hostdev/crds/kopf.dev_clusterkopfpeerings.yaml").exists()
 
 
 def test_kopf_peering_crd_matches_what_kopf_uses() -> None:

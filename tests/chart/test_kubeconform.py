@@ -30,7 +30,7 @@ FULL_VALUES: dict[str, Any] = {
     "operator.extraEnv": [{"name": "X", "value": "1"}],
     "operator.priorityClassName": "system-cluster-critical",
     "imagePullSecrets": [{"name": "regcred"}],
-    "agent.verbose": True,
+    "agent.logLevel": "debug",
     "agent.hostNetwork": True,
 }
 

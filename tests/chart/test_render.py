@@ -3,10 +3,14 @@ the agent, RBAC rules (least privilege), the own-node admission policy. Needs on
 
 from __future__ import annotations
 
+import re
+import shlex
 from typing import Any
 
 import pytest
 
+from hostdev.deviceplugin.agent import parse_args as agent_args
+from hostdev.operator.main import parse_args as operator_args
 from tests.chart.helmtool import find, render
 
 EXPECTED_HOST_PATHS = {
@@ -65,7 +69,39 @@ def test_agent_daemonset_shape(docs: list[dict[str, Any]]) -> None:
     assert {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}} in c[
         "env"
     ]
-    assert "--host-root=/host" in c["args"]
+    assert c["command"] == ["hostdev-node"]
+    assert c["args"] == [
+        "--host-root=/host",
+        "--node-name=$(NODE_NAME)",
+        "--plugin-dir=/var/lib/kubelet/device-plugins",
+        "--pod-resources-socket=/var/lib/kubelet/pod-resources/kubelet.sock",
+        "--state-dir=/var/lib/hostdev",
+        "--metrics-port=9101",
+        "--log-level=INFO",
+    ]
+
+
+def test_rendered_command_lines_parse_with_the_real_entry_points(
+    docs: list[dict[str, Any]],
+) -> None:
+    """The flags the chart passes exist (argparse exits on an unknown one)."""
+    c = find(docs, "DaemonSet", "-agent")["spec"]["template"]["spec"]["containers"][0]
+    parsed = agent_args([a.replace("$(NODE_NAME)", "node-a") for a in c["args"]])
+    assert (parsed.host_root, parsed.node_name, parsed.metrics_port) == ("/host", "node-a", 9101)
+    standalone = render({"operator.peering.enabled": False, "operator.verbose": True})
+    c = find(standalone, "Deployment", "-operator")["spec"]["template"]["spec"]["containers"][0]
+    parsed = operator_args(c["args"])
+    assert parsed.standalone and parsed.verbose and parsed.metrics_port == 9090
+    c = find(docs, "Deployment", "-operator")["spec"]["template"]["spec"]["containers"][0]
+    # the shell draws the priority at start: stand in a number for "$(od ...)"
+    script = re.sub(r'"\$\(.*?\)"', "1234", c["args"][0])
+    words = shlex.split(script.removeprefix("exec hostdev-operator"))
+    parsed = operator_args(words)
+    assert (parsed.peering, parsed.priority, parsed.liveness) == (
+        "hostdev",
+        1234,
+        "http://0.0.0.0:8080/healthz",
+    )
 
 
 def test_agent_mounts_only_what_it_needs(docs: list[dict[str, Any]]) -> None:
@@ -173,7 +209,6 @@ def test_disabled_agent_renders_no_agent_objects() -> None:
     docs = render(
         {
             "agent.enabled": False,
-            "agent.devicePlugin.enabled": False,
             "agent.ownNodeStateGuard.enabled": False,
         }
     )

@@ -114,11 +114,7 @@ def test_schema_rejects_a_wrong_type() -> None:
             "operator.replicas=2 needs operator.peering.enabled=true",
         ),
         (
-            {"agent.enabled": False, "agent.ownNodeStateGuard.enabled": False},
-            "agent.devicePlugin.enabled=true needs agent.enabled=true",
-        ),
-        (
-            {"agent.enabled": False, "agent.devicePlugin.enabled": False},
+            {"agent.enabled": False},
             "agent.ownNodeStateGuard.enabled=true needs agent.enabled=true",
         ),
         ({"rbac.create": False}, "agent.ownNodeStateGuard.enabled=true needs rbac.create=true"),
@@ -131,7 +127,6 @@ def test_schema_rejects_a_wrong_type() -> None:
             {
                 "operator.enabled": False,
                 "agent.enabled": False,
-                "agent.devicePlugin.enabled": False,
                 "agent.ownNodeStateGuard.enabled": False,
             },
             "would install nothing but CRDs",
