@@ -78,6 +78,19 @@ def vfio_group_open(group: int | None, facts: GuardFacts) -> str | None:
     return None
 
 
+def vfio_in_use(dev: PciDevice, facts: GuardFacts) -> str | None:
+    """A VFIO user holds the device: its group node, or its iommufd cdev, is open."""
+    g = vfio_group_open(dev.iommu_group, facts)
+    if g is not None:
+        return g
+    held = [
+        f"{node} is held open by {', '.join(facts.open_nodes[node])}"
+        for node in facts.device_nodes.get(dev.address, ())
+        if node.startswith("/dev/vfio/") and node in facts.open_nodes
+    ]
+    return "; ".join(held) + " (a running VM owns the device)" if held else None
+
+
 def in_use_reasons(dev: PciDevice, facts: GuardFacts) -> list[str]:
     """Everything that makes taking ``dev`` away from its current host driver unsafe
     (overridable per device with ``allowUnsafe``)."""

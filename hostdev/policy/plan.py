@@ -23,9 +23,15 @@ from hostdev.policy.guards import (
     GuardFacts,
     default_route,
     in_use_reasons,
-    vfio_group_open,
+    vfio_in_use,
 )
-from hostdev.policy.nodeconfig import DeviceConfig, NodeConfig, PfConfig, resolve_devices
+from hostdev.policy.nodeconfig import (
+    DEFAULT_DRIVER,
+    DeviceConfig,
+    NodeConfig,
+    PfConfig,
+    resolve_devices,
+)
 
 StepKind = Literal["remember", "set-numvfs", "driver-override", "unbind", "probe", "forget"]
 
@@ -238,7 +244,7 @@ def plan(
             vf = inv.devices.get(vf_addr)
             if vf is None:
                 continue
-            g = vfio_group_open(vf.iommu_group, facts)
+            g = vfio_in_use(vf, facts)
             if g is not None:
                 hard.append(f"VF {vf_addr} is in use: {g}")
             soft += [f"VF {r}" for r in in_use_reasons(vf, facts)]
@@ -320,7 +326,8 @@ def plan(
         movers: list[tuple[PciDevice, str, str]] = []
         for d in wanted:
             dev = inv.devices[d.address]
-            if dev.driver != d.driver:
+            # a vfio-pci variant driver (mlx5_vfio_pci, ...) already satisfies "vfio-pci"
+            if dev.driver != d.driver and not (d.driver == DEFAULT_DRIVER and dev.on_vfio):
                 movers.append((dev, d.driver, f"bind to {d.driver}"))
         for c in companions:
             dev = inv.devices[c]
@@ -360,7 +367,7 @@ def plan(
             continue
         hard = []
         if dev.on_vfio:
-            g = vfio_group_open(dev.iommu_group, facts)
+            g = vfio_in_use(dev, facts)
             if g is not None:
                 hard.append(g)
         soft = in_use_reasons(dev, facts) if dev.driver is not None and not dev.on_vfio else []
@@ -385,9 +392,15 @@ def plan(
             continue
         action = f"restore {original or 'no driver'}"
         if dev.on_vfio:
-            g = vfio_group_open(dev.iommu_group, facts)
+            g = vfio_in_use(dev, facts)
             if g is not None:
                 refusals.append(Refusal(str(a), action, (g,)))
+                continue
+        elif dev.driver is not None and dev.driver != original:
+            # moved to another host driver (a pin that is gone): taking it away must be safe
+            busy = in_use_reasons(dev, facts)
+            if busy:
+                refusals.append(Refusal(str(a), action, tuple(busy)))
                 continue
         restore_steps += _restore_steps(dev, original, override, action)
 

@@ -83,6 +83,12 @@ CASES = [
         originals={NIC: "e1000e"},
     ),
     Case(
+        "vfio-variant-driver-satisfies-vfio-pci",
+        {"devices": [{"pciAddress": NIC}]},
+        [],
+        tree=lambda h: h.bind(NIC, "mlx5_vfio_pci"),
+    ),
+    Case(
         "driverless-device-binds-without-unbind",
         {"devices": [{"pciAddress": NIC}]},
         [f"remember {NIC}", f"driver-override {NIC} vfio-pci", f"probe {NIC} vfio-pci"],
@@ -263,6 +269,27 @@ CASES = [
         originals={NIC: "e1000e"},
         tree=lambda h: h.bind(NIC, "vfio-pci"),
         facts={"open_nodes": {"/dev/vfio/3": ("pid 9 (qemu-kvm)",)}},
+    ),
+    Case(
+        "restore-refused-while-iommufd-cdev-open",
+        {},
+        refused=["/dev/vfio/devices/vfio0 is held open by pid 9 (qemu-kvm) (a running VM owns"],
+        overridable=False,
+        originals={NIC: "e1000e"},
+        tree=lambda h: h.bind(NIC, "vfio-pci"),
+        facts={
+            "device_nodes": {A(NIC): ("/dev/vfio/devices/vfio0",)},
+            "open_nodes": {"/dev/vfio/devices/vfio0": ("pid 9 (qemu-kvm)",)},
+        },
+    ),
+    Case(
+        "restore-from-another-host-driver-refused-when-busy",
+        {},
+        refused=[f"{NIC} carries the default route (via eno1)"],
+        overridable=False,
+        originals={NIC: "e1000e"},
+        tree=lambda h: h.bind(NIC, "igb"),
+        facts={"default_route_ifaces": frozenset({"eno1"})},
     ),
     Case(
         "numvfs-change-refused-while-vf-group-open",
