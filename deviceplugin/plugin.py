@@ -38,8 +38,11 @@ PERMISSIONS = "mrw"
 VFIO_CONTAINER = "/dev/vfio/vfio"
 IOMMUFD = "/dev/iommu"
 
-# Reconnect quickly while a (re)starting kubelet binds before it listens.
+# Reconnect quickly while a (re)starting kubelet binds before it listens; and never inherit the
+# connection backoff of an earlier channel to a kubelet.sock that is gone (grpc-python shares
+# subchannels per target unless told otherwise).
 _CHANNEL_OPTIONS = [
+    ("grpc.use_local_subchannel_pool", 1),
     ("grpc.initial_reconnect_backoff_ms", 20),
     ("grpc.min_reconnect_backoff_ms", 20),
     ("grpc.max_reconnect_backoff_ms", 500),
