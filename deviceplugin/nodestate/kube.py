@@ -8,6 +8,7 @@ client. Objects are plain dicts (the CRD has no generated model).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -94,15 +95,24 @@ class NodeStateClient:
 
 
 class LauncherPods:
-    """VMI names of the virt-launcher pods on this node; off for good once RBAC says no."""
+    """VMI names of the virt-launcher pods on this node. When RBAC says no, allocations are
+    reported without VMI names and the pods read is tried again only every ``denied_retry``
+    seconds (an admin may grant it later)."""
 
-    def __init__(self, api_client: client.ApiClient, node_name: str) -> None:
+    def __init__(
+        self, api_client: client.ApiClient, node_name: str, *, denied_retry: float = 300.0
+    ) -> None:
         self.core = client.CoreV1Api(api_client)
         self.node_name = node_name
-        self.allowed = True
+        self.denied_retry = denied_retry
+        self._denied_until: float | None = None
+
+    @property
+    def allowed(self) -> bool:
+        return self._denied_until is None
 
     def vmis(self) -> dict[tuple[str, str], str]:
-        if not self.allowed:
+        if self._denied_until is not None and time.monotonic() < self._denied_until:
             return {}
         try:
             pods = self.core.list_pod_for_all_namespaces(
@@ -111,15 +121,19 @@ class LauncherPods:
             )
         except ApiException as e:
             if e.status in (401, 403):
-                self.allowed = False
-                log.warning(
-                    "cannot list pods on node %s (%s): allocations are reported without "
-                    "VMI names; grant the agent 'list pods' to get them",
-                    self.node_name,
-                    e.reason,
-                )
+                if self._denied_until is None:
+                    log.warning(
+                        "cannot list pods on node %s (%s): allocations are reported without "
+                        "VMI names; grant the agent 'list pods' to get them",
+                        self.node_name,
+                        e.reason,
+                    )
+                self._denied_until = time.monotonic() + self.denied_retry
                 return {}
             raise
+        if self._denied_until is not None:
+            log.info("listing pods on node %s is allowed now: VMI names are back", self.node_name)
+            self._denied_until = None
         out: dict[tuple[str, str], str] = {}
         for pod in pods.items:
             if pod.metadata is None:

@@ -135,7 +135,33 @@ def chart_agent_identity(cluster: Cluster, name: str) -> k8s.ApiClient:
             ],
         }
     )
-    return cluster.api_client(user=f"agent-{name}")
+    api = cluster.api_client(user=f"agent-{name}")
+    # RBAC reaches the authorizer's cache a moment after the binding is created.
+    for resource, sub, verb in (
+        ("pods", "", "list"),
+        ("passthroughnodestates", "", "watch"),
+        ("passthroughnodestates", "status", "patch"),
+    ):
+        wait_allowed(api, resource, sub, verb)
+    return api
+
+
+def wait_allowed(api: k8s.ApiClient, resource: str, sub: str, verb: str) -> None:
+    group = "" if resource == "pods" else GROUP
+    review = {
+        "spec": {
+            "resourceAttributes": {
+                "group": group,
+                "resource": resource,
+                "subresource": sub,
+                "verb": verb,
+            }
+        }
+    }
+    deadline = time.monotonic() + 30
+    while not k8s.AuthorizationV1Api(api).create_self_subject_access_review(review).status.allowed:
+        assert time.monotonic() < deadline, f"RBAC never allowed {verb} {resource}/{sub}"
+        time.sleep(0.1)
 
 
 @pytest.fixture
@@ -326,3 +352,50 @@ def test_spec_change_applies_once_and_refusal_changes_nothing(agent: Agent) -> N
     assert all(inv.devices[a].driver == "vfio-pci" for a in vfs(0, 1, 2))
     assert len(agent.manager.applies) == 2  # the plugins keep serving what they serve
     assert agent.loop.syncs == 3
+
+
+def test_vmi_names_come_back_once_pods_may_be_listed(
+    kube_apiserver: Cluster, kube_namespace: str
+) -> None:
+    node = f"node-{uuid.uuid4().hex[:8]}"
+    k8s.CoreV1Api(kube_apiserver.admin).create_namespaced_pod(
+        kube_namespace,
+        {
+            "metadata": {
+                "name": "virt-launcher-web-xyz12",
+                "labels": {"kubevirt.io": "virt-launcher"},
+                "annotations": {"kubevirt.io/domain": "web"},
+            },
+            "spec": {"nodeName": node, "containers": [{"name": "compute", "image": "x.invalid/l"}]},
+        },
+    )
+    user = f"agent-{node}"
+    api = kube_apiserver.api_client(user=user)
+    pods = LauncherPods(api, node, denied_retry=0.0)
+    try:
+        assert pods.vmis() == {} and not pods.allowed  # no RBAC yet: names unknown, no error
+        rbac = k8s.RbacAuthorizationV1Api(kube_apiserver.admin)
+        rbac.create_cluster_role(
+            {
+                "metadata": {"name": user},
+                "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}],
+            }
+        )
+        rbac.create_cluster_role_binding(
+            {
+                "metadata": {"name": user},
+                "roleRef": {
+                    "apiGroup": "rbac.authorization.k8s.io",
+                    "kind": "ClusterRole",
+                    "name": user,
+                },
+                "subjects": [
+                    {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}
+                ],
+            }
+        )
+        wait_allowed(api, "pods", "", "list")
+        assert pods.vmis() == {(kube_namespace, "virt-launcher-web-xyz12"): "web"}
+        assert pods.allowed
+    finally:
+        api.close()
