@@ -22,7 +22,7 @@ from hostdev.policy.plan import Step
 
 log = logging.getLogger(__name__)
 
-SETTLE_SECONDS = 5.0  # async-probing drivers (nvme) bind a moment after drivers_probe returns
+SETTLE_SECONDS = 15.0  # async-probing drivers (nvme, GPUs) bind a while after drivers_probe returns
 
 
 class KernelIO(Protocol):

@@ -120,6 +120,16 @@ def test_down_interface_has_no_address_and_dm_holder_mount_counts(tmp_path: Path
     assert facts.mounts[A(DISK)] == ("nvme0n1 via dm-0 on /var", "nvme0n1p2 on /")
 
 
+def test_swap_on_a_partition_counts(tmp_path: Path) -> None:
+    h = host(tmp_path)
+    (h.root / "proc/1/mountinfo").write_text("23 1 0:21 / /proc rw - proc proc rw\n")
+    (h.root / "proc/swaps").write_text(
+        "Filename\tType\tSize\tUsed\tPriority\n/dev/nvme0n1p2 partition 1024 0 -2\n"
+    )
+    sysfs = Sysfs(str(h.root))
+    assert gather_facts(sysfs, sysfs.discover()).mounts == {A(DISK): ("nvme0n1p2 as swap",)}
+
+
 def test_missing_proc_files_mean_no_facts_not_errors(tmp_path: Path) -> None:
     h = FakeHost(tmp_path)
     h.add_device(
