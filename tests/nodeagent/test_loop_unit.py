@@ -195,3 +195,35 @@ def test_an_unexpected_error_fails_the_sync_and_the_loop_goes_on(h: Harness) -> 
     h.api.put({**GOOD, "pfs": []}, generation=2)
     h.synced(2, "Succeeded")
     assert h.thread.is_alive()
+
+
+ROUTE = (
+    "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n"
+    "ens1f0\t00000000\t0102A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n"
+)
+
+
+def test_safety_guard_refusal_then_admin_override(tmp_path: Path) -> None:
+    h = Harness(tmp_path, lambda root: scenarios.sriov_nic_dual_socket(root, numvfs=0))
+    (tmp_path / "host/proc/net").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "host/proc/net/route").write_text(ROUTE)  # ens1f0 carries the default route
+    pf = {"pciAddress": "0000:3b:00.0", "numVfs": 2}
+    h.api.put({"pfs": [pf]}, generation=1)
+    h.thread.start()
+    try:
+        st = h.synced(1, "Failed")
+        assert "carries the default route (via ens1f0)" in st["lastError"]
+        assert "set allowUnsafe: true on this entry to override" in st["lastError"]
+        pf_status = next(d for d in st["devices"] if d["pciAddress"] == "0000:3b:00.0")
+        assert "refused to set numVfs 2" in pf_status["message"]
+        assert h.kernel.writes == []  # refused: not one write
+        # The admin overrides the guard for this PF: now it is applied.
+        h.api.put({"pfs": [{**pf, "allowUnsafe": True}]}, generation=2)
+        st = h.synced(2, "Succeeded")
+        assert h.sysfs.discover().devices[A("0000:3b:00.0")].sriov_numvfs == 2
+        assert st["lastError"] == ""
+        pf_status = next(d for d in st["devices"] if d["pciAddress"] == "0000:3b:00.0")
+        assert "message" not in pf_status
+    finally:
+        h.stop.set()
+        h.thread.join(10)
