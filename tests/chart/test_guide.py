@@ -88,7 +88,10 @@ def guide_command(start: str) -> list[str]:
 def guide_release(kube_apiserver: Cluster) -> Iterator[tuple[str, str]]:
     argv = guide_command("helm install ")
     name, namespace = argv[2], argv[argv.index("--namespace") + 1]
-    helm(*argv[1:], kubeconfig=kube_apiserver.kubeconfig)
+    out = helm(*argv[1:], kubeconfig=kube_apiserver.kubeconfig)
+    # NOTES.txt: what to do next, with this release's real names
+    assert "kubectl label node <node> hostdev.io/enabled=true" in out
+    assert f"kubectl -n {namespace} exec ds/{name}-agent -- hostdev scan --host-root /host" in out
     try:
         yield name, namespace
     finally:
