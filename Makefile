@@ -32,6 +32,8 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check hostdev tests bench
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+	$(BIN)/hadolint Dockerfile
+	scripts/sync-chart-crds.sh --check
 
 unit: $(STAMP)
 	$(BIN)/pytest -ra tests/unit
