@@ -146,8 +146,11 @@ class NodeStateLoop:
                     now = time.monotonic()
                     next_resync = now + s.resync
                     next_alloc = now + s.allocations_every
-                elif self._outcome is not None and now >= next_alloc:
-                    self.refresh()
+                elif self._obj is not None and self._outcome is not None and now >= next_alloc:
+                    try:
+                        self.refresh()
+                    except Exception:
+                        log.exception("NodeState %s: refresh failed", self.name)
                     next_alloc = time.monotonic() + s.allocations_every
         finally:
             self.writer.stop(flush=True)
