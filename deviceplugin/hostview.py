@@ -27,6 +27,8 @@ class HostView:
         self._nodes: frozenset[int] = frozenset()
         self._node: NodeIommu | None = None
         self._inventory: Inventory | None = None
+        # What the last refresh() may have changed (None after a full scan: anything).
+        self.last_dirty: frozenset[PciAddress] | None = None
 
     @property
     def inventory(self) -> Inventory:
@@ -42,6 +44,7 @@ class HostView:
         self._nodes = frozenset(g for g, grp in inv.groups.items() if grp.vfio_node)
         self._node = inv.node
         self._inventory = inv
+        self.last_dirty = None
         return inv
 
     def refresh(self, addresses: Iterable[PciAddress]) -> Inventory:
@@ -91,6 +94,16 @@ class HostView:
         touched |= nodes ^ self._nodes
         self._nodes = nodes
         self._regroup(touched)
+        dirty = set(todo) | pfs
+        for num in touched:
+            grp = self._groups.get(num)
+            if grp is not None:
+                dirty.update(grp.members)
+        for pf_addr in pfs:
+            pf = self._devices.get(pf_addr)
+            if pf is not None:
+                dirty.update(pf.virtfns)
+        self.last_dirty = frozenset(dirty)
         self._inventory = Inventory(
             node=self._node or self.sysfs.node_iommu(),
             devices=dict(self._devices),

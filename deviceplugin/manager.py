@@ -302,8 +302,9 @@ class PluginManager:
                 self.metrics.errors.labels("", "rescan").inc()
                 continue
             self.scanned = True
+            dirty = None if full else self.view.last_dirty
             for plugin in list(self.plugins.values()):
-                plugin.update(inv)
+                plugin.update(inv, dirty)
             self.scan_count += 1
             self._scan_done.set()
             self._scan_done = asyncio.Event()
