@@ -14,7 +14,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -68,11 +68,15 @@ class NodeStateLoop:
         *,
         allocations: AllocationSource | None = None,
         settings: LoopSettings | None = None,
+        live_inventory: Callable[[], Inventory | None] | None = None,
     ) -> None:
         self.client = client
         self.syncer = syncer
         self.sink = sink
         self.allocation_source = allocations
+        # The device plugins' event-driven view of the host, if there is one: refreshes read it
+        # instead of walking sysfs again (a full discovery of 4096 VFs takes ~0.6 s).
+        self.live_inventory = live_inventory
         self.settings = settings or LoopSettings()
         self.name = client.name
         self.writer = StatusWriter(
@@ -241,7 +245,8 @@ class NodeStateLoop:
     def refresh(self) -> None:
         """Health and allocations may change without a sync: re-read and report them."""
         assert self._outcome is not None
-        self._inventory = self.syncer.discover()
+        live = self.live_inventory() if self.live_inventory is not None else None
+        self._inventory = live if live is not None else self.syncer.discover()
         self._allocations = self._read_allocations(self._inventory)
         self.writer.submit(self._render(self._outcome))
 

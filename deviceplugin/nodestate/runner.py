@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import logging
 import os
 import threading
@@ -25,6 +26,7 @@ from hostdev.deviceplugin.nodestate.sync import Syncer
 from hostdev.deviceplugin.podresources import DEFAULT_SOCKET, PodResourcesClient
 from hostdev.deviceplugin.resources import ResourceConfig
 from hostdev.host.address import PciAddress
+from hostdev.host.model import Inventory
 from hostdev.host.sysfs import Sysfs
 from hostdev.policy.selector import DeviceSelector
 
@@ -89,6 +91,17 @@ class ManagerSink:
         # Drivers just changed under the plugins: re-read the host now, not at the next event.
         self.manager.request_full_rescan()
 
+    async def _inventory(self) -> Inventory | None:
+        return self.manager.view.inventory if self.manager.scanned else None
+
+    def inventory(self) -> Inventory | None:
+        """The manager's live host view (read on its loop), None before its first scan or when
+        the loop does not answer in time (the caller then discovers itself)."""
+        try:
+            return asyncio.run_coroutine_threadsafe(self._inventory(), self.loop).result(10.0)
+        except (TimeoutError, RuntimeError, concurrent.futures.CancelledError):
+            return None
+
     def apply(self, resources: Mapping[str, tuple[PciAddress, ...]]) -> None:
         configs = to_resource_configs(resources)
         log.info(
@@ -121,14 +134,16 @@ async def run_cluster(args: argparse.Namespace, manager: PluginManager, stop: as
     except (config.ConfigException, OSError) as e:
         log.error("cannot reach the API server for NodeState %s: %s", node, e)
         return EXIT_SETUP
+    sink = ManagerSink(manager, asyncio.get_running_loop())
     loop = NodeStateLoop(
         NodeStateClient(api, node),
         Syncer(Sysfs(args.host_root), memory),
-        ManagerSink(manager, asyncio.get_running_loop()),
+        sink,
         allocations=KubeletAllocations(
             PodResourcesClient(args.pod_resources_socket), LauncherPods(api, node)
         ),
         settings=LoopSettings(resync=args.nodestate_resync_seconds),
+        live_inventory=sink.inventory,
     )
     log.info("cluster mode: applying PassthroughNodeState %s", node)
     halt = threading.Event()

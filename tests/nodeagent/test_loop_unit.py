@@ -7,6 +7,7 @@ import errno
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from hostdev.deviceplugin.config.memory import DriverMemory
 from hostdev.deviceplugin.nodestate.loop import LoopSettings, NodeStateLoop
 from hostdev.deviceplugin.nodestate.sync import Syncer
 from hostdev.host import PciAddress, Sysfs
+from hostdev.host.model import Inventory
 from hostdev.testing import scenarios
 from hostdev.testing.fakekernel import FakeKernel
 from tests.nodeagent.fakeapi import FakeApi
@@ -50,6 +52,7 @@ class Harness:
         tmp_path: Path,
         build: Callable[[Path], Any] = scenarios.gpu_with_audio,
         resync: float = 3600,
+        refresh: float = 3600,
     ):
         host = build(tmp_path / "host")
         self.kernel = FakeKernel(host)
@@ -61,7 +64,7 @@ class Harness:
             Syncer(self.sysfs, DriverMemory(str(tmp_path / "state")), io=self.kernel, settle=0.5),
             self.manager,
             settings=LoopSettings(
-                coalesce=0.05, resync=resync, allocations_every=3600, backoff=0.1
+                coalesce=0.05, resync=resync, allocations_every=refresh, backoff=0.1
             ),
         )
         self.stop = threading.Event()
@@ -224,6 +227,37 @@ def test_safety_guard_refusal_then_admin_override(tmp_path: Path) -> None:
         assert st["lastError"] == ""
         pf_status = next(d for d in st["devices"] if d["pciAddress"] == "0000:3b:00.0")
         assert "message" not in pf_status
+    finally:
+        h.stop.set()
+        h.thread.join(10)
+
+
+def test_refresh_reads_the_live_view_not_sysfs(tmp_path: Path) -> None:
+    h = Harness(tmp_path, refresh=0.05)
+    live = h.sysfs.discover()
+    gpu = A("0000:17:00.0")
+    # The plugins' view saw the GPU leave vfio-pci (a uevent the agent got before any rescan).
+    moved = replace(
+        live, devices={**live.devices, gpu: replace(live.devices[gpu], driver="nvidia")}
+    )
+    views: list[Inventory] = []
+
+    def view() -> Inventory:
+        views.append(moved)
+        return moved
+
+    h.loop.live_inventory = view
+    h.api.put(GOOD, generation=1)
+    h.thread.start()
+    try:
+        h.synced(1, "Succeeded")
+
+        def unhealthy() -> bool:
+            d = next(d for d in h.api.status()["devices"] if d["pciAddress"] == str(gpu))
+            return d["driver"] == "nvidia" and d["health"] == "Unhealthy"
+
+        wait_for("the live view in the status", unhealthy)
+        assert views
     finally:
         h.stop.set()
         h.thread.join(10)

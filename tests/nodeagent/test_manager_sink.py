@@ -70,6 +70,8 @@ async def test_spec_change_updates_only_what_changed(
         ManagerSink(manager, asyncio.get_running_loop()),
         settings=LoopSettings(coalesce=0.05, resync=3600, allocations_every=3600),
     )
+    sink = loop.sink
+    assert isinstance(sink, ManagerSink)
     stop = threading.Event()
     api.put(spec(1), generation=1)
     worker = asyncio.create_task(asyncio.to_thread(loop.run, stop))
@@ -105,6 +107,10 @@ async def test_spec_change_updates_only_what_changed(
         assert not Path(plugin_a.socket_path).exists()  # noqa: ASYNC240 - a stat, in a test
         assert manager.plugins[NIC_B] is plugin_b
         assert loop.syncs == 3
+        # Refreshes read the manager's live view (from the loop's thread), not sysfs again.
+        live = await asyncio.to_thread(sink.inventory)
+        assert live is manager.view.inventory
+        assert A("0000:86:02.3") in live.devices
     finally:
         stop.set()
         await worker
