@@ -22,6 +22,7 @@ from hostdev.operator.kube import (
     VERSION,
     Api,
     ConflictError,
+    NotFoundError,
 )
 from hostdev.policy.conditions import Condition, merge_conditions, same_conditions
 from hostdev.policy.kubevirt import desired_entries, merge_kubevirt
@@ -34,7 +35,7 @@ log = logging.getLogger("hostdev.operator.cluster")
 ATTRIBUTION_ANNOTATION = "hostdev.io/policies"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "hostdev-operator"}
 DEBOUNCE_S = 0.2
-KUBEVIRT_RETRY_S = 30.0
+RETRY_S = 15.0
 
 
 def now() -> str:
@@ -68,6 +69,10 @@ class Cluster:
     _snapshot: Snapshot | None = None
     _stale: bool = True
     kubevirt_missing: bool = False
+    # Set when a pass must be repeated later (KubeVirt CR missing, API error). A kopf timer
+    # (handlers.cluster.retry_cluster) turns it into a pass: kopf stops timers while peering
+    # pauses this replica, so a paused replica never writes from stale indexes.
+    retry_needed: bool = False
 
     _task: asyncio.Task[None] | None = None
 
@@ -112,19 +117,22 @@ class Cluster:
             await self.dirty.wait()
             await asyncio.sleep(DEBOUNCE_S)  # coalesce bursts of events into one pass
             self.dirty.clear()
+            self.retry_needed = False
             try:
                 await self.reconcile()
                 metrics.RECONCILES.labels("cluster", "ok").inc()
             except ConflictError:
                 metrics.API_CONFLICTS.labels("cluster").inc()
                 self.mark()
+            except NotFoundError:
+                self.mark()  # something we were writing was deleted meanwhile: recompute
             except Exception:
                 metrics.RECONCILES.labels("cluster", "error").inc()
-                log.exception("cluster reconcile failed; retrying in 5 s")
-                self._later(5.0)
+                log.exception("cluster reconcile failed; retrying")
+                self._later()
 
-    def _later(self, delay: float) -> None:
-        asyncio.get_running_loop().call_later(delay, self.mark)  # runs in the loop: safe
+    def _later(self) -> None:
+        self.retry_needed = True
 
     async def reconcile(self) -> None:
         snap = self.snapshot()
@@ -186,14 +194,13 @@ class Cluster:
         )
         if not crs:
             if snap.policies:
-                self._later(KUBEVIRT_RETRY_S)
+                self._later()
             self.kubevirt_missing = True
             return Condition(
                 "KubeVirtConfigured",
                 "False",
                 "KubeVirtNotFound",
-                "no KubeVirt CR (kubevirt.io/v1 KubeVirt) found; retrying every "
-                f"{int(KUBEVIRT_RETRY_S)} s",
+                f"no KubeVirt CR (kubevirt.io/v1 KubeVirt) found; retrying every {int(RETRY_S)} s",
             )
         self.kubevirt_missing = False
         # One KubeVirt CR per cluster is KubeVirt's own rule; use the first if there are more.
@@ -202,7 +209,7 @@ class Cluster:
             KUBEVIRT_GROUP, KUBEVIRT_VERSION, "kubevirts", meta["name"], meta["namespace"]
         )
         if fresh is None:
-            self._later(1.0)
+            self._later()
             return Condition("KubeVirtConfigured", "Unknown", "KubeVirtGone", "retrying")
         change = merge_kubevirt(fresh, desired_entries(snap.policies, snap.plans))
         where = f"{meta['namespace']}/{meta['name']}"
@@ -267,7 +274,10 @@ class Cluster:
             ):
                 continue
             body = {"status": {**fields, "observedGeneration": gen, "conditions": conditions}}
-            await self.api.patch(GROUP, VERSION, "passthroughpolicies", name, body, status=True)
+            try:
+                await self.api.patch(GROUP, VERSION, "passthroughpolicies", name, body, status=True)
+            except NotFoundError:
+                continue  # deleted meanwhile; its deletion event brings the next pass
             if fields.get("conflictCount") and fields.get("conflictCount") != old.get(
                 "conflictCount"
             ):

@@ -23,8 +23,8 @@ class ConflictError(Exception):
     """HTTP 409: someone else changed the object since we read it."""
 
 
-def _status(e: Exception) -> int | None:
-    return getattr(e, "status", None)
+class NotFoundError(Exception):
+    """HTTP 404 on a write: the object went away since we read it (e.g. deleted meanwhile)."""
 
 
 def client_configuration() -> kubernetes.client.Configuration:
@@ -60,6 +60,8 @@ class Api:
         except kubernetes.client.ApiException as e:
             if e.status == 409:
                 raise ConflictError(str(e.reason)) from e
+            if e.status == 404:
+                raise NotFoundError(str(e.reason)) from e
             raise
 
     async def get(
@@ -79,10 +81,8 @@ class Api:
                     plural,
                     name,
                 )
-        except kubernetes.client.ApiException as e:
-            if _status(e) == 404:
-                return None
-            raise
+        except NotFoundError:
+            return None
         return dict(obj)
 
     async def patch(  # noqa: PLR0917  (mirrors the client's positional API)
@@ -136,8 +136,6 @@ class Api:
                     plural,
                     name,
                 )
-        except kubernetes.client.ApiException as e:
-            if _status(e) == 404:
-                return False
-            raise
+        except NotFoundError:
+            return False
         return True

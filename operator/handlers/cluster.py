@@ -7,7 +7,7 @@ from typing import Any
 
 import kopf
 
-from hostdev.operator.cluster import ATTRIBUTION_ANNOTATION, MANAGED_BY, Cluster
+from hostdev.operator.cluster import ATTRIBUTION_ANNOTATION, MANAGED_BY, RETRY_S, Cluster
 from hostdev.operator.kube import GROUP, KUBEVIRT_GROUP, KUBEVIRT_VERSION, VERSION
 
 
@@ -88,3 +88,11 @@ async def node_changed(
     else:
         seen[name] = dict(labels)
     _cluster(memo).mark()
+
+
+@kopf.timer(GROUP, VERSION, "passthroughpolicies", interval=RETRY_S, initial_delay=RETRY_S)
+async def retry_cluster(*, memo: Any, **_: Any) -> None:
+    """Repeat a cluster pass that asked for it (no KubeVirt CR yet, transient API error)."""
+    cluster = _cluster(memo)
+    if cluster.retry_needed:
+        cluster.mark()

@@ -18,6 +18,7 @@ from hostdev.operator.kube import (
     VERSION,
     Api,
     ConflictError,
+    NotFoundError,
 )
 from hostdev.policy.conditions import Condition, merge_conditions, same_conditions
 from hostdev.policy.request import (
@@ -137,6 +138,8 @@ async def _patch_vm(
             except ConflictError:
                 metrics.API_CONFLICTS.labels("virtualmachines").inc()
                 continue
+            except NotFoundError:
+                continue  # the VM was deleted meanwhile: the next GET says so
             return vm, change
     raise kopf.TemporaryError(f"VM {namespace}/{vm_name} kept changing under us", delay=1)
 
