@@ -10,15 +10,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from hostdev.deviceplugin.manager import DEFAULT_PLUGIN_DIR, DEFAULT_STATE_DIR, PluginManager
 from hostdev.deviceplugin.metrics import Metrics, serve_http
 from hostdev.deviceplugin.nodestate.runner import add_cluster_args, cluster_mode, run_cluster
+from hostdev.deviceplugin.podresources import PodResourcesClient
 from hostdev.deviceplugin.resources import ConfigError, ResourceConfig, load_resources_file
 from hostdev.host.sysfs import Sysfs
+from hostdev.policy.nodestatus import PodDevices
 
 log = logging.getLogger("hostdev.node")
 
@@ -58,6 +61,7 @@ async def run(args: argparse.Namespace) -> int:
         metrics,
         resync_interval=args.resync_seconds,
         uevents=not args.no_uevents,
+        in_use_source=_in_use_source(getattr(args, "pod_resources_socket", None)),
     )
     http = (
         serve_http(metrics, args.metrics_port, manager.health, args.metrics_addr)
@@ -100,6 +104,15 @@ async def run(args: argparse.Namespace) -> int:
         if http is not None:
             http.shutdown()
     return 0
+
+
+def _in_use_source(socket_path: str | None) -> Callable[[], Iterable[PodDevices]] | None:
+    """The kubelet's PodResources List, when its socket is there: devices of ended pods may
+    then leave the list once they vanish (without it, once allocated means kept forever)."""
+    if not socket_path or not os.path.exists(socket_path):
+        log.info("no PodResources socket at %s: allocated devices are never forgotten", socket_path)
+        return None
+    return PodResourcesClient(socket_path).list
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any
 
 import grpc
@@ -30,6 +30,7 @@ from hostdev.deviceplugin.plugin import KUBELET_SOCKET, ResourcePlugin
 from hostdev.deviceplugin.resources import ResourceConfig, by_name
 from hostdev.host.address import PciAddress, PciAddressError
 from hostdev.host.sysfs import Sysfs
+from hostdev.policy.nodestatus import PodDevices
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class PluginManager:
         resync_interval: float = 60.0,
         uevents: bool = True,
         save_delay: float = 0.2,
+        in_use_source: Callable[[], Iterable[PodDevices]] | None = None,
     ) -> None:
         self.sysfs = sysfs
         self.view = HostView(sysfs)
@@ -59,6 +61,8 @@ class PluginManager:
         self.resync_interval = resync_interval
         self.use_uevents = uevents
         self.save_delay = save_delay
+        # Which devices pods hold, from the kubelet's PodResources API (None: never forget).
+        self.in_use_source = in_use_source
         self.plugins: dict[str, ResourcePlugin] = {}
         self.saved = persist.load(state_dir) if state_dir else {}
         self.scanned = False
@@ -280,7 +284,26 @@ class PluginManager:
     async def _resync_timer(self) -> None:
         while True:
             await asyncio.sleep(self.resync_interval)
+            await self.refresh_in_use()
             self.request_full_rescan()
+
+    async def refresh_in_use(self) -> None:
+        """Ask the kubelet (PodResources) which devices pods hold, so devices freed by ended
+        pods may leave the list once they are gone from the host."""
+        if self.in_use_source is None:
+            return
+        try:
+            rows = await asyncio.to_thread(self.in_use_source)
+        except Exception as e:  # any failure: keep what we believe, try again next resync
+            log.warning("cannot read devices in use from the kubelet: %s", e)
+            self.metrics.errors.labels("", "pod-resources").inc()
+            return
+        by_resource: dict[str, set[str]] = {name: set() for name in self.plugins}
+        for row in rows:
+            if row.resource_name in by_resource:
+                by_resource[row.resource_name].update(row.device_ids)
+        for name, ids in by_resource.items():
+            self.plugins[name].set_in_use(ids)
 
     async def _rescan_worker(self) -> None:
         while True:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -83,6 +84,7 @@ class ResourcePlugin(pb_grpc.DevicePluginServicer):
         self.metrics = metrics
         self.devices: dict[str, Advertised] = {}
         self.allocated: set[str] = set()  # handed out by Allocate: never dropped from the list
+        self._allocated_at: dict[str, float] = {}
         self.registered = False
         self._server: grpc.aio.Server | None = None
         # None in a queue ends that stream (server stopping).
@@ -187,6 +189,21 @@ class ResourcePlugin(pb_grpc.DevicePluginServicer):
         self.devices = new
         self._publish()
         return True
+
+    def set_in_use(self, in_use: Iterable[str], grace: float = 120.0) -> None:
+        """Replace the in-use set with the kubelet's (PodResources), keeping allocations of the
+        last ``grace`` seconds, which a List racing with Allocate may not show yet."""
+        cutoff = time.monotonic() - grace
+        recent = {k for k, t in self._allocated_at.items() if t >= cutoff}
+        self._allocated_at = {k: t for k, t in self._allocated_at.items() if t >= cutoff}
+        new = set(in_use) | recent
+        if new != self.allocated:
+            freed = self.allocated - new
+            if freed:
+                log.info("%s: no longer in use: %s", self.resource, ", ".join(sorted(freed)))
+            self.allocated = new
+            if self._on_change is not None:
+                self._on_change()
 
     def _update_dirty(self, inventory: Inventory, dirty: Collection[PciAddress]) -> bool | None:
         """Re-judge only the units holding a dirty address; None when that is not enough
@@ -437,6 +454,9 @@ class ResourcePlugin(pb_grpc.DevicePluginServicer):
             if p not in seen:
                 seen.add(p)
                 out.devices.add(container_path=p, host_path=p, permissions=PERMISSIONS)
+        now = time.monotonic()
+        for dev_id in ids:
+            self._allocated_at[dev_id] = now
         if not self.allocated.issuperset(ids):
             self.allocated.update(ids)
             if self._on_change is not None:

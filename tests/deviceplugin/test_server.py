@@ -12,6 +12,7 @@ from hostdev.deviceplugin.api.deviceplugin.v1beta1 import api_pb2 as pb
 from hostdev.deviceplugin.events import PciEvent
 from hostdev.host import PciAddress
 from hostdev.policy.naming import socket_name
+from hostdev.policy.nodestatus import PodDevices
 from hostdev.testing.fakesysfs import FakeHost
 from hostdev.testing.scenarios import gpu_with_audio, sriov_nic_dual_socket
 from tests.deviceplugin.conftest import AgentFactory, resources
@@ -341,3 +342,34 @@ async def test_apply_changes_only_what_changed(
         assert sum(r.request.resource_name == NAME for r in kubelet.registrations) == 1
         assert not _exists(os.path.join(kubelet.plugin_dir, socket_name("example.com/pf")))
         assert len(await kubelet.client(NAME).wait_for(lambda d: len(d) == 2)) == 2
+
+
+async def test_devices_freed_by_ended_pods_leave_the_list_once_gone(
+    host_root: Path, kubelet: KubeletSim, agent: AgentFactory
+) -> None:
+    h = sriov_nic_dual_socket(host_root, numvfs=2)
+    a, b = str(h.vf_address("0000:3b:00.0", 0)), str(h.vf_address("0000:3b:00.0", 1))
+    held: list[PodDevices] = []
+    async with agent(
+        resources({"resourceName": NAME, "selector": VF}), in_use_source=lambda: held
+    ) as mgr:
+        await kubelet.wait_registered(NAME)
+        client = kubelet.client(NAME)
+        await client.wait_for(lambda d: len(d) == 6)
+        await client.allocate([a, b])
+        plugin = mgr.plugins[NAME]
+        # The kubelet lists only b as held (a's pod ended); a was allocated moments ago, so the
+        # grace period still keeps it ...
+        held.append(PodDevices("ns", "virt-launcher-x", "compute", NAME, (b,)))
+        await mgr.refresh_in_use()
+        assert plugin.allocated == {a, b}
+        # ... until the grace period is over.
+        plugin.set_in_use([b], grace=0)
+        assert plugin.allocated == {b}
+        h.set_numvfs("0000:3b:00.0", 0)
+        devs = await client.wait_for(lambda d: a not in d and b in d)
+        assert devs[b].health == "Unhealthy"
+        # A failing PodResources call changes nothing.
+        mgr.in_use_source = lambda: (_ for _ in ()).throw(OSError("kubelet down"))
+        await mgr.refresh_in_use()
+        assert plugin.allocated == {b}
