@@ -55,6 +55,10 @@ def test_operator_peering_flags(docs: list[dict[str, Any]]) -> None:
     standalone = render({"operator.peering.enabled": False})
     c2 = find(standalone, "Deployment", "-operator")["spec"]["template"]["spec"]["containers"][0]
     assert c2["command"] == ["hostdev-operator"] and "--standalone" in c2["args"]
+    # a rolling update would briefly run two unpaused operators without peering
+    assert find(standalone, "Deployment", "-operator")["spec"]["strategy"] == {"type": "Recreate"}
+    dep = find(docs, "Deployment", "-operator")
+    assert dep["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
     assert not any(d["kind"] == "ClusterKopfPeering" for d in standalone)
 
 
