@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,19 +112,29 @@ def can(
     return bool(result.status.allowed)
 
 
-def ensure_nodestate(cluster: Cluster, node: str) -> None:
-    objs = k8s.CustomObjectsApi(cluster.admin)
-    body = {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "PassthroughNodeState",
-        "metadata": {"name": node},
-        "spec": {},
-    }
-    try:
+@pytest.fixture
+def nodestates(kube_apiserver: Cluster) -> Iterator[Callable[[str], str]]:
+    """Creates PassthroughNodeStates with unique names (the API server is shared by the
+    session) and deletes them afterwards."""
+    objs = k8s.CustomObjectsApi(kube_apiserver.admin)
+    made: list[str] = []
+    suffix = uuid.uuid4().hex[:6]
+
+    def make(node: str) -> str:
+        name = f"{node}-{suffix}"
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "PassthroughNodeState",
+            "metadata": {"name": name},
+            "spec": {},
+        }
         objs.create_cluster_custom_object(GROUP, VERSION, NODESTATES, body)
-    except k8s.ApiException as e:
-        if e.status != 409:
-            raise
+        made.append(name)
+        return name
+
+    yield make
+    for name in made:
+        objs.delete_cluster_custom_object(GROUP, VERSION, NODESTATES, name)
 
 
 def patch_status(api: k8s.ApiClient, node: str, sync: str = "InProgress") -> None:
@@ -219,34 +229,35 @@ def test_agent_rbac_is_status_only(kube_apiserver: Cluster, release: Release) ->
 # ---- the own-node admission policy ------------------------------------------------------------
 
 
-def test_agent_may_write_only_its_own_nodestate(kube_apiserver: Cluster, release: Release) -> None:
-    ensure_nodestate(kube_apiserver, "node-a")
-    ensure_nodestate(kube_apiserver, "node-b")
-    as_agent_on_a = impersonating(kube_apiserver, release.agent_sa, {NODE_NAME_KEY: "node-a"})
+def test_agent_may_write_only_its_own_nodestate(
+    kube_apiserver: Cluster, release: Release, nodestates: Callable[[str], str]
+) -> None:
+    node_a, node_b = nodestates("node-a"), nodestates("node-b")
+    as_agent_on_a = impersonating(kube_apiserver, release.agent_sa, {NODE_NAME_KEY: node_a})
 
-    err = denied(as_agent_on_a, "node-b")
+    err = denied(as_agent_on_a, node_b)
     assert err.status == 403
-    assert "may write only PassthroughNodeState node-a, not node-b" in err.body
+    assert f"may write only PassthroughNodeState {node_a}, not {node_b}" in err.body
     assert "ValidatingAdmissionPolicy" in err.body
 
-    patch_status(as_agent_on_a, "node-a", "Succeeded")
+    patch_status(as_agent_on_a, node_a, "Succeeded")
     got = k8s.CustomObjectsApi(kube_apiserver.admin).get_cluster_custom_object(
-        GROUP, VERSION, NODESTATES, "node-a"
+        GROUP, VERSION, NODESTATES, node_a
     )
     assert got["status"]["syncStatus"] == "Succeeded"
 
     # a token that is not bound to a pod (no node name) cannot write any NodeState
     as_agent_nowhere = impersonating(kube_apiserver, release.agent_sa)
-    err = denied(as_agent_nowhere, "node-a")
+    err = denied(as_agent_nowhere, node_a)
     assert err.status == 403
     assert "only with a pod-bound service account token" in err.body
 
     # other identities are not affected by the policy (the admin writes any node's status)
-    patch_status(kube_apiserver.admin, "node-b", "Failed")
+    patch_status(kube_apiserver.admin, node_b, "Failed")
 
 
 def test_pod_bound_token_carries_the_node_and_is_pinned_to_it(
-    kube_apiserver: Cluster, release: Release
+    kube_apiserver: Cluster, release: Release, nodestates: Callable[[str], str]
 ) -> None:
     """No impersonation: a real token of a pod scheduled on node-a (TokenRequest bound to the
     pod, as the kubelet gets it for the agent), used as the agent would use it."""
@@ -254,9 +265,19 @@ def test_pod_bound_token_carries_the_node_and_is_pinned_to_it(
     node = core.create_node(
         k8s.V1Node(metadata=k8s.V1ObjectMeta(name=f"node-{uuid.uuid4().hex[:6]}"))
     )
-    other = f"{node.metadata.name}-other"
-    ensure_nodestate(kube_apiserver, node.metadata.name)
-    ensure_nodestate(kube_apiserver, other)
+    own = node.metadata.name
+    other = nodestates("other")
+    k8s.CustomObjectsApi(kube_apiserver.admin).create_cluster_custom_object(
+        GROUP,
+        VERSION,
+        NODESTATES,
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "PassthroughNodeState",
+            "metadata": {"name": own},
+            "spec": {},
+        },
+    )
     try:
         sa_name = release.agent_sa.rsplit(":", 1)[1]
         pod = core.create_namespaced_pod(
@@ -294,7 +315,10 @@ def test_pod_bound_token_carries_the_node_and_is_pinned_to_it(
         assert f"may write only PassthroughNodeState {node.metadata.name}, not {other}" in err.body
         patch_status(as_pod, node.metadata.name, "Succeeded")
     finally:
-        core.delete_node(node.metadata.name)
+        core.delete_node(own)
+        k8s.CustomObjectsApi(kube_apiserver.admin).delete_cluster_custom_object(
+            GROUP, VERSION, NODESTATES, own
+        )
 
 
 # ---- uninstall ------------------------------------------------------------------------------
