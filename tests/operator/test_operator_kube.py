@@ -263,6 +263,12 @@ def test_request_patches_vm_and_deletion_restores_it_exactly(
     o.delete(GROUP, "passthroughrequests", ns, "nics")
     wait_for("request gone", lambda: o.request(ns, "nics") is None)
     assert comparable(o.vm(ns, "vm1")) == before
+    # one VM patch to add, one to remove; no retried conflicts
+    metrics = hostdev_operator.metrics()
+    assert (
+        'hostdev_operator_api_writes_total{resource="virtualmachines",verb="patch"} 2.0' in metrics
+    )
+    assert 'hostdev_operator_request_transitions_total{phase="Allocated"} 1.0' in metrics
 
 
 def test_request_refusals_say_why(
