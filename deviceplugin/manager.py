@@ -29,6 +29,7 @@ from hostdev.deviceplugin.metrics import Metrics
 from hostdev.deviceplugin.plugin import KUBELET_SOCKET, ResourcePlugin
 from hostdev.deviceplugin.resources import ResourceConfig, by_name
 from hostdev.host.address import PciAddress, PciAddressError
+from hostdev.host.model import Inventory
 from hostdev.host.sysfs import Sysfs
 from hostdev.policy.nodestatus import PodDevices
 
@@ -79,6 +80,7 @@ class PluginManager:
         self._vfio_dir = sysfs.path("dev/vfio")
         self._scan_done = asyncio.Event()
         self.scan_count = 0
+        self._units_versions: dict[str, int] = {}
 
     # ---- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -137,6 +139,7 @@ class PluginManager:
                     plugin.config = cfg
                     if self.scanned:
                         plugin.update(self.view.inventory)
+                        self._check_shared_groups(self.view.inventory)
                 continue
             plugin = ResourcePlugin(
                 cfg,
@@ -153,9 +156,10 @@ class PluginManager:
                     name,
                     len(saved.devices),
                 )
-            elif self.scanned:
-                plugin.update(self.view.inventory)
             self.plugins[name] = plugin
+            if self.scanned:
+                plugin.update(self.view.inventory)
+                self._check_shared_groups(self.view.inventory)
             await plugin.start()
             self._register_soon(plugin)
 
@@ -165,6 +169,8 @@ class PluginManager:
         if task is not None:
             task.cancel()
         await plugin.stop()
+        if self.scanned:
+            self._check_shared_groups(self.view.inventory)
         self.metrics.forget(name)
         log.info("%s: resource removed; server stopped", name)
         self.schedule_save()
@@ -328,9 +334,35 @@ class PluginManager:
             dirty = None if full else self.view.last_dirty
             for plugin in list(self.plugins.values()):
                 plugin.update(inv, dirty)
+            self._check_shared_groups(inv)
             self.scan_count += 1
             self._scan_done.set()
             self._scan_done = asyncio.Event()
+
+    def _check_shared_groups(self, inv: Inventory) -> None:
+        """Flag IOMMU groups whose functions are split across resources: each part would be
+        allocatable on its own, but VFIO hands a group to one VM only."""
+        versions = {name: p.units_version for name, p in self.plugins.items()}
+        if versions == self._units_versions:
+            return
+        self._units_versions = versions
+        owners: dict[int, set[str]] = {}
+        for name, p in self.plugins.items():
+            for adv in p.devices.values():
+                if adv.unit.group is not None:
+                    owners.setdefault(adv.unit.group, set()).add(name)
+        for name, p in self.plugins.items():
+            shared = {
+                g: tuple(sorted(o - {name})) for g, o in owners.items() if name in o and len(o) > 1
+            }
+            if p.set_shared_groups(shared):
+                if shared:
+                    log.warning(
+                        "%s: IOMMU group(s) %s shared with other resources: marked Unhealthy",
+                        name,
+                        ", ".join(map(str, sorted(shared))),
+                    )
+                p.update(inv)
 
     async def rescan(self) -> None:
         """A full rescan now; returns when the servers have the result."""

@@ -96,6 +96,8 @@ class ResourcePlugin(pb_grpc.DevicePluginServicer):
         self._judged: dict[str, tuple[tuple[PciDevice | None, ...], IommuGroup | None]] = {}
         self._unit_of: dict[PciAddress, AllocUnit] = {}
         self._facts: dict[PciAddress, tuple[object, ...]] = {}
+        self.units_version = 0  # bumped whenever the unit set is rebuilt
+        self.shared_groups: dict[int, tuple[str, ...]] = {}  # group -> other resources in it
         self._msg_list: list[pb.Device] = []
         self._msg_index: dict[str, int] = {}
         self.generation = 0  # bumped on every published change (tests and benches wait on it)
@@ -131,6 +133,7 @@ class ResourcePlugin(pb_grpc.DevicePluginServicer):
         else:
             units = build_units(selected)
             self._selected, self._units = selected, units
+            self.units_version += 1
             self._unit_of = {a: u for u in units for a in u.addresses}
             self._facts = {d.address: _unit_facts(d) for d in selected}
         new: dict[str, Advertised] = {}
@@ -151,7 +154,7 @@ class ResourcePlugin(pb_grpc.DevicePluginServicer):
             ):
                 new[u.id] = old
                 continue
-            v = unit_health(u.addresses, u.group, devices, groups)
+            v = self._judge(u, devices, groups)
             self._judged[u.id] = key
             new[u.id] = Advertised(u, v)
         for dev_id in self.allocated - new.keys():
@@ -205,6 +208,30 @@ class ResourcePlugin(pb_grpc.DevicePluginServicer):
             if self._on_change is not None:
                 self._on_change()
 
+    def _judge(
+        self,
+        u: AllocUnit,
+        devices: Mapping[PciAddress, PciDevice],
+        groups: Mapping[int, IommuGroup],
+    ) -> Verdict:
+        v = unit_health(u.addresses, u.group, devices, groups)
+        others = self.shared_groups.get(u.group) if u.group is not None else None
+        if v.healthy and others:
+            return Verdict(
+                False,
+                f"IOMMU group {u.group} of {u.id} also holds devices of {', '.join(others)}; "
+                "a group can go to one VM only: select the whole group in one resource",
+            )
+        return v
+
+    def set_shared_groups(self, shared: Mapping[int, tuple[str, ...]]) -> bool:
+        """Groups this resource shares with others (their units are never healthy)."""
+        if dict(shared) == self.shared_groups:
+            return False
+        self.shared_groups = dict(shared)
+        self._judged.clear()  # verdicts depend on it: re-judge everything on the next update
+        return True
+
     def _update_dirty(self, inventory: Inventory, dirty: Collection[PciAddress]) -> bool | None:
         """Re-judge only the units holding a dirty address; None when that is not enough
         (the device set or a unit's shape changed, or a PF changed: pfNames may follow it)."""
@@ -228,7 +255,7 @@ class ResourcePlugin(pb_grpc.DevicePluginServicer):
             old = self.devices.get(dev_id)
             if old is None or old.unit is not u:
                 return None
-            v = unit_health(u.addresses, u.group, devices, groups)
+            v = self._judge(u, devices, groups)
             self._judged[dev_id] = (
                 tuple(devices.get(a) for a in u.addresses),
                 None if u.group is None else groups.get(u.group),

@@ -373,3 +373,27 @@ async def test_devices_freed_by_ended_pods_leave_the_list_once_gone(
         mgr.in_use_source = lambda: (_ for _ in ()).throw(OSError("kubelet down"))
         await mgr.refresh_in_use()
         assert plugin.allocated == {b}
+
+
+async def test_a_group_split_across_resources_is_unhealthy_in_both(
+    host_root: Path, kubelet: KubeletSim, agent: AgentFactory
+) -> None:
+    gpu_with_audio(host_root)
+    gpu = {"resourceName": "nvidia.com/a10", "selector": {"devices": ["2236"]}}
+    audio = {"resourceName": "nvidia.com/a10-audio", "selector": {"devices": ["1aef"]}}
+    async with agent(resources(gpu, audio)) as mgr:
+        await kubelet.wait_registered("nvidia.com/a10")
+        await kubelet.wait_registered("nvidia.com/a10-audio")
+        for name, dev in (
+            ("nvidia.com/a10", "0000:17:00.0"),
+            ("nvidia.com/a10-audio", "0000:17:00.1"),
+        ):
+            devs = await kubelet.client(name).wait_for(lambda d, dev=dev: dev in d)
+            assert devs[dev].health == "Unhealthy"
+        reason = mgr.plugins["nvidia.com/a10"].devices["0000:17:00.0"].verdict.reason or ""
+        assert "nvidia.com/a10-audio" in reason and "one VM" in reason
+        await mgr.apply(resources(gpu))  # the audio function is nobody's now: GPU usable
+        devs = await kubelet.client("nvidia.com/a10").wait_for(
+            lambda d: d["0000:17:00.0"].health == "Healthy"
+        )
+        assert list(devs) == ["0000:17:00.0"]
