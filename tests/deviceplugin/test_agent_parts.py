@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -20,6 +21,7 @@ from hostdev.deviceplugin.events import DirWatcher, PciEvent, UeventSource, pars
 from hostdev.deviceplugin.metrics import Metrics, serve_http
 from hostdev.deviceplugin.resources import ConfigError, load_resources_file
 from hostdev.host import PciAddress
+from hostdev.testing.fakesysfs import FakeHost
 from hostdev.testing.scenarios import sriov_nic_dual_socket
 from tests.deviceplugin.conftest import AgentFactory, resources
 from tests.fixtures.kubeletsim import KubeletSim
@@ -220,3 +222,41 @@ async def test_hostdev_node_process_serves_and_stops_cleanly(
     )
     _, err = await asyncio.wait_for(bad.communicate(), 20)
     assert bad.returncode == 2 and b"cannot read" in err
+
+
+def _real_pci_device() -> str:
+    """A PCI function of this machine whose uevent we may trigger (synthetic "change")."""
+    try:
+        names = sorted(os.listdir("/sys/bus/pci/devices"))
+    except OSError:
+        names = []
+    for name in names:
+        if os.access(f"/sys/bus/pci/devices/{name}/uevent", os.W_OK):
+            return name
+    tier_unavailable("no writable /sys/bus/pci/devices/*/uevent: cannot make a real uevent")
+
+
+async def test_a_real_kernel_uevent_drives_a_targeted_rescan(
+    host_root: Path, kubelet: KubeletSim, agent: AgentFactory
+) -> None:
+    real = _real_pci_device()
+    h = FakeHost(host_root)
+    # The fake node has a VF-like function at the same address as a real one, so the kernel's
+    # own uevent for the real device names it.
+    h.add_device(real, vendor="8086", device="1889", class_code="020000", driver="vfio-pci")
+    name = "example.com/vf"
+    async with agent(
+        resources({"resourceName": name, "selector": {"devices": ["1889"]}}), uevents=True
+    ) as mgr:
+        if not mgr.uevents_active:
+            tier_unavailable("kernel uevent socket could not be opened here")
+        await kubelet.wait_registered(name)
+        client = kubelet.client(name)
+        await client.wait_for(lambda d: d.get(real) is not None and d[real].health == "Healthy")
+        link = h.device_dir(real) / "driver"
+        link.unlink()
+        link.symlink_to("../../../bus/pci/drivers/ixgbevf")  # /dev/vfio untouched: no inotify
+        await asyncio.to_thread(Path(f"/sys/bus/pci/devices/{real}/uevent").write_text, "change")
+        devs = await client.wait_for(lambda d: d[real].health == "Unhealthy")
+        assert "ixgbevf" in (mgr.plugins[name].devices[real].verdict.reason or "")
+        assert len(devs) == 1
