@@ -9,6 +9,7 @@ causes a write). :mod:`hostdev.policy.reported` reads this shape back on the ope
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -224,7 +225,9 @@ def _iommu(inventory: Inventory) -> dict[str, Any]:
     return out
 
 
-def _conditions(inventory: Inventory, outcome: SyncOutcome) -> list[Condition]:
+def _conditions(
+    inventory: Inventory, outcome: SyncOutcome, listed: int, total: int, max_bytes: int
+) -> list[Condition]:
     problems = node_problems(inventory.node)
     iommu = (
         Condition("IommuReady", "True", "VfioReady", "IOMMU on and vfio-pci ready")
@@ -236,7 +239,47 @@ def _conditions(inventory: Inventory, outcome: SyncOutcome) -> list[Condition]:
         IN_PROGRESS: Condition("Synced", "Unknown", "InProgress", "applying the spec"),
         FAILED: Condition("Synced", "False", "Failed", outcome.error or "the sync failed"),
     }[outcome.state]
-    return [iommu, synced]
+    complete = (
+        Condition("InventoryComplete", "True", "AllListed", f"all {total} devices are listed")
+        if listed == total
+        else Condition(
+            "InventoryComplete",
+            "False",
+            "Truncated",
+            f"{listed} of {total} devices are listed (served, refused and unhealthy ones and "
+            f"PFs first): the full list would make the status larger than {max_bytes} bytes",
+        )
+    )
+    return [iommu, synced, complete]
+
+
+# etcd refuses objects above 1.5 MiB (its default --max-request-bytes); the whole NodeState is
+# one object, so the status stays well below that, leaving room for spec and metadata.
+MAX_STATUS_BYTES = 1_000_000
+
+
+def _size(obj: Any) -> int:
+    return len(json.dumps(obj, separators=(",", ":")))
+
+
+def _fit(entries: list[dict[str, Any]], budget: int) -> list[dict[str, Any]]:
+    """All entries if they fit in ``budget`` bytes, else the most telling ones that do:
+    served, refused or unhealthy devices and PFs before idle functions; address order kept."""
+    if _size(entries) <= budget:
+        return entries
+
+    def rank(e: dict[str, Any]) -> int:
+        return 0 if ("resourceName" in e or "message" in e or "totalVfs" in e) else 1
+
+    kept: list[tuple[int, dict[str, Any]]] = []
+    used = 2
+    for i, e in sorted(enumerate(entries), key=lambda ie: rank(ie[1])):
+        size = _size(e) + 1
+        if used + size > budget:
+            break
+        kept.append((i, e))
+        used += size
+    return [e for _, e in sorted(kept, key=lambda ie: ie[0])]
 
 
 def render_status(
@@ -246,10 +289,12 @@ def render_status(
     *,
     previous: Mapping[str, Any] | None = None,
     now: str,
+    max_bytes: int = MAX_STATUS_BYTES,
 ) -> dict[str, Any]:
     """The full status body. ``allocations`` None: unknown (the kubelet could not be asked), so
     the allocation fields are left out and the last reported ones stay. ``previous``: the
-    status as last written, to keep condition transition times."""
+    status as last written, to keep condition transition times. A device list that would
+    take the status past ``max_bytes`` is cut (condition InventoryComplete False says so)."""
     refused = refused_devices(outcome.refusals, inventory)
     devices = [
         _device_entry(dev, inventory, outcome.resources.get(a), refused.get(a))
@@ -261,13 +306,6 @@ def render_status(
         "lastError": outcome.error if outcome.state == FAILED else "",
         "iommu": _iommu(inventory),
         "deviceCount": len(devices),
-        "devices": devices,
-        "conditions": merge_conditions(
-            (previous or {}).get("conditions"),
-            _conditions(inventory, outcome),
-            generation=outcome.generation,
-            now=now,
-        ),
     }
     if outcome.generation is not None:
         status["observedGeneration"] = outcome.generation
@@ -277,6 +315,20 @@ def render_status(
         rows = [r.to_status() for r in allocations]
         status["allocations"] = rows
         status["allocationCount"] = len(rows)
+
+    def conditions(listed: int) -> list[dict[str, Any]]:
+        return merge_conditions(
+            (previous or {}).get("conditions"),
+            _conditions(inventory, outcome, listed, len(devices), max_bytes),
+            generation=outcome.generation,
+            now=now,
+        )
+
+    # What the rest takes, with the longer (truncated) wording of the conditions.
+    rest = _size({**status, "conditions": conditions(0), "devices": []})
+    listed = _fit(devices, max_bytes - rest - 16)  # 16: the count in the message may grow
+    status["devices"] = listed
+    status["conditions"] = conditions(len(listed))
     return status
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +200,27 @@ def test_operator_reads_back_what_the_agent_writes(tmp_path: Path) -> None:
         ("0000:3b:02.0", "a", "virt-launcher-a-x1")
     ]
     assert rep.allocations[0].held_by_vm("vms", "a")
+
+
+def test_a_status_too_large_for_etcd_lists_the_telling_devices_first(tmp_path: Path) -> None:
+    inv = inv_of(scenarios.sriov_nic_dual_socket, tmp_path)
+    served = {A("0000:86:02.3"): NIC}
+    r = Refusal("0000:3b:02.2", "bind to vfio-pci", ("x",))
+    out = SyncOutcome(FAILED, 1, r.describe(), resources=served, refusals=(r,), finished_at=NOW)
+    full = render_status(inv, out, (), now=NOW)
+    assert cond(full, "InventoryComplete")["status"] == "True"
+    limit = len(json.dumps(full, separators=(",", ":"))) - 1500  # about 7 entries too many
+    cut = render_status(inv, out, (), now=NOW, max_bytes=limit)
+    assert len(json.dumps(cut, separators=(",", ":"))) <= limit
+    listed = [d["pciAddress"] for d in cut["devices"]]
+    assert 0 < len(listed) < cut["deviceCount"] == full["deviceCount"]
+    # Served, refused and PFs first; address order kept.
+    for must in ("0000:86:02.3", "0000:3b:02.2", "0000:3b:00.0", "0000:3b:00.1", "0000:86:00.0"):
+        assert must in listed
+    assert listed == sorted(listed)
+    c = cond(cut, "InventoryComplete")
+    assert c["status"] == "False" and c["reason"] == "Truncated"
+    assert c["message"].startswith(f"{len(listed)} of {full['deviceCount']} devices are listed")
 
 
 # ---- change detection -------------------------------------------------------------------------
