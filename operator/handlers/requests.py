@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -22,6 +23,7 @@ from hostdev.operator.kube import (
 )
 from hostdev.policy.conditions import Condition, merge_conditions, same_conditions
 from hostdev.policy.request import (
+    OWNERS_ANNOTATION,
     Request,
     RequestError,
     VmChange,
@@ -60,6 +62,18 @@ async def vmis_idx(
             "status": {"phase": (body.get("status") or {}).get("phase")},
         }
     }
+
+
+@kopf.index(KUBEVIRT_GROUP, KUBEVIRT_VERSION, "virtualmachines")
+async def vms_idx(
+    *, name: str, namespace: str | None, annotations: kopf.Annotations, **_: Any
+) -> dict[Any, Any]:
+    """Per VM only the requests its ownership annotation lists (small even for big VMs)."""
+    try:
+        owners = json.loads(annotations.get(OWNERS_ANNOTATION) or "{}")
+    except ValueError:
+        owners = {}
+    return {(namespace, name): tuple(sorted(owners)) if isinstance(owners, dict) else ()}
 
 
 def _vmi(vmis_idx: kopf.Index[Any, Any], namespace: str, name: str) -> dict[str, Any] | None:
@@ -155,7 +169,16 @@ async def apply_request(
     memo: Any,
     **kwargs: Any,
 ) -> None:
-    vmis_idx: kopf.Index[Any, Any] = kwargs["vmis_idx"]
+    await _apply(body, status, patch, memo, kwargs["vmis_idx"])
+
+
+async def _apply(
+    body: kopf.Body,
+    status: kopf.Status,
+    patch: kopf.Patch,
+    memo: Any,
+    vmis_idx: kopf.Index[Any, Any],
+) -> None:
     generation = body.get("metadata", {}).get("generation")
     try:
         req = Request.from_object(body)
@@ -264,13 +287,28 @@ async def refresh_request(
     memo: Any,
     **kwargs: Any,
 ) -> None:
-    """Running/Allocated come from the VMI and the node agents' reports: poll the indexes."""
+    """Running/Allocated come from the VMI and the node agents' reports: poll the indexes.
+    A VM that lost this request's entries (deleted and recreated, annotation edited away) gets
+    them again through the apply path."""
     vmis_idx: kopf.Index[Any, Any] = kwargs["vmis_idx"]
+    vms_idx: kopf.Index[Any, Any] = kwargs["vms_idx"]
     if status.get("phase") not in {"Applied", "Running", "Allocated"}:
+        return
+    if body.get("metadata", {}).get("deletionTimestamp"):
         return
     try:
         req = Request.from_object(body)
     except RequestError:
+        return
+    owners = next(iter(vms_idx.get((req.namespace, req.vm_name), ())), None)
+    if owners is None or req.name not in owners:
+        log.info(
+            "PassthroughRequest %s/%s: VM %s lacks its entries; applying again",
+            req.namespace,
+            req.name,
+            req.vm_name,
+        )
+        await _apply(body, status, patch, memo, vmis_idx)
         return
     names = list(status.get("vmEntries") or ())
     eviction = next(
@@ -310,4 +348,11 @@ async def release_request(*, body: kopf.Body, memo: Any, **_: Any) -> None:
     metrics.RECONCILES.labels("request", "released").inc()
 
 
-__all__ = ["apply_request", "refresh_request", "release_request", "values", "vmis_idx"]
+__all__ = [
+    "apply_request",
+    "refresh_request",
+    "release_request",
+    "values",
+    "vmis_idx",
+    "vms_idx",
+]

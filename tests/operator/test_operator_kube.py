@@ -399,3 +399,26 @@ def test_examples_apply_in_order(
     wait_for("example request gone", lambda: o.request(ns, name) is None)
     assert "hostDevices" not in o.vm(ns, "fast-vm")["spec"]["template"]["spec"]["domain"][
         "devices"]  # fmt: skip
+
+
+def test_recreated_vm_gets_its_entries_again(
+    hostdev_operator: OperatorProcess, kube_objects: Objects, kube_namespace: str
+) -> None:
+    o, ns, sfx = kube_objects, kube_namespace, suffix(kube_namespace)
+    _, resource = setup_pool(o, sfx)
+    o.create(KV_GROUP, "virtualmachines", ns, vm_body("vm1"))
+    o.create(GROUP, "passthroughrequests", ns, request_body(
+        "nics", "vm1", {"name": "nic", "resourceName": resource}))  # fmt: skip
+    wait_for("Applied", lambda: phase(o, ns, "nics") == "Applied")
+    o.delete(KV_GROUP, "virtualmachines", ns, "vm1")
+    wait_for("VM gone", lambda: o.get(KV_GROUP, "virtualmachines", ns, "vm1") is None)
+    o.create(KV_GROUP, "virtualmachines", ns, vm_body("vm1"))
+
+    def entries() -> list[str] | None:
+        devs = o.vm(ns, "vm1")["spec"]["template"]["spec"]["domain"]["devices"]
+        return [e["name"] for e in devs.get("hostDevices", ())] or None
+
+    assert wait_for("entries re-added", entries, timeout=60) == ["nics-nic-0"]
+    o.delete(GROUP, "passthroughrequests", ns, "nics")
+    wait_for("request gone", lambda: o.request(ns, "nics") is None)
+    assert entries() is None
