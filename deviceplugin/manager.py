@@ -266,9 +266,10 @@ class PluginManager:
 
     def _on_vfio_event(self, name: str) -> None:
         if not name.isdigit():
-            if name in ("", "vfio"):
-                self._pending_full = name == ""
-            self._kick()
+            if name == "":
+                # /dev/vfio itself (re)appeared (vfio loaded): every group node may be new.
+                self._pending_full = True
+            self._kick()  # "vfio", "devices": the node set is re-listed on any refresh
             return
         group = int(name)
         # Re-read the group's members: those we knew and those the kernel lists now.
