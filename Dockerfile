@@ -23,9 +23,9 @@ COPY operator/ operator/
 RUN --mount=type=cache,target=/root/.cache/pip \
     python -m venv /opt/hostdev \
     && /opt/hostdev/bin/pip install --only-binary=:all: . \
-    && /opt/hostdev/bin/pip uninstall --yes pip
+    && /opt/hostdev/bin/pip uninstall --yes setuptools pip
 
-# ---- final: the venv, pci.ids, and nothing to build with ----
+# ---- final: the venv (without pip and setuptools), pci.ids, and nothing to build with ----
 FROM ${PYTHON_IMAGE}
 ARG VERSION=0.1.0
 ARG REVISION=unknown

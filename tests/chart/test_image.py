@@ -118,6 +118,7 @@ def test_python_layer_installs_and_entry_points_start(installed: Path) -> None:
 def test_image_venv_has_no_pip_and_no_test_helpers(installed: Path) -> None:
     assert not (installed / "bin" / "pip").exists()
     site = next(installed.glob("lib/python3*/site-packages"))
+    assert not (site / "setuptools").exists() and not (site / "pip").exists()
     assert (site / "hostdev" / "operator" / "main.py").is_file()
     assert (site / "hostdev" / "deviceplugin").is_dir()
     assert not (site / "hostdev" / "testing").exists()  # .dockerignore keeps test helpers out
