@@ -165,7 +165,7 @@ def test_every_object_of_the_release_exists(kube_apiserver: Cluster, release: Re
         [
             "ClusterKopfPeering",
             "ClusterRole", "ClusterRole", "ClusterRoleBinding", "ClusterRoleBinding",
-            "DaemonSet", "Deployment", "Service", "Service",
+            "DaemonSet", "Deployment", "PodDisruptionBudget", "Service", "Service",
             "ServiceAccount", "ServiceAccount",
             "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding",
         ]

@@ -146,3 +146,7 @@ def test_two_replicas_with_peering_render() -> None:
     dep = next(d for d in docs if d["kind"] == "Deployment")
     assert dep["spec"]["replicas"] == 2
     assert any(d["kind"] == "ClusterKopfPeering" for d in docs)
+    pdb = next(d for d in docs if d["kind"] == "PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
+    assert not any(d["kind"] == "PodDisruptionBudget" for d in render())
