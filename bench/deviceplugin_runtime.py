@@ -14,8 +14,11 @@ import argparse
 import asyncio
 import os
 import random
+import re
 import shutil
+import socket
 import time
+import urllib.request
 from pathlib import Path
 
 from deviceplugin_common import RESOURCE, SCALES, agent_argv, fmt_ms, node_tree, rss_mib
@@ -28,7 +31,38 @@ from hostdev.host.model import Inventory
 from tests.fixtures.kubeletsim import KubeletSim, PluginClient
 
 
-async def bench_allocate(client: PluginClient, ids: list[str]) -> None:
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _allocate_histogram(port: int) -> dict[float, float]:
+    """Cumulative bucket counts of hostdev_allocate_seconds (le -> count)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out: dict[float, float] = {}
+    for m in re.finditer(
+        r'^hostdev_allocate_seconds_bucket\{le="([^"]+)",[^}]*\} (\S+)$', text, re.M
+    ):
+        out[float(m.group(1))] = float(m.group(2))
+    return out
+
+
+def _server_side(before: dict[float, float], after: dict[float, float]) -> str:
+    delta = {le: after[le] - before.get(le, 0.0) for le in sorted(after)}
+    total = delta[float("inf")]
+
+    def q(p: float) -> str:
+        for le, n in delta.items():
+            if n >= p * total:
+                return f"<= {le * 1e3:g} ms"
+        return "?"
+
+    return f"handler (server side, histogram): p50 {q(0.5)}, p99 {q(0.99)}"
+
+
+async def bench_allocate(client: PluginClient, ids: list[str], port: int) -> None:
     rnd = random.Random(1)
     for _ in range(50):  # warm up the channel
         await client.allocate([rnd.choice(ids)])
@@ -41,12 +75,14 @@ async def bench_allocate(client: PluginClient, ids: list[str]) -> None:
                 await client.allocate([rnd.choice(ids)])
                 lat.append(time.perf_counter() - t)
 
+        before = await asyncio.to_thread(_allocate_histogram, port)
         t0 = time.perf_counter()
         await asyncio.gather(*(caller() for _ in range(callers)))
         wall = time.perf_counter() - t0
+        after = await asyncio.to_thread(_allocate_histogram, port)
         print(
             f"  Allocate round trip, {callers:2d} concurrent callers: {fmt_ms(lat)}; "
-            f"{len(lat) / wall:.0f} calls/s",
+            f"{len(lat) / wall:.0f} calls/s; {_server_side(before, after)}",
             flush=True,
         )
 
@@ -112,15 +148,20 @@ async def run_scale(pfs: int, vfs: int) -> None:
     print(f"{pfs}x{vfs} ({n} VFs):", flush=True)
     sim = KubeletSim(str(workdir / "dp"))
     await sim.start(wipe=True)
+    port = _free_port()
+    argv = [a for a in agent_argv(workdir, "--no-uevents") if a != "--metrics-port=0"]
     proc = await asyncio.create_subprocess_exec(
-        *agent_argv(workdir, "--no-uevents"), stderr=asyncio.subprocess.DEVNULL
+        *argv,
+        f"--metrics-port={port}",
+        "--metrics-addr=127.0.0.1",
+        stderr=asyncio.subprocess.DEVNULL,
     )
     try:
         await sim.wait_registered(RESOURCE, within=120)
         client = sim.client(RESOURCE)
         ids = sorted(await client.wait_for(lambda d: len(d) == n, within=120))
         print(f"  agent RSS after start: {rss_mib(proc.pid):.1f} MiB", flush=True)
-        await bench_allocate(client, ids)
+        await bench_allocate(client, ids, port)
         await bench_events(sim.client(RESOURCE), host, ids, rounds=100)
         await bench_kubelet_restart(sim, n, rounds=10)
         print(f"  agent RSS at the end: {rss_mib(proc.pid):.1f} MiB", flush=True)

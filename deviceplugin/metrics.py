@@ -9,7 +9,7 @@ import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,13 @@ class Metrics:
             registry=r,
         )
         self.rescans = Counter("hostdev_rescans", "Host rescans", ["kind"], registry=r)
+        self.allocate_seconds = Histogram(
+            "hostdev_allocate_seconds",
+            "Time the Allocate handler takes (host re-check included, gRPC excluded)",
+            ["resource"],
+            buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05),
+            registry=r,
+        )
 
     def set_devices(self, resource: str, healthy: int, unhealthy: int) -> None:
         self.devices.labels(resource, "Healthy").set(healthy)

@@ -414,6 +414,7 @@ class ResourcePlugin(pb_grpc.DevicePluginServicer):
     async def Allocate(  # noqa: N802 (gRPC method name)
         self, request: pb.AllocateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.AllocateResponse:
+        start = time.perf_counter()
         resp = pb.AllocateResponse()
         try:
             for creq in request.container_requests:
@@ -423,6 +424,7 @@ class ResourcePlugin(pb_grpc.DevicePluginServicer):
             log.error("%s: Allocate refused: %s", self.resource, e)
             await context.abort(e.code, f"{self.resource}: {e}")
         self.metrics.allocations.labels(self.resource).inc()
+        self.metrics.allocate_seconds.labels(self.resource).observe(time.perf_counter() - start)
         return resp
 
     async def PreStartContainer(  # noqa: N802 (gRPC method name)
