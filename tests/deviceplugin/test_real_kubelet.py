@@ -121,7 +121,7 @@ def test_real_device_manager_group_unit_and_health_change(
 ) -> None:
     h = gpu_with_audio(node / "host")
     res_name = "nvidia.com/a10"
-    run = kubelet_harness.start(node / "dp", res_name, expect=1, allocate=1, watch_seconds=4)
+    run = kubelet_harness.start(node / "dp", res_name, expect=1, allocate=1, watch_seconds=6)
     run.wait_for_socket()
     start_agent([{"resourceName": res_name, "selector": {"vendors": ["10de"]}}])
     # Once the kubelet has the GPU, hand both functions back to host drivers (/dev/vfio/<g>
