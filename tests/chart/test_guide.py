@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,12 @@ from pathlib import Path
 import pytest
 from kubernetes import client as k8s
 
+from hostdev import cli, cli_apply
+from hostdev.deviceplugin.config.memory import DriverMemory
+from hostdev.testing.fakekernel import FakeKernel
 from tests.chart.helmtool import REPO_ROOT, helm
+from tests.config.test_executor import AUDIO, GPU, NIC, SPEC, build, drivers
+from tests.config.test_executor import run as converge_for_test
 from tests.fixtures.kube import Cluster
 
 GUIDE = REPO_ROOT / "docs" / "guide.md"
@@ -137,3 +143,35 @@ def test_upgrade_keeps_the_release(kube_apiserver: Cluster, guide_release: tuple
 def test_guide_mentions_only_existing_example_files() -> None:
     for ref in set(re.findall(r"examples/[\w.-]+\.yaml", GUIDE.read_text(encoding="utf-8"))):
         assert Path(REPO_ROOT / ref).is_file(), ref
+
+
+def test_empty_spec_releases_every_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The uninstall section's `hostdev apply` line, through the real CLI, on a fake host whose
+    sysfs writes a simulated kernel turns into driver changes (as on a node: the agent bound the
+    devices before, remembering their original drivers)."""
+    host = build(tmp_path / "host")
+    state = tmp_path / "state"
+    kernel = FakeKernel(host)
+    assert converge_for_test(host, state, SPEC, kernel).exit_code == 0
+    assert drivers(host)[GPU] == "vfio-pci"
+
+    (loop,) = [c for b in shell_blocks() for c in b.commands if "hostdev apply" in c]
+    script = shlex.split(loop.split(" -- ", 1)[1].removesuffix("; done"))[-1]
+    script = (
+        script.replace("/tmp/none.yaml", str(tmp_path / "none.yaml"))
+        .replace("--host-root /host", f"--host-root {host.root}")
+        .replace("/var/lib/hostdev", str(state))
+    )
+    write_config, apply_cmd = (part.strip() for part in script.split("&&"))
+    subprocess.run(["sh", "-c", write_config], check=True)
+    argv = shlex.split(apply_cmd)
+    assert argv[0] == "hostdev"
+
+    real_converge = cli_apply.converge
+    monkeypatch.setattr(
+        cli_apply, "converge", lambda *a, **kw: real_converge(*a, io=kernel, settle=0.05, **kw)
+    )
+    assert cli.main(argv[1:]) == 0
+    d = drivers(host)
+    assert (d[GPU], d[AUDIO], d[NIC]) == ("nvidia", "snd_hda_intel", "e1000e")
+    assert DriverMemory(str(state)).originals == {}
