@@ -150,3 +150,11 @@ def test_two_replicas_with_peering_render() -> None:
     assert pdb["spec"]["minAvailable"] == 1
     assert pdb["spec"]["selector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
     assert not any(d["kind"] == "PodDisruptionBudget" for d in render())
+
+
+def test_kubernetes_older_than_1_30_is_refused() -> None:
+    """The own-node guard needs ValidatingAdmissionPolicy v1 and node names in tokens (1.30)."""
+    with pytest.raises(HelmError) as e:
+        helm("template", "hd", CHART, "--kube-version", "1.29.0")
+    assert "kubeVersion" in e.value.stderr or ">=1.30.0-0" in e.value.stderr
+    assert "ValidatingAdmissionPolicy" in helm("template", "hd", CHART, "--kube-version", "1.30.0")
