@@ -189,8 +189,8 @@ class Cluster:
     # ---- KubeVirt CR --------------------------------------------------------------------
     async def _kubevirt(self, snap: Snapshot) -> Condition:
         crs = sorted(
-            values(self.indexes.get("kubevirts_idx", {})),
-            key=lambda k: (k["metadata"]["namespace"], k["metadata"]["name"]),
+            (k["metadata"]["namespace"], k["metadata"]["name"])
+            for k in values(self.indexes.get("kubevirts_idx", {}))
         )
         if not crs:
             if snap.policies:
@@ -203,24 +203,21 @@ class Cluster:
                 f"no KubeVirt CR (kubevirt.io/v1 KubeVirt) found; retrying every {int(RETRY_S)} s",
             )
         self.kubevirt_missing = False
-        # One KubeVirt CR per cluster is KubeVirt's own rule; use the first if there are more.
-        meta = crs[0]["metadata"]
-        fresh = await self.api.get(
-            KUBEVIRT_GROUP, KUBEVIRT_VERSION, "kubevirts", meta["name"], meta["namespace"]
-        )
-        if fresh is None:
-            self._later()
-            return Condition("KubeVirtConfigured", "Unknown", "KubeVirtGone", "retrying")
-        change = merge_kubevirt(fresh, desired_entries(snap.policies, snap.plans))
-        where = f"{meta['namespace']}/{meta['name']}"
-        if change.patch is not None:
+        # KubeVirt honours one CR per cluster; should there be more, each gets the same merge
+        # (ownership-tracked, so harmless) rather than guessing which one virt-operator uses.
+        wanted = desired_entries(snap.policies, snap.plans)
+        for namespace, name in crs:
+            where = f"{namespace}/{name}"
+            fresh = await self.api.get(
+                KUBEVIRT_GROUP, KUBEVIRT_VERSION, "kubevirts", name, namespace
+            )
+            if fresh is None:
+                continue  # deleted meanwhile: its deletion event brings the next pass
+            change = merge_kubevirt(fresh, wanted)
+            if change.patch is None:
+                continue
             await self.api.patch(
-                KUBEVIRT_GROUP,
-                KUBEVIRT_VERSION,
-                "kubevirts",
-                meta["name"],
-                change.patch,
-                meta["namespace"],
+                KUBEVIRT_GROUP, KUBEVIRT_VERSION, "kubevirts", name, change.patch, namespace
             )
             log.info("KubeVirt %s: added %s, removed %s", where, change.added, change.removed)
             kopf.info(
@@ -228,8 +225,9 @@ class Cluster:
                 reason="HostDevicesSynced",
                 message=f"hostdev added {list(change.added)}, removed {list(change.removed)}",
             )
+        names = ", ".join(f"{ns}/{n}" for ns, n in crs)
         return Condition(
-            "KubeVirtConfigured", "True", "PermittedHostDevices", f"KubeVirt {where} permits it"
+            "KubeVirtConfigured", "True", "PermittedHostDevices", f"KubeVirt {names} permits it"
         )
 
     # ---- policy status ----------------------------------------------------------------
