@@ -31,6 +31,22 @@ def _platform(h: FakeHost) -> None:
     )
 
 
+def _nvidia(
+    h: FakeHost, addr: str, device: str, *, group: int, numa: int, driver: str = "vfio-pci"
+) -> None:
+    cls = "040300" if device == A10_AUDIO else "030200"
+    h.add_device(
+        addr, vendor="10de", device=device, class_code=cls, driver=driver, group=group, numa=numa
+    )
+
+
+def _a10_with_audio(h: FakeHost, audio_driver: str = "vfio-pci") -> None:
+    """An A10 at 17:00.0 and its HDMI audio function at 17:00.1, sharing one group."""
+    g = h.new_group()
+    _nvidia(h, "0000:17:00.0", A10, group=g, numa=0)
+    _nvidia(h, "0000:17:00.1", A10_AUDIO, group=g, numa=0, driver=audio_driver)
+
+
 def sriov_nic_dual_socket(root: Path | str, *, numvfs: int = 4, iommufd: bool = False) -> FakeHost:
     """Two sockets; an E810 with 2 PFs on socket 0 and one on socket 1; VFs on vfio-pci."""
     h = FakeHost(Path(root), iommufd=iommufd)
@@ -59,25 +75,7 @@ def gpu_with_audio(root: Path | str) -> FakeHost:
     h = FakeHost(Path(root))
     _platform(h)
     h.add_bridge("0000:00:01.0", numa=0)
-    g = h.new_group()
-    h.add_device(
-        "0000:17:00.0",
-        vendor="10de",
-        device=A10,
-        class_code="030200",
-        driver="vfio-pci",
-        group=g,
-        numa=0,
-    )
-    h.add_device(
-        "0000:17:00.1",
-        vendor="10de",
-        device=A10_AUDIO,
-        class_code="040300",
-        driver="vfio-pci",
-        group=g,
-        numa=0,
-    )
+    _a10_with_audio(h)
     return h
 
 
@@ -90,24 +88,8 @@ def gpus_behind_switch_without_acs(root: Path | str) -> FakeHost:
     h.add_bridge("0000:40:00.0", group=g, numa=1)  # switch upstream port
     h.add_bridge("0000:41:00.0", group=g, numa=1)  # downstream port 1
     h.add_bridge("0000:41:01.0", group=g, numa=1)  # downstream port 2
-    h.add_device(
-        "0000:42:00.0",
-        vendor="10de",
-        device=A100,
-        class_code="030200",
-        driver="vfio-pci",
-        group=g,
-        numa=1,
-    )
-    h.add_device(
-        "0000:43:00.0",
-        vendor="10de",
-        device=A100,
-        class_code="030200",
-        driver="vfio-pci",
-        group=g,
-        numa=1,
-    )
+    _nvidia(h, "0000:42:00.0", A100, group=g, numa=1)
+    _nvidia(h, "0000:43:00.0", A100, group=g, numa=1)
     return h
 
 
@@ -115,25 +97,7 @@ def group_member_on_host_driver(root: Path | str) -> FakeHost:
     """A GPU on vfio-pci whose audio function is still on snd_hda_intel: group not viable."""
     h = FakeHost(Path(root))
     _platform(h)
-    g = h.new_group()
-    h.add_device(
-        "0000:17:00.0",
-        vendor="10de",
-        device=A10,
-        class_code="030200",
-        driver="vfio-pci",
-        group=g,
-        numa=0,
-    )
-    h.add_device(
-        "0000:17:00.1",
-        vendor="10de",
-        device=A10_AUDIO,
-        class_code="040300",
-        driver="snd_hda_intel",
-        group=g,
-        numa=0,
-    )
+    _a10_with_audio(h, audio_driver="snd_hda_intel")
     return h
 
 
@@ -179,45 +143,11 @@ def sriov_scale(root: Path | str, *, pfs: int = 8, vfs: int = 128) -> FakeHost:
 def demo(root: Path | str) -> FakeHost:
     """Everything above on one node (for ``hostdev scan --host-root`` demos)."""
     h = sriov_nic_dual_socket(root, numvfs=2)
-    g = h.new_group()
-    h.add_device(
-        "0000:17:00.0",
-        vendor="10de",
-        device=A10,
-        class_code="030200",
-        driver="vfio-pci",
-        group=g,
-        numa=0,
-    )
-    h.add_device(
-        "0000:17:00.1",
-        vendor="10de",
-        device=A10_AUDIO,
-        class_code="040300",
-        driver="vfio-pci",
-        group=g,
-        numa=0,
-    )
+    _a10_with_audio(h)
     g = h.new_group()
     h.add_bridge("0000:40:00.0", group=g, numa=1)
-    h.add_device(
-        "0000:42:00.0",
-        vendor="10de",
-        device=A100,
-        class_code="030200",
-        driver="vfio-pci",
-        group=g,
-        numa=1,
-    )
-    h.add_device(
-        "0000:43:00.0",
-        vendor="10de",
-        device=A100,
-        class_code="030200",
-        driver="nvidia",
-        group=g,
-        numa=1,
-    )
+    _nvidia(h, "0000:42:00.0", A100, group=g, numa=1)
+    _nvidia(h, "0000:43:00.0", A100, group=g, numa=1, driver="nvidia")
     return h
 
 
