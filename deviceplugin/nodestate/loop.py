@@ -69,6 +69,7 @@ class NodeStateLoop:
         allocations: AllocationSource | None = None,
         settings: LoopSettings | None = None,
         live_inventory: Callable[[], Inventory | None] | None = None,
+        served: Served | None = None,
     ) -> None:
         self.client = client
         self.syncer = syncer
@@ -86,7 +87,9 @@ class NodeStateLoop:
         self._obj: Mapping[str, Any] | None = None
         self._uid: str | None = None
         self._synced_generation: int | None = None
-        self._served: Served | None = None
+        # What the plugins serve already (seeded at start-up from their saved lists), so the
+        # first sync only tells them when the spec says otherwise.
+        self._served: Served | None = served
         self._inventory: Inventory | None = None
         self._outcome: SyncOutcome | None = None
         self._allocations: tuple[AllocationRow, ...] | None = None

@@ -112,6 +112,15 @@ class ManagerSink:
         asyncio.run_coroutine_threadsafe(self._apply(configs), self.loop).result(self.timeout)
 
 
+def saved_resources(manager: PluginManager) -> dict[str, tuple[PciAddress, ...]]:
+    """What the plugins served before this start (their saved lists), as resource -> devices."""
+    return {
+        name: tuple(sorted({a for adv in saved.devices for a in adv.unit.addresses}))
+        for name, saved in sorted(manager.saved.items())
+        if saved.devices
+    }
+
+
 def api_client(kubeconfig: str | None) -> client.ApiClient:
     conf = client.Configuration()
     if kubeconfig:
@@ -134,6 +143,13 @@ async def run_cluster(args: argparse.Namespace, manager: PluginManager, stop: as
     except (config.ConfigException, OSError) as e:
         log.error("cannot reach the API server for NodeState %s: %s", node, e)
         return EXIT_SETUP
+    # Serve what was served before this restart at once (the kubelet re-admits running VMs'
+    # pods only while their resources exist); the first sync corrects it once the NodeState
+    # is read, which needs the API server.
+    seed = saved_resources(manager)
+    if seed:
+        log.info("serving the %d saved resources until NodeState %s is read", len(seed), node)
+        await manager.apply(to_resource_configs(seed))
     sink = ManagerSink(manager, asyncio.get_running_loop())
     loop = NodeStateLoop(
         NodeStateClient(api, node),
@@ -144,6 +160,7 @@ async def run_cluster(args: argparse.Namespace, manager: PluginManager, stop: as
         ),
         settings=LoopSettings(resync=args.nodestate_resync_seconds),
         live_inventory=sink.inventory,
+        served=seed or None,
     )
     log.info("cluster mode: applying PassthroughNodeState %s", node)
     halt = threading.Event()

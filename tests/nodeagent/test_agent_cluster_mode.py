@@ -26,6 +26,40 @@ pytestmark = pytest.mark.kube
 GPU = "example.com/a10"
 
 
+def start_agent(
+    tmp_path: Path, plugin_dir: Path, name: str, kubeconfig: Path
+) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "hostdev-node"),
+            "--host-root",
+            str(tmp_path / "host"),
+            "--plugin-dir",
+            str(plugin_dir),
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--metrics-port",
+            "0",
+            "--no-uevents",
+            "--kubeconfig",
+            str(kubeconfig),
+            "--pod-resources-socket",
+            str(tmp_path / "no-kubelet.sock"),
+        ],
+        env={**os.environ, "NODE_NAME": name},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def stop_agent(proc: subprocess.Popen[str]) -> str:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    return out
+
+
 def test_agent_process_in_cluster_mode(kube_apiserver: Cluster, tmp_path: Path) -> None:
     # Already on vfio-pci: the plan has no writes, so the real SysfsIO never touches the tree.
     scenarios.gpu_with_audio(tmp_path / "host")
@@ -43,29 +77,7 @@ def test_agent_process_in_cluster_mode(kube_apiserver: Cluster, tmp_path: Path) 
         },
     )
     plugin_dir = Path(tempfile.mkdtemp(prefix="dp-", dir="/tmp"))  # short: unix socket paths
-    agent = Path(sys.executable).parent / "hostdev-node"
-    proc = subprocess.Popen(
-        [
-            str(agent),
-            "--host-root",
-            str(tmp_path / "host"),
-            "--plugin-dir",
-            str(plugin_dir),
-            "--state-dir",
-            str(tmp_path / "state"),
-            "--metrics-port",
-            "0",
-            "--no-uevents",
-            "--kubeconfig",
-            str(kube_apiserver.kubeconfig),
-            "--pod-resources-socket",
-            str(tmp_path / "no-kubelet.sock"),
-        ],
-        env={**os.environ, "NODE_NAME": name},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = start_agent(tmp_path, plugin_dir, name, kube_apiserver.kubeconfig)
     try:
         deadline = time.monotonic() + 60
         status: dict[str, Any] = {}
@@ -84,13 +96,32 @@ def test_agent_process_in_cluster_mode(kube_apiserver: Cluster, tmp_path: Path) 
         assert (plugin_dir / socket_name(GPU)).exists()
         # No kubelet here: allocations are unknown, so none are claimed.
         assert "allocations" not in status
+        out = stop_agent(proc)
+        assert proc.returncode == 0, out
+        assert f"cluster mode: applying PassthroughNodeState {name}" in out
+
+        # Restart while the API server cannot be reached: the resources served before the
+        # restart are served again at once (running VMs' pods stay admitted).
+        (plugin_dir / socket_name(GPU)).unlink(missing_ok=True)
+        down = tmp_path / "unreachable.kubeconfig"
+        down.write_text(
+            kube_apiserver.kubeconfig.read_text().replace(
+                kube_apiserver.server, "https://127.0.0.1:9"
+            )
+        )
+        proc = start_agent(tmp_path, plugin_dir, name, down)
+        deadline = time.monotonic() + 30
+        while not (plugin_dir / socket_name(GPU)).exists() and proc.poll() is None:
+            assert time.monotonic() < deadline, "saved resource not served again"
+            time.sleep(0.1)
+        time.sleep(0.5)
+        out = stop_agent(proc)
+        assert proc.returncode == 0, out
+        assert "serving the 1 saved resources until NodeState" in out
+        assert "list/watch failed" in out  # it kept trying to reach the API server
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
+        stop_agent(proc)
         crd.delete_cluster_custom_object(GROUP, VERSION, PLURAL, name)
         for p in plugin_dir.iterdir():
             p.unlink()
         plugin_dir.rmdir()
-    assert proc.returncode == 0, out
-    assert f"cluster mode: applying PassthroughNodeState {name}" in out
