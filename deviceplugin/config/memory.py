@@ -5,6 +5,11 @@ atomically (write to a temp file, fsync, rename, fsync the directory) on every c
 agent killed at any instant leaves either the old or the new file, never a torn one. The
 original driver is recorded *before* the first write to a device, so a restore after any crash
 or restart knows where the device came from.
+
+The step journal lives in a file of its own and is replaced atomically but not fsynced: it only
+tells the next run what was interrupted (planning always starts from the kernel's state), it
+must survive a killed agent (the page cache does) but not a power loss (a reboot resets the
+devices anyway), and an fsync per step would dominate a large bind (two per step).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any
 from hostdev.host.address import PciAddress, PciAddressError
 
 FILENAME = "original-drivers.json"
+JOURNAL = "in-progress.json"
 VERSION = 1
 
 
@@ -30,6 +36,7 @@ class DriverMemory:
     def __init__(self, state_dir: str) -> None:
         self.state_dir = state_dir
         self.path = os.path.join(state_dir, FILENAME)
+        self.journal_path = os.path.join(state_dir, JOURNAL)
         self._originals: dict[PciAddress, str | None] = {}
         self._in_progress: dict[str, Any] | None = None
         self._load()
@@ -44,6 +51,7 @@ class DriverMemory:
         return self._in_progress
 
     def _load(self) -> None:
+        self._in_progress = self._load_journal()
         try:
             with open(self.path, encoding="utf-8") as f:
                 data = json.load(f)
@@ -69,33 +77,43 @@ class DriverMemory:
                 raise StateFileError(f"state file {self.path}: {e}") from e
             drv = entry.get("originalDriver") if isinstance(entry, dict) else None
             self._originals[addr] = drv if isinstance(drv, str) and drv else None
-        step = data.get("inProgress")
-        self._in_progress = step if isinstance(step, dict) else None
+
+    def _load_journal(self) -> dict[str, Any] | None:
+        try:
+            with open(self.journal_path, encoding="utf-8") as f:
+                step = json.load(f)
+        except (OSError, ValueError):
+            return None  # no journal (or a torn one after a power loss): nothing to report
+        return step if isinstance(step, dict) else None
 
     def _save(self) -> None:
-        os.makedirs(self.state_dir, exist_ok=True)
         body = {
             "version": VERSION,
             "devices": {str(a): {"originalDriver": d} for a, d in sorted(self._originals.items())},
-            "inProgress": self._in_progress,
         }
-        fd, tmp = tempfile.mkstemp(prefix=".original-drivers.", dir=self.state_dir)
+        self._replace(self.path, body, durable=True)
+
+    def _replace(self, path: str, body: object, *, durable: bool) -> None:
+        os.makedirs(self.state_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=self.state_dir)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(body, f, indent=1, sort_keys=True)
                 f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        dfd = os.open(self.state_dir, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        if durable:
+            dfd = os.open(self.state_dir, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
 
     def remember(self, addr: PciAddress, driver: str | None) -> None:
         if addr in self._originals:
@@ -110,9 +128,10 @@ class DriverMemory:
 
     def begin(self, step: Mapping[str, Any]) -> None:
         self._in_progress = dict(step)
-        self._save()
+        self._replace(self.journal_path, self._in_progress, durable=False)
 
     def done(self) -> None:
         if self._in_progress is not None:
             self._in_progress = None
-            self._save()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.journal_path)

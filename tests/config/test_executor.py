@@ -88,7 +88,7 @@ def test_converge_end_to_end_then_restore(tmp_path: Path) -> None:
     assert d[vfs[2]] == "iavf"  # not selected
     saved = json.loads((state / "original-drivers.json").read_text())
     assert saved["devices"][GPU] == {"originalDriver": "nvidia"}
-    assert saved["inProgress"] is None
+    assert not (state / "in-progress.json").exists()  # every step finished
     again = run(h, state, SPEC)
     assert again.executed == () and again.plans[0].converged
     res = run(h, state, {"pfs": SPEC["pfs"]})
@@ -292,3 +292,15 @@ def test_state_file_writes_are_atomic(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path)) == ["original-drivers.json"]  # no temp files left
     mem.forget(A(NIC))
     assert DriverMemory(str(tmp_path)).originals == {A(GPU): None}
+    mem.begin({"op": "unbind", "device": GPU})
+    assert DriverMemory(str(tmp_path)).interrupted_step == {"op": "unbind", "device": GPU}
+    mem.done()
+    assert sorted(os.listdir(tmp_path)) == ["original-drivers.json"]
+
+
+def test_torn_journal_is_ignored_originals_kept(tmp_path: Path) -> None:
+    """After a power loss the unsynced journal may be torn; the fsynced originals are not."""
+    DriverMemory(str(tmp_path)).remember(A(GPU), "nvidia")
+    (tmp_path / "in-progress.json").write_text("")
+    mem = DriverMemory(str(tmp_path))
+    assert mem.interrupted_step is None and mem.originals == {A(GPU): "nvidia"}
