@@ -4,8 +4,9 @@
   same broadcast udev listens to. It is read with the standard library (``socket.AF_NETLINK``):
   the protocol is one datagram of NUL-separated ``KEY=VALUE`` lines per event, so parsing is a
   dozen lines, and pyroute2/pyudev would add a dependency (pyudev also wants libudev, absent in
-  slim images) for no gain. Needs the host network namespace (the DaemonSet runs hostNetwork):
-  the kernel sends uevents to the initial network namespace only.
+  slim images) for no gain. No hostNetwork needed: the kernel broadcasts uevents into every
+  network namespace owned by the initial user namespace, a normal pod's included
+  (tests/chart/test_uevent_netns.py); a pod in a user namespace gets none.
 - :class:`DirWatcher`: inotify (``inotify_simple``) on directories: ``/dev/vfio`` (group nodes
   come and go with vfio-pci binds) and the kubelet's device-plugin directory (kubelet.sock
   re-created = kubelet restarted; our own socket deleted = serve again).
