@@ -260,13 +260,25 @@ def test_request_patches_vm_and_deletion_restores_it_exactly(
     assert done["status"]["pciAddresses"] == "0000:3b:02.0,0000:3b:02.1"
     assert done["status"]["node"] == node
 
+    # The owner shrinks the request: exactly the surplus entry goes, the foreign one stays.
+    o.api.patch_namespaced_custom_object(
+        GROUP, "v1alpha1", ns, "passthroughrequests", "nics",
+        {"spec": {"devices": [{"name": "nic", "resourceName": resource, "count": 1}]}},
+    )  # fmt: skip
+
+    def host_devices() -> list[str]:
+        devs = o.vm(ns, "vm1")["spec"]["template"]["spec"]["domain"]["devices"]["hostDevices"]
+        return [e["name"] for e in devs]
+
+    wait_for("one entry left", lambda: host_devices() == ["user-gpu", "nics-nic-0"])
+
     o.delete(GROUP, "passthroughrequests", ns, "nics")
     wait_for("request gone", lambda: o.request(ns, "nics") is None)
     assert comparable(o.vm(ns, "vm1")) == before
-    # one VM patch to add, one to remove; no retried conflicts
+    # one VM patch to add, one to shrink, one to remove; no retried conflicts
     metrics = hostdev_operator.metrics()
     assert (
-        'hostdev_operator_api_writes_total{resource="virtualmachines",verb="patch"} 2.0' in metrics
+        'hostdev_operator_api_writes_total{resource="virtualmachines",verb="patch"} 3.0' in metrics
     )
     assert 'hostdev_operator_request_transitions_total{phase="Allocated"} 1.0' in metrics
 
