@@ -246,6 +246,15 @@ async def _apply(
         raise kopf.TemporaryError(change.refusal, delay=RETRY_REFUSED_S)
 
     names = list(change.entries)
+    if change.patch is not None:
+        log.info(
+            "PassthroughRequest %s/%s: VM %s %s now has %s",
+            req.namespace,
+            req.name,
+            req.vm_name,
+            req.placement,
+            ", ".join(names),
+        )
     vmi = _vmi(vmis_idx, req.namespace, req.vm_name)
     restarted = status.get("restartedVmiUid")
     if needs_restart(req, vmi, names, restarted):
