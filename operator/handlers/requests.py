@@ -38,6 +38,7 @@ PLURAL = "passthroughrequests"
 CONFLICT_RETRIES = 8
 RETRY_REFUSED_S = 60.0
 RETRY_PENDING_S = 10.0
+RETRY_MAX_S = 600.0
 STATUS_INTERVAL_S = 15.0
 
 log = logging.getLogger("hostdev.operator.requests")
@@ -169,7 +170,14 @@ async def apply_request(
     memo: Any,
     **kwargs: Any,
 ) -> None:
-    await _apply(body, status, patch, memo, kwargs["vmis_idx"])
+    retry = int(kwargs.get("retry") or 0)
+    await _apply(body, status, patch, memo, kwargs["vmis_idx"], retry=retry)
+
+
+def _backoff(base: float, retry: int) -> float:
+    """Each kopf retry writes its progress annotation: back off so a request that waits long
+    (agents down, no capacity) costs few writes."""
+    return float(min(base * 2 ** min(retry, 10), RETRY_MAX_S))
 
 
 async def _apply(
@@ -178,6 +186,8 @@ async def _apply(
     patch: kopf.Patch,
     memo: Any,
     vmis_idx: kopf.Index[Any, Any],
+    *,
+    retry: int = 0,
 ) -> None:
     generation = body.get("metadata", {}).get("generation")
     try:
@@ -207,7 +217,7 @@ async def _apply(
             (kopf.warn if verdict.final else kopf.info)(body, reason=phase, message=verdict.message)
         metrics.RECONCILES.labels("request", phase.lower()).inc()
         # Capacity can appear (new node, new policy): look again later, never give up.
-        delay = RETRY_REFUSED_S if verdict.final else RETRY_PENDING_S
+        delay = _backoff(RETRY_REFUSED_S if verdict.final else RETRY_PENDING_S, retry)
         raise kopf.TemporaryError(verdict.message, delay=delay)
 
     api: Api = memo["api"]
@@ -230,7 +240,7 @@ async def _apply(
                 Condition("Applied", "False", "VmNotFound", msg),
             ],
         )
-        raise kopf.TemporaryError(msg, delay=RETRY_PENDING_S)
+        raise kopf.TemporaryError(msg, delay=_backoff(RETRY_PENDING_S, retry))
     if change.refusal is not None:
         _set_status(
             patch,
@@ -243,7 +253,7 @@ async def _apply(
             ],
         )
         kopf.warn(body, reason="Refused", message=change.refusal)
-        raise kopf.TemporaryError(change.refusal, delay=RETRY_REFUSED_S)
+        raise kopf.TemporaryError(change.refusal, delay=_backoff(RETRY_REFUSED_S, retry))
 
     names = list(change.entries)
     if change.patch is not None:
