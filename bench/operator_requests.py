@@ -108,6 +108,7 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--vms", type=int, default=100)
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--steady", type=float, default=30, help="seconds of idle measurement")
     args = ap.parse_args()
     tools = find_tools()
     if tools is None:
@@ -195,6 +196,13 @@ def main() -> int:
         conflicts = operator_metric(port, "hostdev_operator_api_conflicts_total")
         rss = rss_kib(op.pid, "VmRSS"), rss_kib(op.pid, "VmHWM")
 
+        # steady state: nothing changes, the per-request status timers still run
+        cpu_s0, t_s0 = cpu_seconds(op.pid), time.monotonic()
+        time.sleep(args.steady)
+        steady = (cpu_seconds(op.pid) - cpu_s0) / (time.monotonic() - t_s0) * 100
+        steady_writes = apiserver_writes(cluster) - after
+        steady_writes.pop("leases", None)
+
         # every VM holds exactly its 10 entries
         bad = 0
         for i in range(args.vms):
@@ -230,6 +238,8 @@ def main() -> int:
         print(f"  operator CPU until all Applied   {cpu_applied:7.2f} s "
               f"({cpu_applied / args.requests * 1000:.1f} ms per request; {os.cpu_count()} CPUs "
               "shared with etcd, kube-apiserver and this client)")  # fmt: skip
+        print(f"  steady state, {args.requests} requests idle  {steady:5.1f} % of a CPU, "
+              f"{steady_writes.total()} writes in {args.steady:.0f} s")  # fmt: skip
         print(f"  all deleted + released after     {released_s:7.2f} s")
         print(f"  API writes per request (server)  {op_writes / args.requests:7.2f} "
               f"= {op_writes} writes: " + ", ".join(f"{k} {v}" for k, v in
