@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -59,11 +59,17 @@ class Snapshot:
         return Capacity.build(self.policies, self.plans, self.reported)
 
 
+def post_event(obj: Mapping[str, Any], type: str, *, reason: str, message: str) -> None:
+    """A Kubernetes Event on ``obj`` through kopf's poster (needs a kopf handler context)."""
+    kopf.event(cast(kopf.Body, obj), type=type, reason=reason, message=message)
+
+
 @dataclass
 class Cluster:
     """Holds kopf's indexes (handed over at startup) and the reconcile task's state."""
 
     api: Api
+    post: Callable[..., None] = post_event
     indexes: dict[str, Mapping[Any, Iterable[Any]]] = field(default_factory=dict)
     dirty: asyncio.Event = field(default_factory=asyncio.Event)
     _snapshot: Snapshot | None = None
@@ -158,8 +164,9 @@ class Cluster:
                     "spec": dict(plan.spec),
                 }
                 obj = await self.api.create_cluster(GROUP, VERSION, "passthroughnodestates", body)
-                kopf.info(
-                    cast(kopf.Body, obj),
+                self.post(
+                    obj,
+                    "Normal",
                     reason="Created",
                     message=f"policies: {', '.join(plan.policies)}",
                 )
@@ -220,8 +227,9 @@ class Cluster:
                 KUBEVIRT_GROUP, KUBEVIRT_VERSION, "kubevirts", name, change.patch, namespace
             )
             log.info("KubeVirt %s: added %s, removed %s", where, change.added, change.removed)
-            kopf.info(
-                cast(kopf.Body, fresh),
+            self.post(
+                fresh,
+                "Normal",
                 reason="HostDevicesSynced",
                 message=f"hostdev added {list(change.added)}, removed {list(change.removed)}",
             )
@@ -279,5 +287,5 @@ class Cluster:
             if fields.get("conflictCount") and fields.get("conflictCount") != old.get(
                 "conflictCount"
             ):
-                kopf.warn(cast(kopf.Body, obj), reason="Conflict", message=conds[1].message)
+                self.post(obj, "Warning", reason="Conflict", message=conds[1].message)
         metrics.POLICY_CONFLICTS.set(conflicts)

@@ -110,6 +110,11 @@ def test_policies_render_nodestates_conflicts_and_node_selection(
     state = o.nodestate(n1)
     assert state is not None
     assert state["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "hostdev-operator"
+    # kopf posts Events of cluster-scoped objects in the "default" namespace
+    wait_for("a Created event for the NodeState", lambda: [
+        e for e in o.core.list_namespaced_event("default").items
+        if e.involved_object.name == n1 and e.reason == "Created"
+    ])  # fmt: skip
     assert json.loads(state["metadata"]["annotations"]["hostdev.io/policies"])["policies"] == [
         f"narrow-{sfx}",
         f"wide-{sfx}",
