@@ -40,6 +40,7 @@ RETRY_REFUSED_S = 60.0
 RETRY_PENDING_S = 10.0
 RETRY_MAX_S = 600.0
 STATUS_INTERVAL_S = 15.0
+STATUS_SETTLE_S = 5.0  # first look soon after a change; then every STATUS_INTERVAL_S
 
 log = logging.getLogger("hostdev.operator.requests")
 
@@ -295,8 +296,8 @@ def _allocations(cluster: Cluster) -> list[Any]:
     VERSION,
     PLURAL,
     interval=STATUS_INTERVAL_S,
-    initial_delay=STATUS_INTERVAL_S,
-    idle=STATUS_INTERVAL_S,
+    initial_delay=STATUS_SETTLE_S,
+    idle=STATUS_SETTLE_S,
 )
 async def refresh_request(
     *,
