@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import logging
 import os
+import secrets
 from collections.abc import Sequence
 from typing import Any
 
@@ -73,13 +74,28 @@ async def stop(*, memo: Any, **_: Any) -> None:
         cluster.stop()
 
 
+def _priority(text: str) -> int:
+    if text == "random":
+        return secrets.randbelow(2**31 - 1) + 1
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'random', got {text!r}") from None
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="hostdev-operator", description=__doc__.splitlines()[0])
     p.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then $KUBECONFIG)")
     peer = p.add_mutually_exclusive_group()
     peer.add_argument("--peering", metavar="NAME", help="kopf peering object for leader election")
     peer.add_argument("--standalone", action="store_true", help="no peering (one replica only)")
-    p.add_argument("--priority", type=int, default=0, help="peering priority (highest leads)")
+    p.add_argument(
+        "--priority",
+        type=_priority,
+        default=0,
+        help="peering priority (highest leads), or 'random': a fresh 31-bit one per process, so "
+        "replicas of one Deployment never tie (kopf pauses every peer of an equal priority)",
+    )
     p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus port; 0: off")
     p.add_argument(
         "--liveness", default=None, help="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz"
