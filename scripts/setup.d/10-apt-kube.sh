@@ -10,16 +10,8 @@ if [ ${#missing[@]} -eq 0 ]; then
   echo "apt-kube: etcd $(etcd --version | sed -n 's/^etcd Version: //p'), openssl present"
   exit 0
 fi
-if [ "$(id -u)" -ne 0 ]; then
-  echo "apt-kube: missing ${missing[*]}; run as root or: sudo apt-get install -y ${missing[*]}" >&2
-  exit 1
-fi
-export DEBIAN_FRONTEND=noninteractive
-# A fresh image often has empty package lists: refresh them only then (bounded, it is network).
-if ! apt-cache show "${missing[@]}" >/dev/null 2>&1; then
-  timeout 300 apt-get update -q
-fi
-timeout 600 apt-get install -y -q --no-install-recommends "${missing[@]}"
+. "$(dirname "$0")/../lib/apt.sh"
+apt_install apt-kube "${missing[@]}"
 # The package's systemd unit starts a system etcd on :2379; tests run their own on free ports,
 # so stop it where systemd is running (in a container there is none and nothing started).
 if [ -d /run/systemd/system ]; then

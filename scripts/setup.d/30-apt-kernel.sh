@@ -21,14 +21,5 @@ if [ ${#missing[@]} -eq 0 ]; then
   echo "apt-kernel: $(qemu-system-x86_64 --version | head -1), kernel(s) $(ls /lib/modules | tr '\n' ' ')present"
   exit 0
 fi
-if [ "$(id -u)" -ne 0 ]; then
-  echo "apt-kernel: missing ${missing[*]}; run as root or: sudo apt-get install -y --no-install-recommends ${missing[*]}" >&2
-  exit 1
-fi
-export DEBIAN_FRONTEND=noninteractive
-if ! apt-cache show "${missing[@]}" >/dev/null 2>&1; then
-  timeout 300 apt-get update -q
-fi
-# --no-install-recommends: no initramfs-tools/firmware; the test builds its own initramfs.
-timeout 900 apt-get install -y -q --no-install-recommends "${missing[@]}"
-echo "apt-kernel: installed ${missing[*]}"
+. "$(dirname "$0")/../lib/apt.sh"
+apt_install apt-kernel "${missing[@]}"
