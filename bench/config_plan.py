@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from timing import SIZES, timed
+
 from hostdev.deviceplugin.config.apply import converge
 from hostdev.deviceplugin.config.facts import gather_facts
 from hostdev.deviceplugin.config.memory import DriverMemory
@@ -29,17 +31,11 @@ from hostdev.policy.plan import plan
 from hostdev.testing.fakekernel import FakeKernel
 from hostdev.testing.scenarios import sriov_scale
 
-SIZES = [(2, 32), (4, 128), (8, 128), (16, 256)]
 SPEC = {"devices": [{"selector": {"vendors": ["8086"], "devices": ["1889"]}}]}
 
 
 def med(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
-    out = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return statistics.median(out)
+    return statistics.median(timed(fn, repeat))
 
 
 def main() -> None:

@@ -13,8 +13,9 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
+
+from timing import SIZES, timed
 
 from hostdev.host import Sysfs
 from hostdev.policy.nodestatus import (
@@ -26,17 +27,7 @@ from hostdev.policy.nodestatus import (
 )
 from hostdev.testing.scenarios import sriov_scale
 
-SIZES = [(2, 32), (4, 128), (8, 128), (16, 256)]
 NOW = "2026-01-01T00:00:00Z"
-
-
-def timed(fn, repeat: int) -> list[float]:  # type: ignore[no-untyped-def]
-    out = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
 
 
 def main() -> None:

@@ -11,25 +11,14 @@ import json
 import resource
 import statistics
 import tempfile
-import time
 from contextlib import redirect_stdout
 from pathlib import Path
+
+from timing import SIZES, timed
 
 from hostdev.cli import main as cli
 from hostdev.host import Sysfs
 from hostdev.testing.scenarios import sriov_scale
-
-# (PFs, VFs per PF): ~64, ~512, ~1,024 and ~4,096 VFs (plus 3 platform functions and the PFs).
-SIZES = [(2, 32), (4, 128), (8, 128), (16, 256)]
-
-
-def timed(fn, repeat: int) -> list[float]:  # type: ignore[no-untyped-def]
-    out = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
 
 
 def main() -> None:
