@@ -80,7 +80,8 @@ R=/newroot
 mount -t proc proc $R/proc; mount -t sysfs sysfs $R/sys; mount -t devtmpfs devtmpfs $R/dev
 mkdir -p $R/dev/pts $R/dev/shm $R/run $R/tmp
 mount -t devpts devpts $R/dev/pts; mount -t tmpfs tmpfs $R/dev/shm; mount -t tmpfs tmpfs $R/run
-mount -t tmpfs tmpfs $R/tmp
+# No tmpfs over /tmp: a checkout (and its venv) under the host's /tmp, as CI clones may be,
+# must stay visible; the overlay's tmpfs upper layer already makes /tmp writable.
 mkdir -p $R/run/rk && mount --bind /out $R/run/rk
 . /out/env
 hostname rk-guest
