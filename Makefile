@@ -35,8 +35,9 @@ lint: $(STAMP)
 	$(BIN)/hadolint Dockerfile
 	scripts/sync-chart-crds.sh --check
 
+## The fast tiers only (no API server, kubelet harness or QEMU guest): seconds, no root needed.
 unit: $(STAMP)
-	$(BIN)/pytest -ra tests/unit
+	$(BIN)/pytest -ra -m "not kube and not kubelet and not kernel"
 
 ## Install/build the test tiers' tools only (apt packages, Go builds into ~/.cache/hostdev/bin).
 tools:
