@@ -42,3 +42,29 @@ def test_saved_firecracker_host(capsys: pytest.CaptureFixture[str]) -> None:
     assert {d["vendor"] for d in rep["devices"] if d["driver"]} == {"1af4"}
     assert all(d["assignable"] == "no" for d in rep["devices"])
     assert rep["warnings"] == []
+
+
+def test_saved_real_kernel_with_iommu_and_sriov(capsys: pytest.CaptureFixture[str]) -> None:
+    """Captured in the kernel tier's QEMU guest (Linux 6.1, q35 + intel-iommu, interrupt
+    remapping): `hostdev snapshot` plus, at the same moment, the live `hostdev scan --json
+    --pci-ids /dev/null`. The saved tree must scan exactly as the live kernel did."""
+    root = DATA / "qemu-q35-vtd-sriov"
+    live = json.loads((DATA / "qemu-q35-vtd-sriov.scan.json").read_text())
+    assert main(["scan", "--host-root", str(root), "--json", "--pci-ids", "/dev/null"]) == 0
+    saved = json.loads(capsys.readouterr().out)
+    assert saved == live
+    # What the real kernel showed, in the host model's terms.
+    assert saved["node"]["iommuVendor"] == "intel" and saved["node"]["interruptRemapping"]
+    groups = {g["number"]: g for g in saved["groups"]}
+    devs = {d["address"]: d for d in saved["devices"]}
+    e1000e_pair = groups[devs["0000:02:00.0"]["iommuGroup"]]
+    assert e1000e_pair["members"] == ["0000:02:00.0", "0000:02:00.1"]  # multifunction, no ACS
+    bridge_group = groups[devs["0000:03:00.0"]["iommuGroup"]]
+    assert bridge_group["members"] == ["0000:03:00.0", "0000:04:01.0", "0000:04:02.0"]
+    pf = devs["0000:41:00.0"]
+    assert (pf["sriovTotalVfs"], pf["sriovNumVfs"], pf["numaNode"]) == (4, 4, 0)
+    vfs = [d for d in saved["devices"] if d["physfn"] == "0000:41:00.0"]
+    assert [(d["vfIndex"], d["numaNode"]) for d in vfs] == [(i, 0) for i in range(4)]
+    assert devs["0000:41:00.1"]["assignable"] == "ready"  # bound to vfio-pci in the guest
+    assert groups[devs["0000:41:00.1"]["iommuGroup"]]["vfioNode"] is True
+    assert devs["0000:81:00.0"]["numaNode"] == 1
