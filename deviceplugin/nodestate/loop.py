@@ -3,7 +3,9 @@ device-plugin resources applied, status out.
 
 Threads: a watcher (list + watch from the resourceVersion, list again on 410) feeds a queue;
 the loop thread syncs when the spec generation changes (a status-only update never re-applies),
-re-runs the sync every ``resync`` seconds as a safety net, refreshes health and allocations
+re-runs the sync every ``resync`` seconds as a safety net (sooner after a failed sync: ``retry``
+seconds, doubling per consecutive failure up to ``resync``, since most failures are transient:
+a VF still held by a VM, a driver still loading), refreshes health and allocations
 every ``allocations_every`` seconds; a :class:`StatusWriter` sends the status batched and only
 on change.
 """
@@ -53,6 +55,7 @@ class LoopSettings:
     allocations_every: float = 30.0  # re-read health and allocations this often
     watch_timeout: int = 60  # seconds per watch request (the server ends it; we re-watch)
     backoff: float = 5.0  # after an API error
+    retry: float = 10.0  # first re-try of a failed sync; doubles per failure, up to ``resync``
 
 
 def _flat(served: Served) -> dict[PciAddress, str]:
@@ -130,6 +133,7 @@ class NodeStateLoop:
         )
         watcher.start()
         next_resync = next_alloc = float("inf")
+        failures = 0  # consecutive failed syncs of the current spec
         try:
             while not stop.is_set():
                 now = time.monotonic()
@@ -149,9 +153,21 @@ class NodeStateLoop:
                 if self._obj is not None and (
                     generation_of(self._obj) != self._synced_generation or now >= next_resync
                 ):
+                    if generation_of(self._obj) != self._synced_generation:
+                        failures = 0  # a new spec starts a fresh back-off
                     self._guarded_sync()
                     now = time.monotonic()
-                    next_resync = now + s.resync
+                    failed = self._outcome is not None and self._outcome.state == FAILED
+                    failures = failures + 1 if failed else 0
+                    delay = min(s.resync, s.retry * 2 ** (failures - 1)) if failed else s.resync
+                    if failed:
+                        log.info(
+                            "NodeState %s: sync failed (%d in a row), retrying in %.0f s",
+                            self.name,
+                            failures,
+                            delay,
+                        )
+                    next_resync = now + delay
                     next_alloc = now + s.allocations_every
                 elif self._obj is not None and self._outcome is not None and now >= next_alloc:
                     try:

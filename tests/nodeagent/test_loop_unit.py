@@ -53,6 +53,7 @@ class Harness:
         build: Callable[[Path], Any] = scenarios.gpu_with_audio,
         resync: float = 3600,
         refresh: float = 3600,
+        retry: float = 3600,
     ):
         host = build(tmp_path / "host")
         self.kernel = FakeKernel(host)
@@ -64,7 +65,11 @@ class Harness:
             Syncer(self.sysfs, DriverMemory(str(tmp_path / "state")), io=self.kernel, settle=0.5),
             self.manager,
             settings=LoopSettings(
-                coalesce=0.05, resync=resync, allocations_every=refresh, backoff=0.1
+                coalesce=0.05,
+                resync=resync,
+                allocations_every=refresh,
+                backoff=0.1,
+                retry=retry,
             ),
         )
         self.stop = threading.Event()
@@ -156,6 +161,23 @@ def test_kernel_write_failure_is_reported_with_device_state(tmp_path: Path) -> N
     assert "sriov_numvfs 0" in st["lastError"]  # what the device looks like now
     assert h.sysfs.discover().devices[A("0000:3b:00.0")].sriov_numvfs == 0
     assert h.manager.applies == [{}]  # the first sync always says what to serve: nothing
+
+
+def test_failed_sync_is_retried_with_backoff_without_a_spec_change(tmp_path: Path) -> None:
+    """A transient kernel error (EBUSY twice) fails the sync; the loop retries on its own
+    (10 ms, then 20 ms here) and converges with the same spec generation."""
+    h = Harness(tmp_path, lambda root: scenarios.sriov_nic_dual_socket(root, numvfs=0), retry=0.01)
+    h.kernel.inject("sriov_numvfs", errno.EBUSY, "0000:3b:00.0", times=2)
+    h.api.put({"pfs": [{"pciAddress": "0000:3b:00.0", "numVfs": 4}]}, generation=1)
+    h.thread.start()
+    try:
+        st = h.synced(1, "Succeeded")
+    finally:
+        h.stop.set()
+        h.thread.join(10)
+    assert not st.get("lastError")
+    assert h.sysfs.discover().devices[A("0000:3b:00.0")].sriov_numvfs == 4
+    assert h.loop.syncs == 3  # failed, failed, succeeded
 
 
 def test_periodic_resync_writes_nothing_when_nothing_changed(tmp_path: Path) -> None:
