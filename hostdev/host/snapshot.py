@@ -55,6 +55,17 @@ def _copy_link(src: str, dst: str) -> None:
     os.symlink(target, dst)
 
 
+def _kobject_dir(src: str, dst: str) -> None:
+    """A directory whose existence is the fact (an IOMMU unit, a driver, a netdev, a module).
+
+    Its ``uevent`` comes along (every kernel object has one), which also keeps the directory
+    in a git checkout of a saved tree: git drops empty directories."""
+    os.makedirs(dst, exist_ok=True)
+    _copy_file(os.path.join(src, "uevent"), os.path.join(dst, "uevent"))
+    if not os.path.exists(os.path.join(dst, "uevent")):
+        _touch(os.path.join(dst, "uevent"))
+
+
 def _touch(path: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     open(path, "w").close()
@@ -89,10 +100,12 @@ def snapshot(host_root: str, out: str) -> int:
                 _copy_link(entry.path, os.path.join(dev_dst, n))
             elif n in ("net", "vfio-dev"):
                 for sub in os.listdir(entry.path):
-                    os.makedirs(os.path.join(dev_dst, n, sub), exist_ok=True)
+                    _kobject_dir(os.path.join(entry.path, sub), os.path.join(dev_dst, n, sub))
             elif n.startswith("virtio") and os.path.isdir(os.path.join(entry.path, "net")):
                 for sub in os.listdir(os.path.join(entry.path, "net")):
-                    os.makedirs(os.path.join(dev_dst, n, "net", sub), exist_ok=True)
+                    _kobject_dir(
+                        os.path.join(entry.path, "net", sub), os.path.join(dev_dst, n, "net", sub)
+                    )
     groups = os.path.join(src, "sys/kernel/iommu_groups")
     for g in os.listdir(groups) if os.path.isdir(groups) else ():
         gdir = os.path.join(groups, g, "devices")
@@ -103,7 +116,7 @@ def snapshot(host_root: str, out: str) -> int:
         base = os.path.join(src, d)
         for n in os.listdir(base) if os.path.isdir(base) else ():
             if d != "sys/module" or n.startswith("vfio"):
-                os.makedirs(os.path.join(out, d, n), exist_ok=True)
+                _kobject_dir(os.path.join(base, n), os.path.join(out, d, n))
     vfio = os.path.join(src, "dev/vfio")
     for n in os.listdir(vfio) if os.path.isdir(vfio) else ():
         if not os.path.isdir(os.path.join(vfio, n)):

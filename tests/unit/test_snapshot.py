@@ -68,3 +68,17 @@ def test_saved_real_kernel_with_iommu_and_sriov(capsys: pytest.CaptureFixture[st
     assert devs["0000:41:00.1"]["assignable"] == "ready"  # bound to vfio-pci in the guest
     assert groups[devs["0000:41:00.1"]["iommuGroup"]]["vfioNode"] is True
     assert devs["0000:81:00.0"]["numaNode"] == 1
+
+
+def test_saved_tree_has_no_empty_directories(tmp_path: Path) -> None:
+    """Saved trees are kept in git, which drops empty directories (an IOMMU unit, a loaded
+    module, a driver are facts by existence): every directory must hold a file or a link."""
+    scenarios.demo(tmp_path / "src")
+    assert main(["snapshot", str(tmp_path / "out"), "--host-root", str(tmp_path / "src")]) == 0
+    for saved in [tmp_path / "out", *(p for p in DATA.iterdir() if p.is_dir())]:
+        empty = [
+            d
+            for d in saved.rglob("*")
+            if d.is_dir() and not d.is_symlink() and not any(d.iterdir())
+        ]
+        assert empty == [], f"{saved}: empty directories {empty[:3]}"
