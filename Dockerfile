@@ -20,8 +20,9 @@ COPY deviceplugin/ deviceplugin/
 COPY operator/ operator/
 # Binary wheels only: every dependency (grpcio, protobuf, ...) ships manylinux wheels, so no
 # compiler is needed here and nothing is built from an unreviewed sdist.
+# -I: /src is the working directory and its operator/ folder would shadow the stdlib module.
 RUN --mount=type=cache,target=/root/.cache/pip \
-    python -m venv /opt/hostdev \
+    python -I -m venv /opt/hostdev \
     && /opt/hostdev/bin/pip install --only-binary=:all: . \
     && /opt/hostdev/bin/pip uninstall --yes setuptools pip
 

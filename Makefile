@@ -8,8 +8,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: venv scan test lint unit tools cluster-up cluster-down protos check-protos bench clean
 
+# Debian's own python3 ships venv support separately (python3-venv): install it when missing.
+# -I keeps the repo root off sys.path: the top-level operator/ folder would shadow the stdlib
+# `operator` for an interpreter that has not imported it at start-up (Debian's python3 has not).
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	test -x $(BIN)/python || $(PY) -I -m venv $(VENV) || { apt-get install -y -q python3-venv \
+		&& $(PY) -I -m venv $(VENV); }
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
