@@ -14,7 +14,7 @@ from dataclasses import replace
 
 from hostdev.host.address import PciAddress
 from hostdev.host.model import Inventory, IommuGroup, NodeIommu, PciDevice
-from hostdev.host.sysfs import Sysfs, group_verdict
+from hostdev.host.sysfs import Sysfs, make_group
 
 log = logging.getLogger(__name__)
 
@@ -123,13 +123,6 @@ class HostView:
             if not devs:
                 self._groups.pop(num, None)
                 continue
-            viable, reason = group_verdict(devs)
-            self._groups[num] = IommuGroup(
-                number=num,
-                members=tuple(d.address for d in devs),
-                viable=viable,
-                reason=reason,
-                vfio_node=num in self._nodes,
-            )
+            self._groups[num] = make_group(num, devs, self._nodes)
         if new_keys:
             self._groups = dict(sorted(self._groups.items()))

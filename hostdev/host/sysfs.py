@@ -304,6 +304,19 @@ def group_verdict(
     return False, f"{names} (every function in the group must be on vfio-pci or no driver)"
 
 
+def make_group(number: int, devs: Iterable[PciDevice], vfio_nodes: frozenset[int]) -> IommuGroup:
+    """An IOMMU group from its member devices (any order) and the /dev/vfio nodes present."""
+    ordered = sorted(devs, key=lambda d: d.address)
+    viable, reason = group_verdict(ordered)
+    return IommuGroup(
+        number=number,
+        members=tuple(d.address for d in ordered),
+        viable=viable,
+        reason=reason,
+        vfio_node=number in vfio_nodes,
+    )
+
+
 def _assemble(
     raws: list[_Raw], vfio_nodes: frozenset[int], warnings: list[str], sysfs: Sysfs
 ) -> Inventory:
@@ -339,17 +352,7 @@ def _assemble(
     for dev in devices.values():
         if dev.iommu_group is not None:
             members.setdefault(dev.iommu_group, []).append(dev)
-    groups: dict[int, IommuGroup] = {}
-    for num, devs in members.items():
-        devs.sort(key=lambda d: d.address)
-        viable, reason = group_verdict(devs)
-        groups[num] = IommuGroup(
-            number=num,
-            members=tuple(d.address for d in devs),
-            viable=viable,
-            reason=reason,
-            vfio_node=num in vfio_nodes,
-        )
+    groups = {num: make_group(num, devs, vfio_nodes) for num, devs in members.items()}
     ordered = dict(sorted(devices.items()))
     return Inventory(
         node=sysfs.node_iommu(),
