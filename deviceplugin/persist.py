@@ -8,15 +8,14 @@ within milliseconds of start, before the (slower) host scan corrects it.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from hostdev.deviceplugin.atomicfile import atomic_write
 from hostdev.deviceplugin.plugin import Advertised, advertised_from_json, advertised_to_json
 
 log = logging.getLogger(__name__)
@@ -51,18 +50,7 @@ def encode(resources: Mapping[str, SavedResource]) -> bytes:
 
 def save(state_dir: str, payload: bytes) -> None:
     """Atomic replace: a crash mid-write leaves the previous file intact."""
-    os.makedirs(state_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".state-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, state_path(state_dir))
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write(state_path(state_dir), payload)
 
 
 def load(state_dir: str) -> dict[str, SavedResource]:

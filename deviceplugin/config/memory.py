@@ -17,10 +17,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
+from hostdev.deviceplugin.atomicfile import atomic_write
 from hostdev.host.address import PciAddress, PciAddressError
 
 FILENAME = "original-drivers.json"
@@ -94,26 +94,8 @@ class DriverMemory:
         self._replace(self.path, body, durable=True)
 
     def _replace(self, path: str, body: object, *, durable: bool) -> None:
-        os.makedirs(self.state_dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=self.state_dir)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(body, f, indent=1, sort_keys=True)
-                f.write("\n")
-                if durable:
-                    f.flush()
-                    os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        if durable:
-            dfd = os.open(self.state_dir, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+        text = json.dumps(body, indent=1, sort_keys=True) + "\n"
+        atomic_write(path, text.encode("utf-8"), durable=durable)
 
     def remember(self, addr: PciAddress, driver: str | None) -> None:
         if addr in self._originals:
