@@ -78,12 +78,14 @@ class Syncer:
         io: KernelIO | None = None,
         settle: float | None = None,
         now: Callable[[], str] = utc_now,
+        allocated: Callable[[], Mapping[PciAddress, str]] | None = None,
     ) -> None:
         self.sysfs = sysfs
         self.memory = memory
         self.io = io
         self.settle = settle
         self.now = now
+        self.allocated = allocated  # None: the device plugin's saved lists (converge's default)
 
     def discover(self) -> Inventory:
         return self.sysfs.discover()
@@ -109,6 +111,7 @@ class Syncer:
                 io=self.io,
                 settle=self.settle,
                 echo=lambda line: log.info("NodeState %s: %s", name, line),
+                allocated=self.allocated,
             )
         except OSError as e:
             # The host root or the state directory failed us (not a device step).

@@ -99,6 +99,14 @@ spec:
             {"devices": [{"pciAddress": "0000:01:00.0"}, {"pciAddress": "0000:01:00.0"}]},
             "devices[1]: device 0000:01:00.0 is listed twice",
         ),
+        (
+            {
+                "pfs": [{"pciAddress": "0000:3b:00.0", "numVfs": 4}],
+                "devices": [{"pciAddress": "0000:3b:00.0"}],
+            },
+            "pfs[0] and devices[0] (0000:3b:00.0): contradiction: the PF is wanted on vfio-pci "
+            "and with numVfs 4",
+        ),
     ],
 )
 def test_bad_input_names_the_field(doc: Any, message: str) -> None:
@@ -197,3 +205,13 @@ def test_cli_bad_host_root_and_state_file(
     (tmp_path / "s/original-drivers.json").write_text("[]")
     rc = main(["apply", "--config", str(cfg), "--state-dir", str(tmp_path / "s")])
     assert rc == 4 and "left untouched" in capsys.readouterr().err
+
+
+def test_a_pf_pinned_to_its_host_driver_with_vfs_is_fine() -> None:
+    cfg = parse_node_config(
+        {
+            "pfs": [{"pciAddress": "0000:3b:00.0", "numVfs": 4}],
+            "devices": [{"pciAddress": "0000:3b:00.0", "driver": "ice"}],
+        }
+    )
+    assert cfg.pfs[0].num_vfs == 4 and cfg.devices[0].driver == "ice"
