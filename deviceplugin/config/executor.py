@@ -180,8 +180,9 @@ class Executor:
             self._wait(
                 step,
                 lambda: self.autoprobe_of(a) == step.value,
-                lambda: f"sriov_drivers_autoprobe reads {self.autoprobe_of(a)}, expected "
-                f"{step.value}",
+                lambda: (
+                    f"sriov_drivers_autoprobe reads {self.autoprobe_of(a)}, expected {step.value}"
+                ),
             )
         if step.kind == "set-numvfs":
             n = int(step.value)

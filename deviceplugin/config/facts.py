@@ -67,6 +67,35 @@ def _pci_of(link_target: str) -> PciAddress | None:
     return None
 
 
+def _pcis_of(link: str) -> list[PciAddress]:
+    """The PCI functions behind a class device (``link``: its /sys/class or /sys/dev link).
+
+    An NVMe namespace behind the kernel's multipath node (every namespace on recent kernels,
+    6.12 included) lives under ``devices/virtual/nvme-subsystem/nvme-subsysN``: its functions
+    are those of the subsystem's controllers, which the subsystem directory links to."""
+    try:
+        target = os.readlink(link)
+    except OSError:
+        return []
+    addr = _pci_of(target)
+    if addr is not None:
+        return [addr]
+    parts = target.split("/")
+    if "nvme-subsystem" not in parts:
+        return []
+    subsys = os.path.join(
+        os.path.dirname(link), *parts[: parts.index("nvme-subsystem") + 2]
+    )  # relative link: resolve from the link's own directory
+    out = []
+    for name in sorted(os.listdir(subsys)) if os.path.isdir(subsys) else ():
+        path = os.path.join(subsys, name)
+        if re.fullmatch(r"nvme\d+", name) and os.path.islink(path):
+            ctrl = _pci_of(os.readlink(path))
+            if ctrl is not None:
+                out.append(ctrl)
+    return out
+
+
 # ---- network --------------------------------------------------------------------------------
 def _ipv4_routes(sysfs: Sysfs) -> tuple[set[str], dict[str, list[str]]]:
     default: set[str] = set()
@@ -166,15 +195,9 @@ def _block_usage(sysfs: Sysfs) -> dict[PciAddress, list[str]]:
 
     result: dict[PciAddress, list[str]] = {}
     for name in names:
-        try:
-            target = os.readlink(os.path.join(base, name))
-        except OSError:
-            continue
-        addr = _pci_of(target)
-        if addr is None:
-            continue
-        u = uses(name)
-        if u:
+        addrs = _pcis_of(os.path.join(base, name))
+        u = uses(name) if addrs else []
+        for addr in addrs if u else ():
             result.setdefault(addr, []).extend(u)
     return result
 
@@ -190,16 +213,10 @@ def _device_nodes(sysfs: Sysfs) -> dict[PciAddress, list[str]]:
         except OSError:
             continue
         for e in entries:
-            try:
-                target = os.readlink(os.path.join(base, e))
-            except OSError:
-                continue
-            addr = _pci_of(target)
-            if addr is None:
-                continue
-            for line in _lines(os.path.join(base, e, "uevent")):
-                if line.startswith("DEVNAME="):
-                    out.setdefault(addr, []).append("/dev/" + line[8:])
+            for addr in _pcis_of(os.path.join(base, e)):
+                for line in _lines(os.path.join(base, e, "uevent")):
+                    if line.startswith("DEVNAME="):
+                        out.setdefault(addr, []).append("/dev/" + line[8:])
     return out
 
 

@@ -207,6 +207,13 @@ def _future_vfs(pf: PciDevice, n: int) -> dict[PciAddress, PciDevice] | None:
     return out
 
 
+def _vf_range(pf: PciDevice) -> tuple[PciAddress, ...]:
+    """Every address a VF of the PF has or can have: its VFs, and where the kernel puts VFs
+    (a VF being removed has lost its links to the PF already, but not its address)."""
+    predicted = (pf.vf_address(i) for i in range(pf.sriov_totalvfs or 0))
+    return tuple(dict.fromkeys((*pf.virtfns, *(a for a in predicted if a is not None))))
+
+
 def vfs_meant_for_vfio(config: NodeConfig, inv: Inventory, pf: PciDevice, n: int) -> bool:
     """Whether the desired state puts any of the ``n`` VFs the PF is about to get on a VFIO
     driver (resolved against the VFs as they will appear)."""
@@ -313,7 +320,7 @@ class _Planner:
             self.contradicted.add(pfc)
             del self.desired[pf.address]
             action = f"bind to {d.driver} with numVfs {pfc.num_vfs}"
-            self.refuse(Refusal(str(pf.address), action, (why,)), (pf.address, *pf.virtfns))
+            self.refuse(Refusal(str(pf.address), action, (why,)), (pf.address, *_vf_range(pf)))
 
     # ---- 1. SR-IOV: numVfs per PF -----------------------------------------------------------
     def numvfs(self) -> None:
@@ -345,7 +352,7 @@ class _Planner:
             )
             return
         if pf.busy is not None:
-            self.refuse(Refusal(str(pf.address), action, (pf.busy,)), (pf.address, *pf.virtfns))
+            self.refuse(Refusal(str(pf.address), action, (pf.busy,)), (pf.address, *_vf_range(pf)))
             return
         cur = pf.sriov_numvfs or 0
         if cur == pfc.num_vfs:
@@ -382,7 +389,7 @@ class _Planner:
         if hard or (soft and not pfc.allow_unsafe):
             self.refuse(
                 Refusal(str(pf.address), action, tuple(hard + soft), overridable=not hard),
-                (pf.address, *pf.virtfns),
+                (pf.address, *_vf_range(pf)),
             )
             return
         a = pf.address
@@ -610,10 +617,8 @@ class _Planner:
         # its VFIO user) has lost its driver, physfn and virtfn links already.
         busy_roots = dict(busy)
         for a, why in busy.items():
-            pf = inv.devices[a]
-            for vf in (*pf.virtfns, *(pf.vf_address(i) for i in range(pf.sriov_totalvfs or 0))):
-                if vf is not None:
-                    busy_roots.setdefault(vf, why)
+            for vf in _vf_range(inv.devices[a]):
+                busy_roots.setdefault(vf, why)
 
         def group_of(a: PciAddress) -> tuple[PciAddress, ...]:
             dev = inv.devices.get(a)

@@ -206,3 +206,32 @@ def release_fifo(path: Path) -> None:
     """Let a reader blocked on the FIFO go (it reads EOF)."""
     fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
     os.close(fd)
+
+
+def test_a_mounted_nvme_namespace_behind_a_multipath_node_counts(tmp_path: Path) -> None:
+    """Linux 6.12 puts every NVMe namespace behind a multipath head node under
+    devices/virtual/nvme-subsystem/nvme-subsysN: its mount and its open /dev node belong to the
+    subsystem's controllers (as the kernel tier showed on the backports boot)."""
+    h = FakeHost(tmp_path)
+    h.add_device(DISK, vendor="1b36", device="0010", class_code="010802", driver="nvme")
+    r = h.root
+    ctrl = h.device_dir(DISK) / "nvme/nvme0"
+    _w(ctrl / "uevent", "MAJOR=240\nMINOR=0\nDEVNAME=nvme0\n")
+    _w(ctrl / "nvme0c0n1/dev", "259:1\n")  # the hidden per-path disk: no /dev node
+    subsys = r / "sys/devices/virtual/nvme-subsystem/nvme-subsys0"
+    head = subsys / "nvme0n1"
+    _w(head / "dev", "259:0\n")
+    _w(head / "uevent", "MAJOR=259\nMINOR=0\nDEVNAME=nvme0n1\nDEVTYPE=disk\n")
+    _ln(subsys / "nvme0", os.path.relpath(ctrl, subsys))
+    rel = os.path.relpath
+    _ln(r / "sys/class/block/nvme0n1", rel(head, r / "sys/class/block"))
+    _ln(r / "sys/class/block/nvme0c0n1", rel(ctrl / "nvme0c0n1", r / "sys/class/block"))
+    _ln(r / "sys/dev/block/259:0", rel(head, r / "sys/dev/block"))
+    _w(r / "proc/1/mountinfo", "22 1 259:0 / /data rw - ext4 /dev/nvme0n1 rw\n")
+    _w(r / "proc/77/comm", "postgres\n")
+    _ln(r / "proc/77/fd/4", "/dev/nvme0n1")
+    sysfs = Sysfs(str(r))
+    f = gather_facts(sysfs, sysfs.discover())
+    assert f.mounts == {A(DISK): ("nvme0n1 on /data",)}
+    assert f.device_nodes[A(DISK)] == ("/dev/nvme0n1",)
+    assert f.open_nodes == {"/dev/nvme0n1": ("pid 77 (postgres)",)}

@@ -522,6 +522,20 @@ CASES = [
         ),
         busy=(PF,),
     ),
+    Case(
+        "busy-pf-numvfs-refused-once-and-its-vf-mid-removal-held",
+        {"pfs": [{"pciAddress": PF, "numVfs": 0}]},
+        [],
+        refused=[f"{PF}: refused to set numVfs 0: busy: the kernel holds the device lock"],
+        held=2,  # VF0's restore (probe iavf, forget): it is being removed
+        originals={VF0: "iavf"},
+        tree=lambda h: (
+            (h.device_dir(PF) / "virtfn0").unlink(),
+            (h.device_dir(VF0) / "physfn").unlink(),
+            h.bind(VF0, None),
+        ),
+        busy=(PF,),
+    ),
     # ---- sriov_drivers_autoprobe around VFs meant for vfio-pci (issue 11, 2) --------------
     Case(
         "autoprobe-off-before-creating-vfs-for-vfio",

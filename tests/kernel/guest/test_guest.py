@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import select
 import signal
 import socket
@@ -321,7 +322,10 @@ def test_refuses_controller_of_a_mounted_disk(state: Path, tmp_path: Path) -> No
     (disk,) = [d for d in devices(QEMU_VENDOR, NVME_DEV) if not d.is_pf]
     ctrl_dir = Path(SYS.pci_device_dir(disk.address)) / "nvme"
     wait_for(lambda: any(ctrl_dir.glob("nvme*/nvme*n1")), "the NVMe namespace")
-    blk = next(ctrl_dir.glob("nvme*/nvme*n1")).name
+    # Linux 6.12 puts every namespace behind a multipath head (nvme0n1, under the NVMe
+    # subsystem) over a hidden per-path disk (nvme0c0n1, under the controller): use the head.
+    blk = re.sub(r"c\d+n", "n", next(ctrl_dir.glob("nvme*/nvme*n1")).name)
+    wait_for(lambda: os.path.exists(f"/dev/{blk}"), f"/dev/{blk}")
     # the kernel's own module requests run in the initramfs root, not this one: load ext4 here
     subprocess.run(["modprobe", "ext4"], check=True)
     subprocess.run(["mkfs.ext4", "-q", "-F", f"/dev/{blk}"], check=True)
