@@ -97,9 +97,20 @@ def run_apply(args: argparse.Namespace) -> int:
         memory = DriverMemory(args.state_dir)
     except StateFileError as e:
         return fail(str(e))
+    # The device plugin's saved lists (same --state-dir as the agent): VFs handed to pods. Its
+    # module brings the gRPC stack along: imported here, not for every hostdev command.
+    from hostdev.deviceplugin.persist import saved_allocations  # noqa: PLC0415
+
     sysfs = Sysfs(args.host_root)
     try:
-        result = converge(sysfs, memory, config, dry_run=args.dry_run, echo=print)
+        result = converge(
+            sysfs,
+            memory,
+            config,
+            dry_run=args.dry_run,
+            echo=print,
+            allocated=lambda: saved_allocations(args.state_dir),
+        )
     except HostRootError as e:
         return fail(e.strerror or str(e))
     rc = result.exit_code

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from hostdev.deviceplugin.config.executor import ExecResult, Executor, KernelIO
 from hostdev.deviceplugin.config.facts import AddressSource, gather_facts
 from hostdev.deviceplugin.config.memory import DriverMemory
-from hostdev.deviceplugin.persist import saved_allocations
 from hostdev.host.address import PciAddress
 from hostdev.host.sysfs import Sysfs
 from hostdev.policy.nodeconfig import NodeConfig
@@ -53,10 +52,11 @@ def converge(
     addresses: AddressSource | None = None,
     allocated: Callable[[], Mapping[PciAddress, str]] | None = None,
 ) -> ApplyResult:
-    """``allocated``: devices handed to pods (default: the device plugin's saved lists in the
-    same state directory); ``addresses``: the host's interface addresses (default: netlink)."""
+    """``allocated``: devices handed to pods and to whom (the agent: its device plugins';
+    ``hostdev apply``: their saved lists); ``addresses``: the host's interface addresses
+    (default: netlink)."""
     say = echo or (lambda _line: None)
-    allocations = allocated or (lambda: saved_allocations(memory.state_dir))
+    allocations = allocated or dict
     kwargs = {} if settle is None else {"settle": settle}
     executor = Executor(sysfs, memory, io, on_step=on_step, echo=say, **kwargs)
     if memory.interrupted_step is not None:

@@ -16,6 +16,7 @@ from typing import Any
 from hostdev.deviceplugin.config.apply import MAX_ROUNDS, ApplyResult, converge
 from hostdev.deviceplugin.config.executor import KernelIO
 from hostdev.deviceplugin.config.memory import DriverMemory
+from hostdev.deviceplugin.persist import saved_allocations
 from hostdev.host.address import PciAddress
 from hostdev.host.model import Inventory
 from hostdev.host.sysfs import Sysfs
@@ -85,7 +86,8 @@ class Syncer:
         self.io = io
         self.settle = settle
         self.now = now
-        self.allocated = allocated  # None: the device plugin's saved lists (converge's default)
+        # who holds which device (default: the device plugins' saved lists in the state dir)
+        self.allocated = allocated or (lambda: saved_allocations(memory.state_dir))
 
     def discover(self) -> Inventory:
         return self.sysfs.discover()

@@ -158,12 +158,17 @@ def test_pf_driver_change_refused_while_a_vf_is_allocated(state: Path) -> None:
     }
     saved = persist.SavedResource((advertised_from_json(unit),), frozenset({str(vf0.address)}))
     persist.save(str(state), persist.encode({RESOURCE: saved}))
-    # nothing wants the VFs any more and none is open: only the allocation stands in the way
-    res = apply({"devices": [{"pciAddress": str(pf.address), "allowUnsafe": True}]}, state)
-    text = text_of(res)
-    print(text)
-    assert res.exit_code == 1
-    assert f"VF {vf0.address} is allocated to a pod through {RESOURCE}" in text
+    # nothing wants the VFs any more and none is open: only the allocation stands in the way.
+    # hostdev apply reads it from the shared --state-dir (the agent passes its live set).
+    cfg = state.parent / "node.yaml"
+    cfg.write_text(f"devices:\n  - {{pciAddress: '{pf.address}', allowUnsafe: true}}\n")
+    cli = [sys.executable, "-m", "hostdev.cli", "apply", "--config", str(cfg)]
+    run = subprocess.run(
+        [*cli, "--state-dir", str(state)], capture_output=True, text=True, check=False
+    )
+    print(run.stdout, run.stderr)
+    assert run.returncode == 1
+    assert f"VF {vf0.address} is allocated to a pod through {RESOURCE}" in run.stdout
     assert driver(pf.address) == "igb" and igb_pf().sriov_numvfs == 2
     os.unlink(persist.state_path(str(state)))
 
