@@ -87,6 +87,7 @@ class ResourcePlugin(pb_grpc.DevicePluginServicer):
         self._allocated_at: dict[str, float] = {}
         self.registered = False
         self._server: grpc.aio.Server | None = None
+        self._lifecycle = asyncio.Lock()  # start() and stop() never interleave
         # None in a queue ends that stream (server stopping).
         self._watchers: set[asyncio.Queue[pb.ListAndWatchResponse | None]] = set()
         self._msgs: dict[str, pb.Device] = {}
@@ -323,30 +324,33 @@ class ResourcePlugin(pb_grpc.DevicePluginServicer):
         return self._server is not None
 
     async def start(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.socket_path)  # a stale socket from an earlier run
-        server = grpc.aio.server()
-        pb_grpc.add_DevicePluginServicer_to_server(self, server)
-        server.add_insecure_port(f"unix://{self.socket_path}")
-        await server.start()
-        self._server = server
-        self.registered = False
-        log.info("%s: serving on %s", self.resource, self.socket_path)
+        async with self._lifecycle:  # a stop() racing with this waits for the server to exist
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket_path)  # a stale socket from an earlier run
+            server = grpc.aio.server()
+            pb_grpc.add_DevicePluginServicer_to_server(self, server)
+            server.add_insecure_port(f"unix://{self.socket_path}")
+            await server.start()
+            self._server = server
+            self.registered = False
+            log.info("%s: serving on %s", self.resource, self.socket_path)
 
     async def stop(self, *, remove_socket: bool = True) -> None:
-        server, self._server = self._server, None
-        self.registered = False
-        for q in self._watchers:
-            # End the streams ourselves: cancelled handlers make grpc log tracebacks.
-            if q.full():
-                q.get_nowait()
-            q.put_nowait(None)
-        if server is not None:
-            await asyncio.sleep(0)  # let the stream handlers return
-            await server.stop(grace=0.2)
-        if remove_socket:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.socket_path)
+        """Stop serving; returns once the server is down and (by default) its socket is gone."""
+        async with self._lifecycle:
+            server, self._server = self._server, None
+            self.registered = False
+            for q in self._watchers:
+                # End the streams ourselves: cancelled handlers make grpc log tracebacks.
+                if q.full():
+                    q.get_nowait()
+                q.put_nowait(None)
+            if server is not None:
+                await asyncio.sleep(0)  # let the stream handlers return
+                await server.stop(grace=0.2)
+            if remove_socket:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.socket_path)
 
     async def register(self, rpc_timeout: float = 10.0) -> None:
         """Register with the kubelet (raises grpc.aio.AioRpcError on failure)."""
