@@ -13,10 +13,12 @@ from typing import Any
 
 from hostdev.host.address import PciAddress, PciAddressError
 from hostdev.policy.labels import LabelSelector, LabelSelectorError
+from hostdev.policy.naming import env_collisions
 from hostdev.policy.reported import ReportedNode
 from hostdev.policy.selector import DeviceSelector, PfRange, SelectorError
 
 DEFAULT_DRIVER = "vfio-pci"
+ENV_COLLISION = "EnvVarCollision"  # Conflict.reason: the policy renders nothing on that node
 
 
 class PolicyError(ValueError):
@@ -81,10 +83,11 @@ class Conflict:
     """``loser`` wanted ``target`` on ``node`` but ``winner`` has precedence."""
 
     node: str
-    target: str  # PCI address, or PF name/address for numVfs
+    target: str  # PCI address, PF name/address for numVfs, or the env var two names share
     loser: str
     winner: str
     message: str
+    reason: str = "LostToPrecedence"  # the policy status condition's reason
 
     def as_status(self) -> dict[str, str]:
         return {
@@ -140,6 +143,31 @@ def _pf_key(pf: PfRange) -> tuple[str, dict[str, Any]]:
     return address, {"pciAddress": address}
 
 
+def _without_env_collisions(
+    node: str, ordered: Sequence[Policy]
+) -> tuple[list[Policy], list[Conflict]]:
+    """Drop the policies whose resource name maps to the KubeVirt env var of a name with
+    precedence (``a.io/x.y`` vs ``a.io/x_y``): on this node they render nothing."""
+    losers: list[Conflict] = []
+    refused: set[str] = set()
+    for c in env_collisions(p.resource_name for p in ordered):
+        winner = next(p for p in ordered if p.resource_name == c.first)
+        refused.add(c.second)
+        losers += [
+            Conflict(
+                node,
+                c.env_var,
+                p.name,
+                winner.name,
+                f"{c.message}; {_why(winner)}",
+                ENV_COLLISION,
+            )
+            for p in ordered
+            if p.resource_name == c.second
+        ]
+    return [p for p in ordered if p.resource_name not in refused], losers
+
+
 def render_node(
     node: str, policies: Sequence[Policy], reported: ReportedNode | None = None
 ) -> NodePlan:
@@ -149,8 +177,8 @@ def render_node(
     device several policies claim with different wishes gets an explicit pciAddress entry for
     the policy with precedence (explicit entries win over selector rules in nodeconfig).
     """
-    ordered = order(policies)
-    conflicts: list[Conflict] = []
+    matched = order(policies)
+    ordered, conflicts = _without_env_collisions(node, matched)
     pfs: dict[str, dict[str, Any]] = {}
     pf_owner: dict[str, Policy] = {}
     for p in ordered:
@@ -217,7 +245,7 @@ def render_node(
     return NodePlan(
         node=node,
         spec=spec,
-        policies=tuple(p.name for p in ordered),
+        policies=tuple(p.name for p in matched),
         conflicts=tuple(conflicts),
         holdings={k: tuple(v) for k, v in holdings.items()},
         ids=ids,

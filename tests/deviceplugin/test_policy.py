@@ -9,7 +9,9 @@ from hostdev.host.model import IommuGroup
 from hostdev.policy.allocation import AllocUnit, build_units, preferred_allocation
 from hostdev.policy.health import unit_health
 from hostdev.policy.naming import (
+    MDEV_PREFIX,
     ResourceNameError,
+    env_collisions,
     resource_env_var,
     socket_name,
     validate_resource_name,
@@ -27,6 +29,31 @@ from hostdev.policy.naming import (
 )
 def test_env_var_rule_matches_kubevirt(name: str, var: str) -> None:
     assert resource_env_var(name) == var
+
+
+@pytest.mark.parametrize(
+    ("names", "refused"),
+    [
+        (["example.com/vf.a", "example.com/vf_a"], [("example.com/vf.a", "example.com/vf_a")]),
+        (["example.com/vf_a", "Example.com/VF.A"], [("example.com/vf_a", "Example.com/VF.A")]),
+        (["a.io/x", "a.io/x", "a.io/y"], []),  # the same name twice is one resource
+        (["a.io/x-y", "a.io/x_y"], []),  # '-' stays '-'
+        (
+            ["a.io/b.c", "a.io/b_c", "a.io/B.C", "a.io/b.c"],
+            [("a.io/b.c", "a.io/b_c"), ("a.io/b.c", "a.io/B.C")],
+        ),
+    ],
+)
+def test_env_var_collisions_keep_the_first_name(
+    names: list[str], refused: list[tuple[str, str]]
+) -> None:
+    got = env_collisions(names)
+    assert [(c.first, c.second) for c in got] == refused
+    for c in got:
+        assert c.env_var == resource_env_var(c.first) == resource_env_var(c.second)
+        assert resource_env_var(c.first, MDEV_PREFIX) == resource_env_var(c.second, MDEV_PREFIX)
+        assert c.first in c.message and c.second in c.message and c.env_var in c.message
+        assert c.message.endswith(f"{c.second} is refused, rename it")
 
 
 def test_mdev_prefix() -> None:

@@ -7,7 +7,13 @@ from typing import Any
 import pytest
 
 from hostdev.policy.nodeconfig import parse_node_config, resolve_devices
-from hostdev.policy.nodestate import Policy, PolicyError, policy_outcomes, render_cluster
+from hostdev.policy.nodestate import (
+    ENV_COLLISION,
+    Policy,
+    PolicyError,
+    policy_outcomes,
+    render_cluster,
+)
 from hostdev.policy.reported import read_node_state
 from tests.operator.helpers import device, policy, report
 
@@ -218,3 +224,34 @@ def test_invalid_policies_say_what_to_fix(spec_change: dict[str, Any], message: 
     obj["spec"].update(spec_change)
     with pytest.raises(PolicyError, match=message):
         Policy.from_object(obj)
+
+
+def test_colliding_resource_names_lose_to_precedence_on_the_node() -> None:
+    pols = [
+        policy("dots", "example.com/vf.a", {"vendors": ["8086"]}, priority=0),
+        policy("under", "example.com/vf_a", {"devices": ["154c"]}, priority=1),
+        policy("also-under", "example.com/vf_a", {"devices": ["1572"]}, priority=0),
+    ]
+    reports = {"n1": report(device("0000:3b:02.0", "8086", "154c"))}
+    ps, plans = plans_for(pols, reports)
+    plan = plans["n1"]
+    # "under" has precedence, so its name keeps the env var; "dots" renders nothing here.
+    assert [d["resourceName"] for d in plan.spec["devices"]] == [
+        "example.com/vf_a",
+        "example.com/vf_a",
+    ]
+    assert plan.holdings == {"under": ("0000:3b:02.0",), "also-under": ()}
+    assert plan.policies == ("under", "also-under", "dots")
+    parse_node_config({"spec": plan.spec})  # the agent accepts what is rendered
+    out = policy_outcomes(ps, plans)
+    assert out["under"].conflicts == () and out["also-under"].conflicts == ()
+    (c, *_) = out["dots"].conflicts
+    assert {x.node for x in out["dots"].conflicts} == {"n1", "n2", "n3"}
+    assert (c.target, c.winner, c.reason) == (
+        "PCI_RESOURCE_EXAMPLE_COM_VF_A",
+        "under",
+        ENV_COLLISION,
+    )
+    assert "resource names example.com/vf_a and example.com/vf.a both become" in c.message
+    assert c.message.endswith("policy under has precedence (priority 1, then age, then name)")
+    assert out["dots"].status()["deviceCount"] == 0
