@@ -148,6 +148,7 @@ class PluginManager:
                 self.plugin_dir,
                 self.metrics,
                 on_change=self.schedule_save,
+                on_stale=self._rescan_soon,
             )
             saved = self.saved.get(name)
             if saved is not None and not self.scanned:
@@ -271,6 +272,11 @@ class PluginManager:
             self._pending_full = True
         else:
             self._pending.add(event.address)
+        self._kick()
+
+    def _rescan_soon(self, addresses: Iterable[PciAddress]) -> None:
+        """Re-read these functions soon (a plugin found them different from its last view)."""
+        self._pending.update(addresses)
         self._kick()
 
     def request_full_rescan(self) -> None:
