@@ -34,6 +34,7 @@ from hostdev.policy.nodestate import (
     policy_outcomes,
     render_cluster,
 )
+from hostdev.policy.nodestatus import multi_function_condition
 from hostdev.policy.reported import ReportedNode, read_node_state
 from hostdev.policy.request import Capacity
 
@@ -279,6 +280,7 @@ class Cluster:
                         worst[0].message if worst else "no other policy wins here",
                     ),
                     kubevirt,
+                    multi_function_condition(out.multi_function),
                 ]
             conditions = merge_conditions(old.get("conditions"), conds, generation=gen, now=now())
             same = all(old.get(k) == v for k, v in fields.items())

@@ -96,6 +96,17 @@ def kubevirt_addresses(units: Sequence[AllocUnit]) -> tuple[PciAddress, ...]:
     return tuple(u.primary for u in units) + tuple(a for u in units for a in u.companions)
 
 
+def multi_function_note(resource: str, unit: AllocUnit) -> str:
+    """The warning status carries for a unit of several functions."""
+    others = ", ".join(map(str, unit.companions))
+    return (
+        f"{resource}: {unit.primary} and {others} share IOMMU group {unit.group} and form one "
+        f"unit, of which a VM entry attaches {unit.primary} only (the rest go along with the "
+        'group, unattached); a class selector (e.g. classes: ["0302"] for 3D controllers) '
+        "serves one function per unit"
+    )
+
+
 def preferred_allocation(
     units: Mapping[str, AllocUnit],
     available: Sequence[str],

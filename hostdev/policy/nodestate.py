@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hostdev.host.address import PciAddress, PciAddressError
+from hostdev.host.model import PciDevice
+from hostdev.policy.allocation import AllocUnit, build_units, multi_function_note
 from hostdev.policy.labels import LabelSelector, LabelSelectorError
 from hostdev.policy.naming import env_collisions
 from hostdev.policy.reported import ReportedNode
@@ -107,6 +109,8 @@ class NodePlan:
     policies: tuple[str, ...]  # in precedence order
     conflicts: tuple[Conflict, ...] = ()
     holdings: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # policy -> addrs
+    # policy -> its units here that hold several functions of one IOMMU group
+    multi_function: Mapping[str, tuple[AllocUnit, ...]] = field(default_factory=dict)
     ids: Mapping[str, tuple[str, str]] = field(default_factory=dict)  # held addr -> (ven, dev)
     reported: bool = False
 
@@ -207,6 +211,7 @@ def render_node(
     ]
     explicit: list[dict[str, Any]] = []
     holdings: dict[str, list[str]] = {p.name: [] for p in ordered}
+    held: dict[str, list[PciDevice]] = {p.name: [] for p in ordered}
     ids: dict[str, tuple[str, str]] = {}
     inventory = reported.inventory if reported is not None else None
     if inventory is not None:
@@ -218,6 +223,7 @@ def render_node(
                 continue
             winner = claimants[0]
             holdings[winner.name].append(str(address))
+            held[winner.name].append(dev)
             if dev.vendor and dev.device:
                 ids[str(address)] = (dev.vendor, dev.device)
             losers = [p for p in claimants[1:] if p.name != winner.name]
@@ -242,12 +248,16 @@ def render_node(
                     }
                 )
     spec = {"pfs": [pfs[k] for k in sorted(pfs)], "devices": explicit + rules}
+    multi = {
+        name: tuple(u for u in build_units(devs) if u.companions) for name, devs in held.items()
+    }
     return NodePlan(
         node=node,
         spec=spec,
         policies=tuple(p.name for p in matched),
         conflicts=tuple(conflicts),
         holdings={k: tuple(v) for k, v in holdings.items()},
+        multi_function={k: v for k, v in multi.items() if v},
         ids=ids,
         reported=inventory is not None,
     )
@@ -279,6 +289,7 @@ class PolicyOutcome:
     devices: Mapping[str, tuple[str, ...]]  # node -> addresses held (reported nodes only)
     unreported: tuple[str, ...]
     conflicts: tuple[Conflict, ...]
+    multi_function: tuple[str, ...] = ()  # notes on units of several functions, per node
 
     @property
     def device_count(self) -> int:
@@ -314,5 +325,10 @@ def policy_outcomes(
             devices={n: plans[n].holdings.get(p.name, ()) for n in nodes if plans[n].reported},
             unreported=tuple(n for n in nodes if not plans[n].reported),
             conflicts=tuple(c for n in nodes for c in plans[n].conflicts if c.loser == p.name),
+            multi_function=tuple(
+                f"node {n}: {multi_function_note(p.resource_name, u)}"
+                for n in nodes
+                for u in plans[n].multi_function.get(p.name, ())
+            ),
         )
     return out

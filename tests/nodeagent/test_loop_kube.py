@@ -288,7 +288,12 @@ def test_loop_applies_spec_reports_status_and_allocations(agent: Agent) -> None:
         assert devs[a]["physfn"] == PF
     assert st["lastError"] == "" and st["lastSyncTime"]
     conds = {c["type"]: c["status"] for c in st["conditions"]}
-    assert conds == {"IommuReady": "True", "Synced": "True", "InventoryComplete": "True"}
+    assert conds == {
+        "IommuReady": "True",
+        "Synced": "True",
+        "InventoryComplete": "True",
+        "MultiFunctionUnits": "False",  # one VF per unit
+    }
     assert st["allocations"] == []
 
     # The kubelet hands VF 1 to the VM's launcher pod: the report says so, with the VMI.

@@ -107,3 +107,5 @@ async def test_a_colliding_resource_name_is_a_conflict_in_the_losers_status() ->
     ]
     first_cond = {c["type"]: c for c in statuses["first"]["conditions"]}["Conflicted"]
     assert first_cond["status"] == "False"
+    multi = {c["type"]: c for c in statuses["first"]["conditions"]}["MultiFunctionUnits"]
+    assert (multi["status"], multi["reason"]) == ("False", "OneFunctionPerUnit")

@@ -255,3 +255,30 @@ def test_colliding_resource_names_lose_to_precedence_on_the_node() -> None:
     assert "resource names example.com/vf_a and example.com/vf.a both become" in c.message
     assert c.message.endswith("policy under has precedence (priority 1, then age, then name)")
     assert out["dots"].status()["deviceCount"] == 0
+
+
+def test_a_policy_whose_units_hold_several_functions_is_told() -> None:
+    gpu = {"iommuGroup": 12}
+    reports = {
+        "n1": report(
+            {**device("0000:17:00.0", "10de", "2236", cls="030200"), **gpu},
+            {**device("0000:17:00.1", "10de", "1aef", cls="040300"), **gpu},
+            {**device("0000:65:00.0", "10de", "2236", cls="030200"), "iommuGroup": 13},
+        )
+    }
+    pols = [
+        policy("by-vendor", "example.com/a10", {"vendors": ["10de"]}, priority=1),
+        policy("by-class", "example.com/a10-gpu", {"classes": ["0302"]}),
+    ]
+    ps, plans = plans_for(pols, reports)
+    out = policy_outcomes(ps, plans)
+    (note,) = out["by-vendor"].multi_function
+    assert note.startswith(
+        "node n1: example.com/a10: 0000:17:00.0 and 0000:17:00.1 share IOMMU group 12 and form "
+        "one unit, of which a VM entry attaches 0000:17:00.0 only"
+    )
+    # The class selector would take the GPUs alone (here it lost them to precedence anyway).
+    assert out["by-class"].multi_function == ()
+    ps, plans = plans_for([pols[1]], reports)
+    assert plans["n1"].holdings["by-class"] == ("0000:17:00.0", "0000:65:00.0")
+    assert policy_outcomes(ps, plans)["by-class"].multi_function == ()
