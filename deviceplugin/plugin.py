@@ -172,7 +172,13 @@ class ResourcePlugin(pb_grpc.DevicePluginServicer):
             old = self.devices.get(dev_id)
             if old is not None:
                 why = old.verdict.reason if not old.verdict.healthy else None
-                new[dev_id] = Advertised(old.unit, Verdict(False, why or f"{dev_id} is gone"))
+                new[dev_id] = Advertised(
+                    old.unit,
+                    Verdict(
+                        False,
+                        why or f"{dev_id} left the PCI bus or this resource while a pod holds it",
+                    ),
+                )
         if new == self.devices:
             return False
         appeared = [k for k in new if k not in self.devices]
