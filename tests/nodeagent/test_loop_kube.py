@@ -30,7 +30,7 @@ from hostdev.host import PciAddress, Sysfs
 from hostdev.testing import scenarios
 from hostdev.testing.fakekernel import FakeKernel
 from tests.chart.helmtool import find, render
-from tests.fixtures.kube import Cluster
+from tests.fixtures.kube import Cluster, wait_allowed
 
 pytestmark = pytest.mark.kube
 
@@ -161,26 +161,9 @@ def chart_agent_identity(cluster: Cluster, name: str) -> k8s.ApiClient:
         ("passthroughnodestates", "", "watch"),
         ("passthroughnodestates", "status", "patch"),
     ):
-        wait_allowed(api, resource, sub, verb)
+        group = "" if resource == "pods" else GROUP
+        wait_allowed(api, verb, resource, group=group, subresource=sub)
     return api
-
-
-def wait_allowed(api: k8s.ApiClient, resource: str, sub: str, verb: str) -> None:
-    group = "" if resource == "pods" else GROUP
-    review = {
-        "spec": {
-            "resourceAttributes": {
-                "group": group,
-                "resource": resource,
-                "subresource": sub,
-                "verb": verb,
-            }
-        }
-    }
-    deadline = time.monotonic() + 30
-    while not k8s.AuthorizationV1Api(api).create_self_subject_access_review(review).status.allowed:
-        assert time.monotonic() < deadline, f"RBAC never allowed {verb} {resource}/{sub}"
-        time.sleep(0.1)
 
 
 @pytest.fixture
@@ -424,7 +407,7 @@ def test_vmi_names_come_back_once_pods_may_be_listed(
                 ],
             }
         )
-        wait_allowed(api, "pods", "", "list")
+        wait_allowed(api, "list", "pods")
         assert pods.vmis() == {(kube_namespace, "virt-launcher-web-xyz12"): "web"}
         assert pods.allowed
     finally:
