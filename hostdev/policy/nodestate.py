@@ -13,11 +13,16 @@ from typing import Any
 
 from hostdev.host.address import PciAddress, PciAddressError
 from hostdev.host.model import Inventory, PciDevice, is_vfio_driver
+from hostdev.policy.allocation import AllocUnit, build_units, multi_function_note
 from hostdev.policy.labels import LabelSelector, LabelSelectorError
+from hostdev.policy.naming import env_collisions
 from hostdev.policy.reported import ReportedNode
 from hostdev.policy.selector import DeviceSelector, PfRange, SelectorError
 
 DEFAULT_DRIVER = "vfio-pci"
+ENV_COLLISION = "EnvVarCollision"  # Conflict.reason: the policy renders nothing on that node
+# Conflict.reason: the policy puts a PF on vfio-pci that another gives VFs (the agent refuses both)
+CONTRADICTION = "Contradiction"
 
 
 class PolicyError(ValueError):
@@ -82,10 +87,11 @@ class Conflict:
     """``loser`` wanted ``target`` on ``node`` but ``winner`` has precedence."""
 
     node: str
-    target: str  # PCI address, or PF name/address for numVfs
+    target: str  # PCI address, PF name/address for numVfs, or the env var two names share
     loser: str
     winner: str
     message: str
+    reason: str = "LostToPrecedence"  # the policy status condition's reason
 
     def as_status(self) -> dict[str, str]:
         return {
@@ -105,6 +111,8 @@ class NodePlan:
     policies: tuple[str, ...]  # in precedence order
     conflicts: tuple[Conflict, ...] = ()
     holdings: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # policy -> addrs
+    # policy -> its units here that hold several functions of one IOMMU group
+    multi_function: Mapping[str, tuple[AllocUnit, ...]] = field(default_factory=dict)
     ids: Mapping[str, tuple[str, str]] = field(default_factory=dict)  # held addr -> (ven, dev)
     reported: bool = False
 
@@ -141,6 +149,31 @@ def _pf_key(pf: PfRange) -> tuple[str, dict[str, Any]]:
     return address, {"pciAddress": address}
 
 
+def _without_env_collisions(
+    node: str, ordered: Sequence[Policy]
+) -> tuple[list[Policy], list[Conflict]]:
+    """Drop the policies whose resource name maps to the KubeVirt env var of a name with
+    precedence (``a.io/x.y`` vs ``a.io/x_y``): on this node they render nothing."""
+    losers: list[Conflict] = []
+    refused: set[str] = set()
+    for c in env_collisions(p.resource_name for p in ordered):
+        winner = next(p for p in ordered if p.resource_name == c.first)
+        refused.add(c.second)
+        losers += [
+            Conflict(
+                node,
+                c.env_var,
+                p.name,
+                winner.name,
+                f"{c.message}; {_why(winner)}",
+                ENV_COLLISION,
+            )
+            for p in ordered
+            if p.resource_name == c.second
+        ]
+    return [p for p in ordered if p.resource_name not in refused], losers
+
+
 def render_node(
     node: str, policies: Sequence[Policy], reported: ReportedNode | None = None
 ) -> NodePlan:
@@ -150,8 +183,8 @@ def render_node(
     device several policies claim with different wishes gets an explicit pciAddress entry for
     the policy with precedence (explicit entries win over selector rules in nodeconfig).
     """
-    ordered = order(policies)
-    conflicts: list[Conflict] = []
+    matched = order(policies)
+    ordered, conflicts = _without_env_collisions(node, matched)
     pfs: dict[str, dict[str, Any]] = {}
     pf_owner: dict[str, Policy] = {}
     for p in ordered:
@@ -180,6 +213,7 @@ def render_node(
     ]
     explicit: list[dict[str, Any]] = []
     holdings: dict[str, list[str]] = {p.name: [] for p in ordered}
+    held: dict[str, list[PciDevice]] = {p.name: [] for p in ordered}
     ids: dict[str, tuple[str, str]] = {}
     inventory = reported.inventory if reported is not None else None
     if inventory is not None:
@@ -191,6 +225,7 @@ def render_node(
                 continue
             winner = claimants[0]
             holdings[winner.name].append(str(address))
+            held[winner.name].append(dev)
             if dev.vendor and dev.device:
                 ids[str(address)] = (dev.vendor, dev.device)
             losers = [p for p in claimants[1:] if p.name != winner.name]
@@ -217,12 +252,16 @@ def render_node(
     if inventory is not None:
         conflicts += _contradictions(node, ordered, pfs, pf_owner, inventory)
     spec = {"pfs": [pfs[k] for k in sorted(pfs)], "devices": explicit + rules}
+    multi = {
+        name: tuple(u for u in build_units(devs) if u.companions) for name, devs in held.items()
+    }
     return NodePlan(
         node=node,
         spec=spec,
-        policies=tuple(p.name for p in ordered),
+        policies=tuple(p.name for p in matched),
         conflicts=tuple(conflicts),
         holdings={k: tuple(v) for k, v in holdings.items()},
+        multi_function={k: v for k, v in multi.items() if v},
         ids=ids,
         reported=inventory is not None,
     )
@@ -262,6 +301,7 @@ def _contradictions(
                         f"while policy {owner.name} gives it numVfs {entry['numVfs']}; the node "
                         "agent refuses both (a PF on vfio-pci makes no VFs, and moving it there "
                         "destroys its VFs): select its VFs instead (pfNames with a range)",
+                        CONTRADICTION,
                     )
                 )
     return out
@@ -293,6 +333,7 @@ class PolicyOutcome:
     devices: Mapping[str, tuple[str, ...]]  # node -> addresses held (reported nodes only)
     unreported: tuple[str, ...]
     conflicts: tuple[Conflict, ...]
+    multi_function: tuple[str, ...] = ()  # notes on units of several functions, per node
 
     @property
     def device_count(self) -> int:
@@ -328,5 +369,10 @@ def policy_outcomes(
             devices={n: plans[n].holdings.get(p.name, ()) for n in nodes if plans[n].reported},
             unreported=tuple(n for n in nodes if not plans[n].reported),
             conflicts=tuple(c for n in nodes for c in plans[n].conflicts if c.loser == p.name),
+            multi_function=tuple(
+                f"node {n}: {multi_function_note(p.resource_name, u)}"
+                for n in nodes
+                for u in plans[n].multi_function.get(p.name, ())
+            ),
         )
     return out

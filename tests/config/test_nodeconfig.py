@@ -103,6 +103,17 @@ spec:
         ),
         (
             {
+                "devices": [
+                    {"pciAddress": "0000:01:00.0", "resourceName": "example.com/vf.a"},
+                    {"selector": {"vendors": ["8086"]}, "resourceName": "example.com/vf.a"},
+                    {"pciAddress": "0000:02:00.0", "resourceName": "example.com/VF_a"},
+                ]
+            },
+            "devices[2].resourceName: resource names example.com/vf.a and example.com/VF_a "
+            "both become PCI_RESOURCE_EXAMPLE_COM_VF_A (MDEV_PCI_RESOURCE_EXAMPLE_COM_VF_A",
+        ),
+        (
+            {
                 "pfs": [{"pciAddress": "0000:3b:00.0", "numVfs": 4}],
                 "devices": [{"pciAddress": "0000:3b:00.0"}],
             },

@@ -37,7 +37,7 @@ def _guest_tests() -> list[tuple[str, str]]:
         funcs += [
             (n.name, module_igb or _marked_igb(n))
             for n in tree.body
-            if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")
+            if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.name.startswith("test_")
         ]
     return [(b.name, f) for b in BOOTS for f, igb in funcs if b.igb or not igb]
 
