@@ -268,15 +268,18 @@ def _overrides(
 
 
 def _addresses(
-    sysfs: Sysfs, netdevs: set[str], source: AddressSource
+    sysfs: Sysfs,
+    netdevs: set[str],
+    source: AddressSource,
+    connected: Mapping[str, list[str]],
+    addrs6: Mapping[str, list[str]],
 ) -> tuple[dict[str, tuple[str, ...]], frozenset[str]]:
-    """(up netdevs -> their addresses, up netdevs whose IPv4 addresses are unknown)."""
+    """(up netdevs -> their addresses, up netdevs whose IPv4 addresses are unknown).
+    ``connected``/``addrs6``: what /proc shows, the fallback when ``source`` has nothing."""
     up = {n for n in netdevs if _is_up(sysfs, n)}
     listed = source()
     if listed is not None:
         return {n: tuple(listed[n]) for n in sorted(up) if listed.get(n)}, frozenset()
-    _, connected = _ipv4_routes(sysfs)
-    _, addrs6 = _ipv6(sysfs)
     shown = {n: tuple(connected.get(n, []) + addrs6.get(n, [])) for n in sorted(up)}
     return {n: v for n, v in shown.items() if v}, frozenset(n for n in up if not connected.get(n))
 
@@ -304,11 +307,11 @@ def gather_facts(
 ) -> GuardFacts:
     """One pass over /proc and /sys (and one netlink dump) for everything the guards need.
     ``allocated``: devices the device plugin handed to pods, and to whom."""
-    default4, _ = _ipv4_routes(sysfs)
-    default6, _ = _ipv6(sysfs)
+    default4, connected = _ipv4_routes(sysfs)
+    default6, addrs6 = _ipv6(sysfs)
     netdevs = {n for d in inv.devices.values() for n in d.netdevs}
     addressed, unverified = _addresses(
-        sysfs, netdevs, addresses or (lambda: host_addresses(sysfs.root))
+        sysfs, netdevs, addresses or (lambda: host_addresses(sysfs.root)), connected, addrs6
     )
     nodes = _device_nodes(sysfs)
     interesting = {n for ns in nodes.values() for n in ns}

@@ -35,7 +35,7 @@ die() { echo "run-guest: $*" >&2; exit 125; }
 while getopts "Bt:m:o:vCh" o; do
   case $o in
     B) BPO=1;; t) TIMEOUT=$OPTARG;; m) MEM=$OPTARG;; o) RUN=$OPTARG;; v) VERBOSE=1;; C) CHECK=1;;
-    *) sed -n '3,26p' "$0" >&2; exit 125;;
+    *) sed -n '3,28p' "$0" >&2; exit 125;;
   esac
 done
 shift $((OPTIND-1))
