@@ -264,6 +264,7 @@ class _Planner:
             self.refuse(Refusal(str(a), "configure", (why,)))
         self.desired = {a: d for a, d in resolved.devices.items() if a not in conflicted}
         self.contradicted: set[PfConfig] = set()
+        self.pinned: dict[PciAddress, DeviceConfig] = {}  # desired on a host driver (binds())
 
     # ---- helpers ----------------------------------------------------------------------------
     def refuse(self, r: Refusal, freeze: Iterable[PciAddress] = ()) -> None:
@@ -416,6 +417,7 @@ class _Planner:
     # ---- 2. devices that must be on vfio-pci, group by group -----------------------------
     def binds(self) -> None:
         inv = self.inv
+        self.pinned = {a: d for a, d in self.desired.items() if not d.wants_vfio}
         wants = {a: d for a, d in self.desired.items() if d.wants_vfio}
         units: dict[int, list[DeviceConfig]] = {}
         iommu_off = _iommu_off_reason(inv)
@@ -444,7 +446,7 @@ class _Planner:
 
     def bind_group(self, number: int, wanted: list[DeviceConfig]) -> None:
         inv, facts = self.inv, self.facts
-        pins = {a: d for a, d in self.desired.items() if not d.wants_vfio}
+        pins = self.pinned
         group = inv.groups.get(number)
         members = group.members if group is not None else tuple(d.address for d in wanted)
         wanted_addrs = {d.address for d in wanted}
