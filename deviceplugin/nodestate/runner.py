@@ -28,6 +28,7 @@ from hostdev.deviceplugin.resources import ResourceConfig
 from hostdev.host.address import PciAddress
 from hostdev.host.model import Inventory
 from hostdev.host.sysfs import Sysfs
+from hostdev.policy.nodeconfig import DEVICE_PLUGIN, DRA
 from hostdev.policy.selector import DeviceSelector
 
 log = logging.getLogger(__name__)
@@ -66,11 +67,16 @@ def cluster_mode(args: argparse.Namespace) -> bool:
 
 
 def to_resource_configs(
-    served: Mapping[str, tuple[PciAddress, ...]],
+    served: Mapping[str, tuple[PciAddress, ...]], dra: frozenset[str] = frozenset()
 ) -> tuple[ResourceConfig, ...]:
-    """The resolved devices per resource, as the manager's resource list (exact addresses)."""
+    """The resolved devices per resource, as the manager's resource list (exact addresses);
+    the resources named in ``dra`` go to the DRA front end."""
     return tuple(
-        ResourceConfig(name, DeviceSelector(pci_addresses=frozenset(addrs)))
+        ResourceConfig(
+            name,
+            DeviceSelector(pci_addresses=frozenset(addrs)),
+            allocation=DRA if name in dra else DEVICE_PLUGIN,
+        )
         for name, addrs in sorted(served.items())
         if addrs
     )
@@ -102,11 +108,16 @@ class ManagerSink:
         except (TimeoutError, RuntimeError, concurrent.futures.CancelledError):
             return None
 
-    def apply(self, resources: Mapping[str, tuple[PciAddress, ...]]) -> None:
-        configs = to_resource_configs(resources)
+    def apply(
+        self, resources: Mapping[str, tuple[PciAddress, ...]], dra: frozenset[str] = frozenset()
+    ) -> None:
+        configs = to_resource_configs(resources, dra)
         log.info(
             "serving %s",
-            ", ".join(f"{c.resource_name} ({len(c.selector.pci_addresses)})" for c in configs)
+            ", ".join(
+                f"{c.resource_name} ({len(c.selector.pci_addresses)}{', DRA' if c.dra else ''})"
+                for c in configs
+            )
             or "no resources",
         )
         asyncio.run_coroutine_threadsafe(self._apply(configs), self.loop).result(self.timeout)
