@@ -74,6 +74,8 @@ class PluginManager:
         # unit id -> why: units the DRA front end holds (prepared claims), never healthy for a
         # device-plugin resource (a resource moved back from DRA) until released
         self._held: dict[str, str] = {}
+        # More /healthz lines (the DRA front end adds its own): () -> (ok, text)
+        self.health_checks: list[Callable[[], tuple[bool, str]]] = []
         self.saved = persist.load(state_dir) if state_dir else {}
         self.scanned = False
         self.uevents_active = False
@@ -493,4 +495,8 @@ class PluginManager:
             lines.append(
                 f"{name}: {'serving' if p.serving else 'DOWN'}, {state}, {len(p.devices)} devices"
             )
+        for check in self.health_checks:
+            more_ok, text = check()
+            ok = ok and more_ok
+            lines.append(text)
         return ok, "\n".join(lines) or "no resources configured"

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from kubernetes import client, config
 
 from hostdev.deviceplugin.config.memory import DriverMemory, StateFileError
+from hostdev.deviceplugin.dra.setup import add_dra_args, start_dra
 from hostdev.deviceplugin.manager import PluginManager
 from hostdev.deviceplugin.nodestate.allocations import KubeletAllocations
 from hostdev.deviceplugin.nodestate.kube import LauncherPods, NodeStateClient
@@ -59,6 +60,7 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
         default=LoopSettings().resync,
         help="re-apply the NodeState spec this often even without a change",
     )
+    add_dra_args(p)
 
 
 def cluster_mode(args: argparse.Namespace) -> bool:
@@ -161,6 +163,8 @@ async def run_cluster(args: argparse.Namespace, manager: PluginManager, stop: as
     if seed:
         log.info("serving the %d saved resources until NodeState %s is read", len(seed), node)
         await manager.apply(to_resource_configs(seed))
+    # Prepared claims are known before the first sync (units they hold stay held).
+    dra = await start_dra(args, manager, api, node)
     sink = ManagerSink(manager, asyncio.get_running_loop())
     loop = NodeStateLoop(
         NodeStateClient(api, node),
@@ -183,6 +187,8 @@ async def run_cluster(args: argparse.Namespace, manager: PluginManager, stop: as
         halt.set()
         stopper.cancel()
         await asyncio.gather(worker, return_exceptions=True)
+        if dra is not None:
+            await dra.close()
         api.close()  # type: ignore[no-untyped-call]
     if worker.exception() is not None:
         log.error("NodeState loop for %s died: %s", node, worker.exception())

@@ -3,8 +3,9 @@
 - **Devices**: one DRA device per allocation unit (an IOMMU group of one resource), named after
   the unit's first PCI address as a DNS label (``0000:3b:02.1`` -> ``pci-0000-3b-02-1``), with
   the standard attributes of ``k8s.io/dynamic-resource-allocation/deviceattribute`` (pciBusID,
-  pcieRoot, numaNode) and hostdev's own in the driver's domain (resourceName, ids, model, IOMMU
-  group, function count, and for VFs the PF's address and netdev and the VF index).
+  pcieRoot, numaNode) and hostdev's own in the driver's domain (resourceName, ids, pci.ids
+  vendor and model, IOMMU group, function count, and for VFs the PF's address and netdev and
+  the VF index).
 - **Slices**: one pool per node (pool name = node name); devices in name order, cut into slices
   of at most 128 by their place among *all* units, so a unit turning unhealthy (withdrawn from
   its slice) changes one slice only.
@@ -25,6 +26,7 @@ from typing import Any
 
 from hostdev.host.address import PciAddress, PciAddressError
 from hostdev.host.model import Inventory
+from hostdev.host.pciids import PciIds
 from hostdev.policy.allocation import AllocUnit
 from hostdev.policy.gojson import marshal_indent, sorted_map
 from hostdev.policy.naming import resource_env_var
@@ -110,10 +112,10 @@ def unit_attributes(
     unit: AllocUnit,
     resource: str,
     inventory: Inventory | None,
-    model: str | None = None,
+    ids: PciIds | None = None,
 ) -> dict[str, dict[str, Any]]:
     """What a unit publishes (see the module docstring). ``inventory`` supplies the facts of
-    the unit's first function and its PF; ``model`` is its pci.ids name, when known."""
+    the unit's first function and its PF; ``ids`` its pci.ids vendor and model names."""
     first = unit.addresses[0]
     attrs: dict[str, dict[str, Any]] = {
         ATTR_PCI_BUS_ID: string(str(first)),
@@ -145,19 +147,24 @@ def unit_attributes(
                 attrs["pfNetdev"] = string(pf.netdevs[0])
             if dev.vf_index is not None:
                 attrs["vfIndex"] = integer(dev.vf_index)
-    if model:
-        attrs["model"] = string(model)
+        if ids is not None and dev.vendor:
+            vendor = ids.vendors.get(dev.vendor)
+            model = ids.devices.get((dev.vendor, dev.device or ""))
+            if vendor:
+                attrs["vendor"] = string(vendor)
+            if model:
+                attrs["model"] = string(model)
     return attrs
 
 
 def dra_device(
-    unit: AllocUnit, resource: str, inventory: Inventory | None, model: str | None = None
+    unit: AllocUnit, resource: str, inventory: Inventory | None, ids: PciIds | None = None
 ) -> DraDevice:
     return DraDevice(
         device_name(unit.addresses[0]),
         resource,
         unit,
-        unit_attributes(unit, resource, inventory, model),
+        unit_attributes(unit, resource, inventory, ids),
     )
 
 
@@ -463,6 +470,11 @@ def metadata_container_path(ref: ClaimRef, request: str) -> str:
 
 def metadata_cdi_file(cdi_dir: str, claim_uid: str, request: str) -> str:
     return f"{cdi_dir.rstrip('/')}/{DRIVER}_metadata_{claim_uid}_{request}.json"
+
+
+def metadata_cdi_glob(cdi_dir: str, claim_uid: str) -> str:
+    """A glob for every metadata spec of a claim (``claim_uid`` is a UID: no glob characters)."""
+    return f"{cdi_dir.rstrip('/')}/{DRIVER}_metadata_{claim_uid}_*.json"
 
 
 @dataclass(frozen=True, slots=True)
