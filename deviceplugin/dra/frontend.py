@@ -115,6 +115,10 @@ class DraFrontEnd:
         self._watcher.watch(self.settings.data_dir)
         if self.publisher is not None:
             self.publisher.start()
+        if not self.manager.scanned:
+            # Publish after the first scan even without DRA resources: slices left from an
+            # earlier configuration must go.
+            self._spawn(self._after_first_scan())
         log.info(
             "DRA: driver %s, pool %s: plugin on %s, registration on %s, %d prepared claim(s)",
             DRIVER,
@@ -178,6 +182,10 @@ class DraFrontEnd:
         ):
             log.warning("DRA: socket %s/%s was deleted; serving again", directory, name)
             self._spawn(self._restart())
+
+    async def _after_first_scan(self) -> None:
+        await self.manager.wait_scan()
+        self._schedule()
 
     async def _restart(self) -> None:
         await self._unserve()
