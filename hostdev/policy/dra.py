@@ -124,6 +124,8 @@ def unit_attributes(
     }
     if unit.group is not None:
         attrs["iommuGroup"] = integer(unit.group)
+    if unit.pf is not None:
+        attrs["pfPciBusID"] = string(str(unit.pf))
     if unit.numa_node is not None:
         # deviceattribute: devices without NUMA affinity must not publish numaNode.
         attrs[ATTR_NUMA_NODE] = integer(unit.numa_node)
@@ -141,7 +143,6 @@ def unit_attributes(
             if value:
                 attrs[key] = string(value)
         if dev.physfn is not None:
-            attrs["pfPciBusID"] = string(str(dev.physfn))
             pf = inventory.devices.get(dev.physfn) if inventory is not None else None
             if pf is not None and pf.netdevs:
                 attrs["pfNetdev"] = string(pf.netdevs[0])
