@@ -110,18 +110,18 @@ class DraDevice:
 
 def unit_attributes(
     unit: AllocUnit,
-    resource: str,
+    resource: str | None,
     inventory: Inventory | None,
     ids: PciIds | None = None,
 ) -> dict[str, dict[str, Any]]:
     """What a unit publishes (see the module docstring). ``inventory`` supplies the facts of
-    the unit's first function and its PF; ``ids`` its pci.ids vendor and model names."""
+    the unit's first function and its PF; ``ids`` its pci.ids vendor and model names;
+    ``resource`` None (no policy yet, as in ``hostdev scan``) leaves resourceName out."""
     first = unit.addresses[0]
-    attrs: dict[str, dict[str, Any]] = {
-        ATTR_PCI_BUS_ID: string(str(first)),
-        ATTR_RESOURCE: string(resource),
-        "functions": integer(len(unit.addresses)),
-    }
+    attrs: dict[str, dict[str, Any]] = {ATTR_PCI_BUS_ID: string(str(first))}
+    if resource is not None:
+        attrs[ATTR_RESOURCE] = string(resource)
+    attrs["functions"] = integer(len(unit.addresses))
     if unit.group is not None:
         attrs["iommuGroup"] = integer(unit.group)
     if unit.pf is not None:
