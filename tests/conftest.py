@@ -8,4 +8,5 @@ pytest_plugins = [
     "tests.fixtures.kernel",
     "tests.fixtures.nodeagent",
     "tests.fixtures.kubevirt",
+    "tests.fixtures.draharness",
 ]

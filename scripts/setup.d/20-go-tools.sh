@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the Go test tools of tests/tools/ (one Go module) into $HOSTDEV_TOOLS_BIN
-# (default ~/.cache/hostdev/bin): kube-apiserver, helm, kubeconform, kubelet-harness and
-# kubevirt-harness.
+# (default ~/.cache/hostdev/bin): kube-apiserver, helm, kubeconform, kubelet-harness,
+# kubevirt-harness and dra-harness.
 # Module downloads go to ~/.cache/hostdev/gomod, compiled packages to Go's build cache
 # (~/.cache/go-build). A stamp keyed by the Go version and a hash of go.mod, go.sum, the Go
 # sources and this script skips everything when nothing changed, so the warm path takes a second.
@@ -28,7 +28,7 @@ k8s_version=$(go list -m -f '{{.Version}}' k8s.io/kubernetes)
 helm_version=$(go list -m -f '{{.Version}}' helm.sh/helm/v4)
 kubeconform_version=$(go list -m -f '{{.Version}}' github.com/yannh/kubeconform)
 kubevirt_version=$(go list -m -f '{{.Version}}' kubevirt.io/kubevirt)
-tools="kube-apiserver helm kubeconform kubelet-harness kubevirt-harness"
+tools="kube-apiserver helm kubeconform kubelet-harness kubevirt-harness dra-harness"
 
 key=$( {
   go version
@@ -70,6 +70,7 @@ build kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver "$kv"
 build helm helm.sh/helm/v4/cmd/helm "-X helm.sh/helm/v4/internal/version.version=$helm_version"
 build kubeconform github.com/yannh/kubeconform/cmd/kubeconform "-X main.version=$kubeconform_version"
 build kubelet-harness ./kubelet-harness "$kv"
+build dra-harness ./dra-harness "$kv"
 # KubeVirt's host-device packages import libvirt.org/go/libvirt (cgo): the libvirt_dlopen tag
 # builds it against the headers the module ships and loads libvirt only if called (never here),
 # so a C compiler is needed but no libvirt headers or library.
