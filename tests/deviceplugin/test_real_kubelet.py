@@ -4,73 +4,20 @@
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
 from hostdev.testing.fakesysfs import FakeHost
 from hostdev.testing.scenarios import gpu_with_audio, sriov_nic_dual_socket
 from tests.fixtures.kubelet import KubeletHarness
+from tests.fixtures.nodeagent import AgentStarter, agent_log
 
 pytestmark = pytest.mark.kubelet
 
 VF_RES = "example.com/e810_vf"
 VF_ENV = "PCI_RESOURCE_EXAMPLE_COM_E810_VF"
-
-
-@pytest.fixture
-def node() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="hk-", dir="/tmp"))  # short: unix socket paths
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-AgentStarter = Callable[..., subprocess.Popen[str]]
-
-
-@pytest.fixture
-def start_agent(node: Path) -> Iterator[AgentStarter]:
-    procs: list[subprocess.Popen[str]] = []
-
-    def start(resources: list[dict[str, object]]) -> subprocess.Popen[str]:
-        cfg = node / "resources.yaml"
-        cfg.write_text(yaml.safe_dump(resources))
-        argv = [
-            sys.executable,
-            "-m",
-            "hostdev.deviceplugin.agent",
-            f"--host-root={node / 'host'}",
-            f"--plugin-dir={node / 'dp'}",
-            f"--state-dir={node / 'state'}",
-            f"--config={cfg}",
-            "--metrics-port=0",
-            "--no-uevents",
-        ]
-        log = open(node / f"agent{len(procs)}.log", "w")  # noqa: SIM115 (closed with the process)
-        p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, text=True)
-        log.close()
-        procs.append(p)
-        return p
-
-    yield start
-    for p in procs:
-        p.terminate()
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
-
-def _agent_log(node: Path) -> str:
-    return "\n".join(p.read_text() for p in sorted(node.glob("agent*.log")))
 
 
 def _group(h: FakeHost, addr: str) -> str:
@@ -93,7 +40,7 @@ def test_real_device_manager_capacity_and_allocate(
     try:
         res = run.result(timeout=60)
     except Exception:
-        print(_agent_log(node))
+        print(agent_log(node))
         raise
     assert res["capacity"][VF_RES] == 12
     assert res["allocatable"][VF_RES] == 12
@@ -129,7 +76,7 @@ def test_real_device_manager_group_unit_and_health_change(
     deadline = time.monotonic() + 20
     state = node / "state" / "deviceplugin-state.json"
     while not (state.exists() and "0000:17:00.0" in state.read_text()):
-        assert time.monotonic() < deadline, _agent_log(node)
+        assert time.monotonic() < deadline, agent_log(node)
         time.sleep(0.05)
     time.sleep(1.0)
     h.bind("0000:17:00.1", "snd_hda_intel")
@@ -145,4 +92,4 @@ def test_real_device_manager_group_unit_and_health_change(
     ]
     final = (run.watch_lines() or [res])[-1]
     assert final["capacity"][res_name] == 1
-    assert final["allocatable"][res_name] == 0, _agent_log(node)
+    assert final["allocatable"][res_name] == 0, agent_log(node)
