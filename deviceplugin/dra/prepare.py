@@ -48,6 +48,7 @@ from hostdev.policy.dra import (
     metadata_claim_dir,
     metadata_host_path,
     metadata_stream,
+    qualified,
     vfio_cdi_file,
     vfio_cdi_spec,
 )
@@ -197,7 +198,10 @@ class Preparer:
             files[host] = metadata_stream(
                 ref,
                 request,
-                [MetadataDevice(self.pool, cd.device, o.device.attributes) for cd, o in members],
+                [
+                    MetadataDevice(self.pool, cd.device, qualified(o.device.attributes))
+                    for cd, o in members
+                ],
             )
             mspec, mid = metadata_cdi_spec(ref, base, host)
             files[metadata_cdi_file(self.cdi_dir, key.uid, base)] = cdi_bytes(mspec)

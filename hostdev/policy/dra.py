@@ -488,6 +488,12 @@ class MetadataDevice:
 _ATTRIBUTE_FIELDS = ("int", "bool", "string", "version", "ints", "bools", "strings", "versions")
 
 
+def qualified(attributes: Mapping[str, Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+    """Attribute names with their domain: in a slice an unqualified name is in the driver's
+    domain, a metadata file read on its own should not need that context."""
+    return {(k if "/" in k else f"{DRIVER}/{k}"): v for k, v in attributes.items()}
+
+
 def metadata_object(
     ref: ClaimRef,
     request: str,
