@@ -32,7 +32,9 @@ from typing import Any
 import pytest
 from kubernetes import client as k8s
 
-from hostdev.policy.dra import DRIVER, METADATA_CONTAINER_DIR
+from hostdev.policy.dra import DRIVER, METADATA_CONTAINER_DIR, device_class
+from hostdev.policy.request import Request, VmDevice, apply_to_vm
+from hostdev.policy.request_dra import claim_template
 from hostdev.testing import scenarios
 from hostdev.testing.fakesysfs import FakeHost
 from tests.fixtures.draharness import DRAHarness
@@ -457,3 +459,103 @@ def _bad_claims(cluster: Cluster, ns: str, node: str) -> dict[str, str]:
         )
         out[kind] = name
     return out
+
+
+def test_agent_killed_between_prepare_and_unprepare_loses_nothing(
+    kube_apiserver: Cluster,
+    kube_objects: Objects,
+    dra_harness: DRAHarness,
+    kubevirt_launcher: KubeVirtLauncher,
+    kube_namespace: str,
+    short_dir: Path,
+) -> None:
+    """No operator here: its pure functions make the same objects (DeviceClass, NodeState
+    spec, template, VM entries) with placement hostDevices. The agent is SIGKILLed after the
+    claim is prepared; the new agent answers the kubelet's repeated prepare from its
+    checkpoint and removes every file at unprepare."""
+    ns, node = kube_namespace, f"dra-{uuid.uuid4().hex[:6]}"
+    api = k8s.CustomObjectsApi(kube_apiserver.admin)
+    scenarios.gpu_with_audio(short_dir / "host")
+    kube_objects.create_node(node, {})
+    cls = f"a10-{node}"
+    kube_apiserver.apply(device_class(cls, GPU, labels={"hostdev.io/test": "yes"}))
+    kube_objects.cleanup.append(lambda: api.delete_cluster_custom_object(*RS, "deviceclasses", cls))
+    api.create_cluster_custom_object(
+        GROUP,
+        VERSION,
+        "passthroughnodestates",
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "PassthroughNodeState",
+            "metadata": {"name": node},
+            "spec": {
+                "devices": [
+                    {"selector": {"vendors": ["10de"]}, "resourceName": GPU, "allocation": "DRA"}
+                ]
+            },
+        },
+    )
+    kube_objects.nodes.append(node)  # its NodeState is removed at cleanup
+    kubelet = dra_harness.kubelet(
+        kube_apiserver.kubeconfig, node, short_dir / "reg", short_dir / "kubelet", namespace=ns
+    )
+    kubelet.wait_event("ready")
+    req = Request.from_object(
+        {
+            "metadata": {"name": "vm2-gpu", "namespace": ns},
+            "spec": {"vmName": "vm2", "devices": [{"name": "gpu", "resourceName": GPU}]},
+        }
+    )
+    devices = (VmDevice("vm2-gpu-gpu-0", GPU, cls, "gpu-0"),)
+    template = claim_template(ns, req.name, None, devices, {})
+    kube_apiserver.apply(template, ns)
+    vm = {"metadata": {"name": "vm2"}, "spec": {"template": {"spec": {"domain": {"devices": {}}}}}}
+    patch = apply_to_vm(vm, req, devices, None).patch
+    assert patch is not None
+    vm = {"metadata": {"name": "vm2"}, "spec": patch["spec"]}
+
+    agent = Agent(kube_apiserver, short_dir, node)
+    try:
+        kubelet.wait_event("registered")
+        pod = _launcher_pod(kube_apiserver, ns, vm, template)
+        claim = k8s.CoreV1Api(kube_apiserver.admin).read_namespaced_pod(pod, ns)
+        claim_name = claim.status.resource_claim_statuses[0].resource_claim_name
+        dra_harness.allocate(kube_apiserver.kubeconfig, ns, claim_name, node, reserve_for_pod=pod)
+        kubelet.send(f"prepare {pod}")
+        ids = kubelet.wait_event("prepared")["containers"]["compute"]
+        files = sorted(p.name for p in agent.cdi.iterdir())
+        assert len(files) == 2 and len(list((short_dir / "state/dra/claims").iterdir())) == 1
+
+        agent.proc.kill()  # SIGKILL: nothing saved at exit, the sockets are left behind
+        agent.proc.wait()
+        agent = Agent(kube_apiserver, short_dir, node)
+        # Its new registration socket makes the plugin watcher register it again.
+        kubelet.wait_event("registered")
+        kubelet.send(f"prepare {pod}")  # the kubelet asks again (e.g. after its own restart)
+        assert kubelet.wait_event("prepared")["containers"]["compute"] == ids
+        assert sorted(p.name for p in agent.cdi.iterdir()) == files
+
+        [meta_spec] = agent.cdi.glob(f"{DRIVER}_metadata_*.json")
+        base = short_dir / "in-container"
+        _in_container(meta_spec, base)
+        vmi = {
+            "apiVersion": "kubevirt.io/v1",
+            "kind": "VirtualMachineInstance",
+            "metadata": {"name": "vm2", "namespace": ns},
+            "spec": vm["spec"]["template"]["spec"],
+        }
+        kv = kubevirt_launcher.run(vmi, dra_metadata_dir=base)
+        assert kv["error"] is None, kv["error"]
+        assert [(d["alias"], d["pciAddress"]) for d in kv["hostDevices"]] == [
+            ("ua-dra-hostdevice-vm2-gpu-gpu-0", "0000:17:00.0")
+        ]
+
+        kubelet.send(f"unprepare {pod}")
+        kubelet.wait_event("unprepared")
+        assert list(agent.cdi.iterdir()) == []
+        assert list((short_dir / "state/dra/claims").iterdir()) == []
+    except BaseException:
+        print(agent.text()[-6000:])
+        raise
+    finally:
+        agent.stop()
