@@ -66,6 +66,12 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
             registry=r,
         )
+        self.dra_slice_writes = Counter(
+            "hostdev_dra_slice_writes",
+            "ResourceSlice writes (create, update, delete) of this node's pool",
+            ["verb"],
+            registry=r,
+        )
         self.dra_slices = Gauge(
             "hostdev_dra_published_devices",
             "Devices this node offers in its ResourceSlices",

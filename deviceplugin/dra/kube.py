@@ -13,6 +13,7 @@ from typing import Any
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
+from hostdev.deviceplugin.metrics import Metrics
 from hostdev.policy.dra import API_VERSION, DRIVER
 
 log = logging.getLogger(__name__)
@@ -48,12 +49,21 @@ class WriteCounts:
 class DraApi:
     """This node's view of the DRA API. Thread-safe counters of the writes it made."""
 
-    def __init__(self, api_client: client.ApiClient, node: str) -> None:
+    def __init__(
+        self, api_client: client.ApiClient, node: str, metrics: Metrics | None = None
+    ) -> None:
         self.objects = client.CustomObjectsApi(api_client)
         self.core = client.CoreV1Api(api_client)
         self.node = node
+        self.metrics = metrics
         self.writes = WriteCounts()
         self._lock = threading.Lock()
+
+    def _wrote(self, verb: str) -> None:
+        with self._lock:
+            setattr(self.writes, verb, getattr(self.writes, verb) + 1)
+        if self.metrics is not None:
+            self.metrics.dra_slice_writes.labels(verb).inc()
 
     @property
     def selector(self) -> str:
@@ -115,8 +125,7 @@ class DraApi:
         obj: Mapping[str, Any] = self.objects.create_cluster_custom_object(  # type: ignore[assignment]
             GROUP, VERSION, SLICES, dict(body)
         )
-        with self._lock:
-            self.writes.create += 1
+        self._wrote("create")
         return obj
 
     def replace_slice(self, name: str, body: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -124,8 +133,7 @@ class DraApi:
         obj: Mapping[str, Any] = self.objects.replace_cluster_custom_object(  # type: ignore[assignment]
             GROUP, VERSION, SLICES, name, dict(body)
         )
-        with self._lock:
-            self.writes.update += 1
+        self._wrote("update")
         return obj
 
     def delete_slice(self, name: str, uid: str | None, resource_version: str | None) -> bool:
@@ -139,8 +147,7 @@ class DraApi:
             if e.status == 404:
                 return False
             raise
-        with self._lock:
-            self.writes.delete += 1
+        self._wrote("delete")
         return True
 
     # ---- node ---------------------------------------------------------------------------

@@ -56,7 +56,7 @@ async def start_dra(
     if not getattr(args, "dra", True):
         log.info("DRA front end off (--no-dra): resources with allocation DRA are not served")
         return None
-    dra_api = DraApi(api, node)
+    dra_api = DraApi(api, node, manager.metrics)
     ids = await asyncio.to_thread(PciIds.find, args.host_root)
     fe = DraFrontEnd(
         manager,
