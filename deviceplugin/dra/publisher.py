@@ -75,6 +75,10 @@ class SlicePublisher:
         self._retry_at = 0.0
         self._threads: list[threading.Thread] = []
         self._owner: list[dict[str, Any]] | None = None
+        # name -> (content, generation, slice count, resourceVersion) of our last write of it:
+        # a slice still at that resourceVersion needs no deep comparison (a 4,096-unit pool
+        # has 32 slices; one unit flipping should cost one slice's work).
+        self._written: dict[str, tuple[SliceContent, int, int, str]] = {}
         self.synced_version = 0  # bumped whenever actual == desired after a reconcile
         self.submitted_version = 0
         self.last_error: str | None = None
@@ -224,7 +228,7 @@ class SlicePublisher:
         changed = [
             s
             for s in desired
-            if s.name in actual and not _same(actual[s.name], s.spec(self.node, generation, count))
+            if s.name in actual and not self._same(actual[s.name], s, generation, count)
         ]
         if new or len(changed) > 1:
             generation += 1  # consumers use only the newest generation of a pool
@@ -244,7 +248,7 @@ class SlicePublisher:
             body = dict(actual[s.name])
             body["spec"] = s.spec(self.node, generation, count)
             try:
-                self._record(s.name, self.api.replace_slice(s.name, body))
+                self._record(s.name, self.api.replace_slice(s.name, body), (s, generation, count))
             except ApiException as e:
                 if e.status in (404, 409):
                     self._refresh(s.name)  # changed or deleted meanwhile: look again, retry
@@ -261,7 +265,7 @@ class SlicePublisher:
                 "spec": s.spec(self.node, generation, count),
             }
             try:
-                self._record(s.name, self.api.create_slice(body))
+                self._record(s.name, self.api.create_slice(body), (s, generation, count))
             except ApiException as e:
                 if e.status == 409:
                     self._refresh(s.name)
@@ -278,12 +282,30 @@ class SlicePublisher:
                 len(stale),
             )
 
-    def _record(self, name: str, obj: Mapping[str, Any] | None) -> None:
+    def _same(
+        self, obj: Mapping[str, Any], want: SliceContent, generation: int, count: int
+    ) -> bool:
+        mine = self._written.get(want.name)
+        if mine is not None and mine[3] == _rv(obj):
+            # Unchanged since our write: compare what we wrote (the same device objects).
+            return mine[:3] == (want, generation, count)
+        return _same(obj, want.spec(self.node, generation, count))
+
+    def _record(
+        self,
+        name: str,
+        obj: Mapping[str, Any] | None,
+        wrote: tuple[SliceContent, int, int] | None = None,
+    ) -> None:
         with self._cv:
             if obj is None:
                 self._actual.pop(name, None)
             else:
                 self._actual[name] = obj
+            if obj is None or wrote is None:
+                self._written.pop(name, None)
+            else:
+                self._written[name] = (*wrote, _rv(obj))
 
     def _refresh(self, name: str) -> None:
         try:
