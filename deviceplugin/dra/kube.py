@@ -10,9 +10,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from kubernetes import client, watch
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from hostdev.deviceplugin.kubewatch import Event, WatchExpiredError, watch_events
 from hostdev.deviceplugin.metrics import Metrics
 from hostdev.policy.dra import API_VERSION, DRIVER
 
@@ -21,18 +22,9 @@ log = logging.getLogger(__name__)
 GROUP, VERSION = API_VERSION.split("/")
 SLICES = "resourceslices"
 CLAIMS = "resourceclaims"
-GONE = 410
 MANAGED_BY = {"app.kubernetes.io/managed-by": "hostdev-node"}
 
-
-class WatchExpiredError(Exception):
-    """The resourceVersion we watched from is too old (HTTP 410): list again."""
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    type: str  # ADDED, MODIFIED, DELETED, BOOKMARK
-    obj: Mapping[str, Any]
+__all__ = ["MANAGED_BY", "DraApi", "Event", "WatchExpiredError"]
 
 
 @dataclass
@@ -85,30 +77,15 @@ class DraApi:
         return list(resp.get("items") or []), rv
 
     def watch_slices(self, resource_version: str, timeout_seconds: int) -> Iterator[Event]:
-        w = watch.Watch()  # type: ignore[no-untyped-call]
-        try:
-            for ev in w.stream(  # type: ignore[no-untyped-call]
-                self.objects.list_cluster_custom_object,
-                GROUP,
-                VERSION,
-                SLICES,
-                field_selector=self.selector,
-                resource_version=resource_version,
-                allow_watch_bookmarks=True,
-                timeout_seconds=timeout_seconds,
-                _request_timeout=timeout_seconds + 10,
-            ):
-                kind, obj = ev.get("type"), ev.get("object")
-                if kind in ("ADDED", "MODIFIED", "DELETED", "BOOKMARK") and isinstance(
-                    obj, Mapping
-                ):
-                    yield Event(str(kind), obj)
-        except ApiException as e:
-            if e.status == GONE:
-                raise WatchExpiredError(str(e.reason)) from e
-            raise
-        finally:
-            w.stop()  # type: ignore[no-untyped-call]
+        return watch_events(
+            self.objects.list_cluster_custom_object,
+            GROUP,
+            VERSION,
+            SLICES,
+            field_selector=self.selector,
+            resource_version=resource_version,
+            timeout_seconds=timeout_seconds,
+        )
 
     def get_slice(self, name: str) -> Mapping[str, Any] | None:
         try:

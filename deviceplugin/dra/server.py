@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -48,18 +48,11 @@ SERVICES = (
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
-class _DraModule(Protocol):
-    """What the v1 and v1beta1 message modules have in common (identical field names)."""
-
-    NodePrepareResourcesResponse: Any
-    NodeUnprepareResourcesResponse: Any
-
-
 def _claims(request: Any) -> list[ClaimKey]:
     return [ClaimKey(c.namespace, c.uid, c.name) for c in request.claims]
 
 
-def _prepare_response(mod: _DraModule, pool: str, answers: Mapping[str, Answer]) -> Any:
+def _prepare_response(mod: Any, pool: str, answers: Mapping[str, Answer]) -> Any:
     resp = mod.NodePrepareResourcesResponse()
     for uid, a in answers.items():
         out = resp.claims[uid]
@@ -76,7 +69,7 @@ def _prepare_response(mod: _DraModule, pool: str, answers: Mapping[str, Answer])
     return resp
 
 
-def _unprepare_response(mod: _DraModule, errors: Mapping[str, str]) -> Any:
+def _unprepare_response(mod: Any, errors: Mapping[str, str]) -> Any:
     resp = mod.NodeUnprepareResourcesResponse()
     for uid, err in errors.items():
         out = resp.claims[uid]
@@ -85,44 +78,30 @@ def _unprepare_response(mod: _DraModule, errors: Mapping[str, str]) -> Any:
     return resp
 
 
-class DraV1(dra_v1_grpc.DRAPluginServicer):
+class _Dra:
+    """NodePrepareResources/NodeUnprepareResources for one API version (``mod``: its
+    messages; v1 and v1beta1 name every field the same)."""
+
+    mod: Any
+
     def __init__(self, fe: DraFrontEnd) -> None:
         self.fe = fe
 
-    async def NodePrepareResources(  # noqa: N802 (gRPC method name)
-        self, request: dra_v1.NodePrepareResourcesRequest, context: Ctx
-    ) -> dra_v1.NodePrepareResourcesResponse:
+    async def NodePrepareResources(self, request: Any, context: Ctx) -> Any:  # noqa: N802
         answers = await self.fe.prepare(_claims(request))
-        resp: dra_v1.NodePrepareResourcesResponse = _prepare_response(dra_v1, self.fe.pool, answers)
-        return resp
+        return _prepare_response(self.mod, self.fe.pool, answers)
 
-    async def NodeUnprepareResources(  # noqa: N802 (gRPC method name)
-        self, request: dra_v1.NodeUnprepareResourcesRequest, context: Ctx
-    ) -> dra_v1.NodeUnprepareResourcesResponse:
+    async def NodeUnprepareResources(self, request: Any, context: Ctx) -> Any:  # noqa: N802
         errors = await self.fe.unprepare(_claims(request))
-        resp: dra_v1.NodeUnprepareResourcesResponse = _unprepare_response(dra_v1, errors)
-        return resp
+        return _unprepare_response(self.mod, errors)
 
 
-class DraV1beta1(dra_v1beta1_grpc.DRAPluginServicer):
-    def __init__(self, fe: DraFrontEnd) -> None:
-        self.fe = fe
+class DraV1(_Dra, dra_v1_grpc.DRAPluginServicer):
+    mod = dra_v1
 
-    async def NodePrepareResources(  # noqa: N802 (gRPC method name)
-        self, request: dra_v1beta1.NodePrepareResourcesRequest, context: Ctx
-    ) -> dra_v1beta1.NodePrepareResourcesResponse:
-        answers = await self.fe.prepare(_claims(request))
-        resp: dra_v1beta1.NodePrepareResourcesResponse = _prepare_response(
-            dra_v1beta1, self.fe.pool, answers
-        )
-        return resp
 
-    async def NodeUnprepareResources(  # noqa: N802 (gRPC method name)
-        self, request: dra_v1beta1.NodeUnprepareResourcesRequest, context: Ctx
-    ) -> dra_v1beta1.NodeUnprepareResourcesResponse:
-        errors = await self.fe.unprepare(_claims(request))
-        resp: dra_v1beta1.NodeUnprepareResourcesResponse = _unprepare_response(dra_v1beta1, errors)
-        return resp
+class DraV1beta1(_Dra, dra_v1beta1_grpc.DRAPluginServicer):
+    mod = dra_v1beta1
 
 
 def health_message(mod: Any, pool: str, rows: Sequence[tuple[str, bool, str]], timeout: int) -> Any:
@@ -155,28 +134,28 @@ async def _health_stream(fe: DraFrontEnd, mod: Any) -> AsyncIterator[Any]:
         fe.health_unsubscribe(q)
 
 
-class HealthV1(health_v1_grpc.DRAResourceHealthServicer):
+class _Health:
+    """NodeWatchResources for one API version (``mod``: its messages)."""
+
+    mod: Any
+
     def __init__(self, fe: DraFrontEnd) -> None:
         self.fe = fe
 
     async def NodeWatchResources(  # noqa: N802 (gRPC method name)
-        self, request: health_v1.NodeWatchResourcesRequest, context: Ctx
-    ) -> AsyncIterator[health_v1.NodeWatchResourcesResponse]:
-        log.info("DRA: the kubelet watches device health (v1)")
-        async for msg in _health_stream(self.fe, health_v1):
+        self, request: Any, context: Ctx
+    ) -> AsyncIterator[Any]:
+        log.info("DRA: the kubelet watches device health (%s)", self.mod.__name__.split(".")[-2])
+        async for msg in _health_stream(self.fe, self.mod):
             yield msg
 
 
-class HealthV1alpha1(health_v1alpha1_grpc.DRAResourceHealthServicer):
-    def __init__(self, fe: DraFrontEnd) -> None:
-        self.fe = fe
+class HealthV1(_Health, health_v1_grpc.DRAResourceHealthServicer):
+    mod = health_v1
 
-    async def NodeWatchResources(  # noqa: N802 (gRPC method name)
-        self, request: health_v1alpha1.NodeWatchResourcesRequest, context: Ctx
-    ) -> AsyncIterator[health_v1alpha1.NodeWatchResourcesResponse]:
-        log.info("DRA: the kubelet watches device health (v1alpha1)")
-        async for msg in _health_stream(self.fe, health_v1alpha1):
-            yield msg
+
+class HealthV1alpha1(_Health, health_v1alpha1_grpc.DRAResourceHealthServicer):
+    mod = health_v1alpha1
 
 
 class Registration(reg_grpc.RegistrationServicer):

@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from hostdev.host.address import PciAddress, PciAddressError
+from hostdev.host.address import PciAddress, PciAddressError, parse_or_none
 from hostdev.policy.allocation import build_units
 from hostdev.policy.dra import API_VERSION, ATTR_PCI_BUS_ID, STANDARD_DOMAIN
 from hostdev.policy.reported import ReportedNode
@@ -56,20 +56,13 @@ def pinned_unit_address(rep: ReportedNode | None, resource: str, address: str | 
     inv = rep.inventory
     members = [
         inv.devices[a]
-        for a in (_parse(x) for x in rep.resources.get(resource, ()))
+        for a in (parse_or_none(x) for x in rep.resources.get(resource, ()))
         if a is not None and a in inv.devices
     ]
     for u in build_units(members):
         if wanted in u.addresses:
             return str(u.addresses[0])
     return address
-
-
-def _parse(text: str) -> PciAddress | None:
-    try:
-        return PciAddress.parse(text)
-    except PciAddressError:
-        return None
 
 
 def claim_entry_conflict(
