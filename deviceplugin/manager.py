@@ -85,6 +85,7 @@ class PluginManager:
         self._kick_handle: asyncio.TimerHandle | None = None
         self._save_handle: asyncio.TimerHandle | None = None
         self._register_tasks: dict[str, asyncio.Task[None]] = {}
+        self._removing: set[str] = set()  # resources whose server _remove is stopping
         self._tasks: list[asyncio.Task[None]] = []
         self._uevents: UeventSource | None = None
         self._watcher: DirWatcher | None = None
@@ -184,6 +185,7 @@ class PluginManager:
                 self.plugin_dir,
                 self.metrics,
                 on_change=self.schedule_save,
+                on_stale=self._rescan_soon,
             )
             saved = self.saved.get(name)
             if previous is None and saved is not None and not self.scanned:
@@ -221,16 +223,23 @@ class PluginManager:
         self.schedule_save()
 
     async def _drop(self, name: str) -> None:
-        """Stop serving ``name``; it leaves the maps only once its server is gone, so nobody
-        sees it removed while its socket still exists."""
-        task = self._register_tasks.pop(name, None)
-        if task is not None:
-            task.cancel()
+        """Stop ``name``'s server, remove its socket, then drop it from :attr:`plugins` and
+        :attr:`units`: a resource that is gone from the maps is gone from the host too (nobody
+        sees a half-removed one). A socket-deleted restart racing with this sees ``_removing``
+        and stands down."""
         plugin = self.plugins.get(name)
-        if plugin is not None:
-            await plugin.stop()
-            self.plugins.pop(name, None)
-        self.units.pop(name, None)
+        self._removing.add(name)
+        try:
+            task = self._register_tasks.pop(name, None)
+            if task is not None:
+                task.cancel()
+            if plugin is not None:
+                await plugin.stop()
+        finally:
+            self._removing.discard(name)
+            if plugin is not None and self.plugins.get(name) is plugin:
+                del self.plugins[name]
+            self.units.pop(name, None)
 
     async def _remove(self, name: str) -> None:
         await self._drop(name)
@@ -315,7 +324,10 @@ class PluginManager:
                 "%s: socket %s was deleted; serving again", plugin.resource, plugin.socket_path
             )
             await plugin.stop(remove_socket=False)
-            if self.plugins.get(plugin.resource) is plugin:
+            if (
+                self.plugins.get(plugin.resource) is plugin
+                and plugin.resource not in self._removing
+            ):
                 await plugin.start()
                 self._register_soon(plugin)
 
@@ -333,6 +345,11 @@ class PluginManager:
             self._pending_full = True
         else:
             self._pending.add(event.address)
+        self._kick()
+
+    def _rescan_soon(self, addresses: Iterable[PciAddress]) -> None:
+        """Re-read these functions soon (a plugin found them different from its last view)."""
+        self._pending.update(addresses)
         self._kick()
 
     def request_full_rescan(self) -> None:

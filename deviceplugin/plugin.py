@@ -32,7 +32,7 @@ from hostdev.deviceplugin.units import (
 )
 from hostdev.host.address import PciAddress
 from hostdev.host.sysfs import Sysfs
-from hostdev.policy.allocation import preferred_allocation
+from hostdev.policy.allocation import AllocUnit, kubevirt_addresses, preferred_allocation
 from hostdev.policy.naming import resource_env_var, socket_name
 
 log = logging.getLogger(__name__)
@@ -77,13 +77,15 @@ class ResourcePlugin(ResourceUnits, pb_grpc.DevicePluginServicer):
         metrics: Metrics,
         *,
         on_change: Callable[[], None] | None = None,
+        on_stale: Callable[[Iterable[PciAddress]], None] | None = None,
     ) -> None:
-        super().__init__(config, sysfs, metrics, on_change=on_change)
+        super().__init__(config, sysfs, metrics, on_change=on_change, on_stale=on_stale)
         self.plugin_dir = plugin_dir
         self.socket_path = os.path.join(plugin_dir, socket_name(self.resource))
         self.env_var = resource_env_var(self.resource)
         self.registered = False
         self._server: grpc.aio.Server | None = None
+        self._lifecycle = asyncio.Lock()  # start() and stop() never interleave
         # None in a queue ends that stream (server stopping).
         self._watchers: set[asyncio.Queue[pb.ListAndWatchResponse | None]] = set()
         self._msgs: dict[str, pb.Device] = {}
@@ -124,30 +126,33 @@ class ResourcePlugin(ResourceUnits, pb_grpc.DevicePluginServicer):
         return self._server is not None
 
     async def start(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.socket_path)  # a stale socket from an earlier run
-        server = grpc.aio.server()
-        pb_grpc.add_DevicePluginServicer_to_server(self, server)
-        server.add_insecure_port(f"unix://{self.socket_path}")
-        await server.start()
-        self._server = server
-        self.registered = False
-        log.info("%s: serving on %s", self.resource, self.socket_path)
+        async with self._lifecycle:  # a stop() racing with this waits for the server to exist
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket_path)  # a stale socket from an earlier run
+            server = grpc.aio.server()
+            pb_grpc.add_DevicePluginServicer_to_server(self, server)
+            server.add_insecure_port(f"unix://{self.socket_path}")
+            await server.start()
+            self._server = server
+            self.registered = False
+            log.info("%s: serving on %s", self.resource, self.socket_path)
 
     async def stop(self, *, remove_socket: bool = True) -> None:
-        server, self._server = self._server, None
-        self.registered = False
-        for q in self._watchers:
-            # End the streams ourselves: cancelled handlers make grpc log tracebacks.
-            if q.full():
-                q.get_nowait()
-            q.put_nowait(None)
-        if server is not None:
-            await asyncio.sleep(0)  # let the stream handlers return
-            await server.stop(grace=0.2)
-        if remove_socket:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.socket_path)
+        """Stop serving; returns once the server is down and (by default) its socket is gone."""
+        async with self._lifecycle:
+            server, self._server = self._server, None
+            self.registered = False
+            for q in self._watchers:
+                # End the streams ourselves: cancelled handlers make grpc log tracebacks.
+                if q.full():
+                    q.get_nowait()
+                q.put_nowait(None)
+            if server is not None:
+                await asyncio.sleep(0)  # let the stream handlers return
+                await server.stop(grace=0.2)
+            if remove_socket:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.socket_path)
 
     async def register(self, rpc_timeout: float = 10.0) -> None:
         """Register with the kubelet (raises grpc.aio.AioRpcError on failure)."""
@@ -235,18 +240,21 @@ class ResourcePlugin(ResourceUnits, pb_grpc.DevicePluginServicer):
 
     # ---- Allocate: the KubeVirt contract ------------------------------------------------
     def container_response(self, ids: Iterable[str]) -> pb.ContainerAllocateResponse:
-        """Env ``PCI_RESOURCE_<NAME>`` with every address of every unit, VFIO device specs.
+        """Env ``PCI_RESOURCE_<NAME>``: each unit's primary function first, in the order of
+        ``ids`` (KubeVirt attaches one address per VM entry, from the front), then the units'
+        companions; VFIO device specs for every unit's group.
 
-        Each unit is re-read first (:func:`~hostdev.deviceplugin.units.recheck_unit`): a unit
-        that changed since the last scan is refused rather than handed to a VM.
+        Each unit's whole IOMMU group is re-read first (:meth:`ResourceUnits.recheck`, on
+        :mod:`hostdev.deviceplugin.recheck`): a unit whose group stopped being viable since the
+        last scan is refused with the reason rather than handed to a VM that would then fail to
+        start.
         """
         ids = list(ids)
         if not ids:
             raise AllocationRefusedError(
                 grpc.StatusCode.INVALID_ARGUMENT, "no device IDs requested"
             )
-        addresses: list[PciAddress] = []
-        groups: list[int] = []
+        units: list[AllocUnit] = []
         cdevs: list[str] = []
         for dev_id in ids:
             if dev_id not in self.devices:
@@ -257,13 +265,11 @@ class ResourcePlugin(ResourceUnits, pb_grpc.DevicePluginServicer):
                 checked = self.recheck(dev_id)
             except UnitRefusedError as e:
                 raise AllocationRefusedError(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
+            units.append(checked.unit)
             cdevs.extend(checked.cdevs)
-            addresses.extend(checked.unit.addresses)
-            if checked.group not in groups:
-                groups.append(checked.group)
         out = pb.ContainerAllocateResponse()
-        # Never fewer addresses than devices: every unit contributes all of its addresses.
-        out.envs[self.env_var] = ",".join(str(a) for a in addresses)
+        out.envs[self.env_var] = ",".join(str(a) for a in kubevirt_addresses(units))
+        groups = dict.fromkeys(u.group for u in units)
         paths = [VFIO_CONTAINER, *(f"/dev/vfio/{g}" for g in groups)]
         if os.path.exists(self.sysfs.path(IOMMUFD)):
             paths.append(IOMMUFD)

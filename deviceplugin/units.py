@@ -4,7 +4,8 @@ between the host inventory and the kubelet front ends.
 inventory -> :class:`ResourceUnits` (selected devices -> units -> verdicts) -> front ends: the
 device-plugin server (:mod:`hostdev.deviceplugin.plugin`, a subclass) and the DRA driver
 (:mod:`hostdev.deviceplugin.dra`, which reads these objects). Both hand out a unit only after
-:func:`recheck_unit` has re-read its functions from sysfs.
+:func:`recheck_for_handout` has re-read its whole IOMMU group (the one shared re-check,
+:mod:`hostdev.deviceplugin.recheck`).
 
 A unit is one IOMMU group of the resource (see :mod:`hostdev.policy.allocation`); its ID is its
 lowest PCI address. The object never rescans the host itself: the manager hands it each new
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hostdev.deviceplugin.metrics import Metrics
+from hostdev.deviceplugin.recheck import recheck
 from hostdev.deviceplugin.resources import ResourceConfig
 from hostdev.host.address import PciAddress, PciAddressError
 from hostdev.host.model import Inventory, IommuGroup, PciDevice
@@ -38,7 +40,12 @@ Listener = Callable[[Mapping[str, "Advertised"] | None], None]
 
 
 class UnitRefusedError(Exception):
-    """A unit that must not be handed out now; the message names the device and why."""
+    """A unit that must not be handed out now; the message names the device and why.
+    ``read``: the functions the re-check found different from the last scan (rescan them)."""
+
+    def __init__(self, message: str, read: Collection[PciAddress] = ()) -> None:
+        super().__init__(message)
+        self.read = tuple(read)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,29 +65,24 @@ class Rechecked:
     cdevs: tuple[str, ...]  # vfioN of functions with an iommufd cdev whose /dev node exists
 
 
-def recheck_unit(sysfs: Sysfs, unit: AllocUnit) -> Rechecked:
-    """Re-read every function of ``unit`` (one directory each, a few small files): each must
-    still be on vfio-pci in the unit's group, and ``/dev/vfio/<group>`` must exist. A unit that
-    changed since the last scan is refused rather than handed to a VM that would then fail to
-    start. Raises :class:`UnitRefusedError`."""
-    if unit.group is None:
-        raise UnitRefusedError(f"device {unit.id} has no IOMMU group")
-    cdevs: list[str] = []
-    for addr in unit.addresses:
-        dev = sysfs.read_device(addr)
-        if dev is None:
-            why = "is gone from the PCI bus"
-        elif not dev.on_vfio:
-            why = f"is bound to {dev.driver or 'no driver'}, not vfio-pci"
-        elif dev.iommu_group != unit.group:
-            why = f"moved from IOMMU group {unit.group} to {dev.iommu_group}"
-        else:
-            if dev.vfio_cdev and os.path.exists(sysfs.path("dev/vfio/devices", dev.vfio_cdev)):
-                cdevs.append(dev.vfio_cdev)
-            continue
-        raise UnitRefusedError(f"device {unit.id}: {addr} {why}; not handing it to a VM")
-    if not os.path.exists(sysfs.path("dev/vfio", str(unit.group))):
-        raise UnitRefusedError(f"device {unit.id}: /dev/vfio/{unit.group} does not exist")
+def recheck_for_handout(
+    sysfs: Sysfs, unit: AllocUnit, advertised: Collection[PciAddress] | None = None
+) -> Rechecked:
+    """The shared re-check (:func:`hostdev.deviceplugin.recheck.recheck`: the unit's whole
+    IOMMU group re-read and judged as VFIO does) as the front ends use it: the usable unit with
+    its iommufd cdevs, or :class:`UnitRefusedError` with the reason. ``advertised``: the group's
+    members when the unit was last judged (None: unknown)."""
+    verdict, fresh = recheck(sysfs, unit, advertised)
+    if not verdict.healthy or fresh is None or unit.group is None:
+        raise UnitRefusedError(
+            f"device {unit.id} is not handed to a VM: {verdict.reason}",
+            {*unit.addresses, *(fresh.devices if fresh else ())},
+        )
+    cdevs = []
+    for a in unit.addresses:
+        cdev = fresh.devices[a].vfio_cdev
+        if cdev and os.path.exists(sysfs.path("dev/vfio/devices", cdev)):
+            cdevs.append(cdev)
     return Rechecked(unit, unit.group, tuple(cdevs))
 
 
@@ -94,9 +96,12 @@ class ResourceUnits:
         metrics: Metrics,
         *,
         on_change: Callable[[], None] | None = None,
+        on_stale: Callable[[Iterable[PciAddress]], None] | None = None,
     ) -> None:
         self.config = config
         self._on_change = on_change
+        # A re-check found the host differs from what was advertised: rescan these functions.
+        self._on_stale = on_stale
         self.resource = config.resource_name
         self.sysfs = sysfs
         self.metrics = metrics
@@ -192,7 +197,13 @@ class ResourceUnits:
             old = self.devices.get(dev_id)
             if old is not None:
                 why = old.verdict.reason if not old.verdict.healthy else None
-                new[dev_id] = Advertised(old.unit, Verdict(False, why or f"{dev_id} is gone"))
+                new[dev_id] = Advertised(
+                    old.unit,
+                    Verdict(
+                        False,
+                        why or f"{dev_id} left the PCI bus or this resource while a pod holds it",
+                    ),
+                )
         if new == self.devices:
             return False
         appeared = [k for k in new if k not in self.devices]
@@ -255,7 +266,11 @@ class ResourceUnits:
         devices: Mapping[PciAddress, PciDevice],
         groups: Mapping[int, IommuGroup],
     ) -> Verdict:
-        v = unit_health(u.addresses, u.group, devices, groups)
+        return self._shared_verdict(u, unit_health(u.addresses, u.group, devices, groups))
+
+    def _shared_verdict(self, u: AllocUnit, v: Verdict) -> Verdict:
+        """A healthy verdict made unhealthy by what this object knows beyond the host: the
+        unit's group split across resources, or the unit held by another front end."""
         others = self.shared_groups.get(u.group) if u.group is not None else None
         if v.healthy and others:
             return Verdict(
@@ -354,11 +369,32 @@ class ResourceUnits:
 
     def recheck(self, dev_id: str) -> Rechecked:
         """Re-read a unit this resource advertises before handing it out (see
-        :func:`recheck_unit`); unknown IDs are refused too."""
+        :func:`recheck_for_handout`), then what only this object knows (split group, held by
+        the other front end); unknown IDs are refused too. Functions found changed are
+        rescanned soon (``on_stale``)."""
         adv = self.devices.get(dev_id)
         if adv is None:
             raise UnitRefusedError(f"unknown device {dev_id!r} for this resource")
-        return recheck_unit(self.sysfs, adv.unit)
+        try:
+            checked = recheck_for_handout(self.sysfs, adv.unit, self.advertised_members(adv.unit))
+        except UnitRefusedError as e:
+            if self._on_stale is not None:
+                self._on_stale(e.read)
+            raise
+        why = self.blocked(adv.unit)
+        if why is not None:
+            raise UnitRefusedError(f"device {dev_id} is not handed to a VM: {why}")
+        return checked
+
+    def blocked(self, unit: AllocUnit) -> str | None:
+        """Why ``unit`` must not be handed out whatever the host says (see
+        :meth:`_shared_verdict`), or None."""
+        return self._shared_verdict(unit, Verdict(True)).reason
+
+    def advertised_members(self, unit: AllocUnit) -> tuple[PciAddress, ...] | None:
+        """The group's members when ``unit`` was last judged (None: not judged since start)."""
+        judged = self._judged.get(unit.id)
+        return None if judged is None or judged[1] is None else judged[1].members
 
 
 def _unit_facts(d: PciDevice) -> tuple[object, ...]:

@@ -240,10 +240,14 @@ class DraFrontEnd:
                 if d is None or d.unit is not adv.unit or d.resource != resource:
                     d = dra_device(adv.unit, resource, inventory, self.ids)
                 cache[adv.unit.id] = d
-                held = "a pod (device plugin)" if adv.unit.id in units.allocated else None
+                blocked = (
+                    "a pod holds it through the device plugin"
+                    if adv.unit.id in units.allocated
+                    else units.blocked(adv.unit)
+                )
                 devices[d.name] = d
-                offers[d.name] = Offer(d, held)
-                entries.append(PoolEntry(d, adv.verdict.healthy and held is None))
+                offers[d.name] = Offer(d, blocked, units.advertised_members(adv.unit))
+                entries.append(PoolEntry(d, adv.verdict.healthy and blocked is None))
                 rows.append((d.name, adv.verdict.healthy, adv.verdict.reason or ""))
         self._cache = cache
         # Devices of prepared claims that are no longer served through DRA stay reported.

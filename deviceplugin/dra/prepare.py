@@ -30,7 +30,8 @@ from hostdev.deviceplugin.dra.checkpoint import (
     ClaimRecord,
     PreparedDevice,
 )
-from hostdev.deviceplugin.units import UnitRefusedError, recheck_unit
+from hostdev.deviceplugin.units import UnitRefusedError, recheck_for_handout
+from hostdev.host.address import PciAddress
 from hostdev.host.sysfs import Sysfs
 from hostdev.policy.dra import (
     DRIVER,
@@ -83,7 +84,10 @@ class Offer:
     """A unit this node serves through DRA now, as prepare sees it."""
 
     device: DraDevice
-    held_by: str | None = None  # a pod holding it through the device plugin (refused)
+    # why it must not be prepared whatever the host says: a pod holds it through the device
+    # plugin, or its IOMMU group is split across resources
+    blocked: str | None = None
+    advertised: tuple[PciAddress, ...] | None = None  # its group's members when last judged
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,29 +151,21 @@ class Preparer:
                     f"{where}: device {cd.device} ({cd.address}) is not served through DRA on "
                     "this node (its resource moved to the device plugin, or it is gone)"
                 )
-            if offer.held_by:
-                raise ClaimError(
-                    f"{where}: device {cd.device} is in use by {offer.held_by} through the device "
-                    "plugin"
-                )
+            if offer.blocked:
+                raise ClaimError(f"{where}: device {cd.device} is not handed out: {offer.blocked}")
             other = holders.get(cd.device)
             if other is not None and other.uid != key.uid:
                 raise ClaimError(
                     f"{where}: device {cd.device} is prepared for claim "
                     f"{other.namespace}/{other.name} already"
                 )
-            checked = recheck_unit(self.sysfs, offer.device.unit)  # raises UnitRefusedError
+            # The shared re-check (raises UnitRefusedError with the reason).
+            checked = recheck_for_handout(self.sysfs, offer.device.unit, offer.advertised)
             units.append(
                 (
                     cd,
                     offer,
-                    PreparedUnit(
-                        cd.device,
-                        offer.device.resource,
-                        checked.unit.addresses,
-                        checked.group,
-                        checked.cdevs,
-                    ),
+                    PreparedUnit(cd.device, offer.device.resource, checked.unit, checked.cdevs),
                 )
             )
         for cd, _, _ in units:
@@ -219,7 +215,7 @@ class Preparer:
                     (cd.base_request,),
                     cd.device,
                     u.resource,
-                    tuple(str(a) for a in u.addresses),
+                    tuple(str(a) for a in u.unit.addresses),
                     tuple(cdi),
                 )
             )

@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from hostdev.host.address import PciAddress, PciAddressError
 from hostdev.host.model import Inventory
 from hostdev.host.pciids import PciIds
-from hostdev.policy.allocation import AllocUnit
+from hostdev.policy.allocation import AllocUnit, kubevirt_addresses
 from hostdev.policy.gojson import marshal_indent, sorted_map
 from hostdev.policy.naming import resource_env_var
 
@@ -402,18 +402,12 @@ class PreparedUnit:
 
     device: str
     resource: str
-    addresses: tuple[PciAddress, ...]
-    group: int
+    unit: AllocUnit
     cdevs: tuple[str, ...] = ()
 
-
-def env_addresses(units: Iterable[PreparedUnit]) -> str:
-    """``PCI_RESOURCE_*`` value: every unit's first function first (one per VM entry, in
-    order), then their companions; never fewer addresses than devices."""
-    units = list(units)
-    firsts = [u.addresses[0] for u in units]
-    rest = [a for u in units for a in u.addresses[1:]]
-    return ",".join(str(a) for a in (*firsts, *rest))
+    @property
+    def group(self) -> int | None:
+        return self.unit.group
 
 
 def vfio_cdi_spec(
@@ -435,7 +429,11 @@ def vfio_cdi_spec(
         devices.append({"name": name, "containerEdits": {"deviceNodes": nodes}})
         ids[u.device] = cdi_id(CDI_VFIO_CLASS, name)
         by_resource.setdefault(u.resource, []).append(u)
-    env = [f"{resource_env_var(r)}={env_addresses(us)}" for r, us in sorted(by_resource.items())]
+    # The device plugin's rule: every unit's primary first, then the companions.
+    env = [
+        f"{resource_env_var(r)}=" + ",".join(map(str, kubevirt_addresses([u.unit for u in us])))
+        for r, us in sorted(by_resource.items())
+    ]
     claim_nodes = [_node(VFIO_CONTAINER)] + ([_node(IOMMUFD)] if iommufd else [])
     return _with_version(
         cdi_kind(CDI_VFIO_CLASS), devices, {"env": env, "deviceNodes": claim_nodes}

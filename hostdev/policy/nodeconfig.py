@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 from hostdev.host.address import PciAddress, PciAddressError
 from hostdev.host.model import Inventory, is_vfio_driver
+from hostdev.policy.naming import env_collisions
 from hostdev.policy.selector import DeviceSelector, SelectorError
 
 DEFAULT_DRIVER = "vfio-pci"
@@ -241,11 +242,14 @@ def parse_node_config(data: Any) -> NodeConfig:
     rules: list[DeviceRule] = []
     seen_dev: set[PciAddress] = set()
     modes: dict[str, tuple[Allocation, str]] = {}  # resource -> (allocation, first entry)
+    named: list[tuple[int, str]] = []  # (entry index, resourceName)
     for i, item in enumerate(_list(spec, "devices")):
         where = f"devices[{i}]"
         _unknown(item, _DEV_KEYS, where)
         driver = _driver(item.get("driver"), f"{where}.driver")
         resource = _resource(item.get("resourceName"), f"{where}.resourceName")
+        if resource is not None:
+            named.append((i, resource))
         unsafe = _bool(item.get("allowUnsafe"), f"{where}.allowUnsafe")
         mode = _allocation(item.get("allocation"), resource, f"{where}.allocation")
         if resource is not None:
@@ -275,6 +279,9 @@ def parse_node_config(data: Any) -> NodeConfig:
             if selector.empty:
                 raise NodeConfigError(f"{where}.selector: empty selector matches nothing")
             rules.append(DeviceRule(selector, driver, resource, unsafe, mode))
+    for c in env_collisions(name for _, name in named):
+        i = next(i for i, name in named if name == c.second)
+        raise NodeConfigError(f"devices[{i}].resourceName: {c.message}")
     return NodeConfig(tuple(pfs), tuple(devices), tuple(rules))
 
 

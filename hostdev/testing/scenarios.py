@@ -40,11 +40,13 @@ def _nvidia(
     )
 
 
-def _a10_with_audio(h: FakeHost, audio_driver: str = "vfio-pci", *, bus: int = 0x17) -> None:
+def _a10_with_audio(
+    h: FakeHost, audio_driver: str = "vfio-pci", *, bus: str = "17", numa: int = 0
+) -> None:
     """An A10 at <bus>:00.0 and its HDMI audio function at <bus>:00.1, sharing one group."""
     g = h.new_group()
-    _nvidia(h, f"0000:{bus:02x}:00.0", A10, group=g, numa=0)
-    _nvidia(h, f"0000:{bus:02x}:00.1", A10_AUDIO, group=g, numa=0, driver=audio_driver)
+    _nvidia(h, f"0000:{bus}:00.0", A10, group=g, numa=numa)
+    _nvidia(h, f"0000:{bus}:00.1", A10_AUDIO, group=g, numa=numa, driver=audio_driver)
 
 
 def _a100_pair_behind_switch(h: FakeHost, bus: int, numa: int) -> None:
@@ -90,6 +92,16 @@ def gpu_with_audio(root: Path | str) -> FakeHost:
     return h
 
 
+def two_gpus_with_audio(root: Path | str) -> FakeHost:
+    """Two A10s, each with its HDMI audio function in its own group: 17:00.0/.1 on NUMA 0,
+    65:00.0/.1 on NUMA 1, all on vfio-pci (two units of two functions)."""
+    h = FakeHost(Path(root))
+    _platform(h)
+    _a10_with_audio(h)
+    _a10_with_audio(h, bus="65", numa=1)
+    return h
+
+
 def gpus_behind_switch_without_acs(root: Path | str, *, switches: int = 1) -> FakeHost:
     """Two identical GPUs behind a PCIe switch without ACS: one group holding both GPUs and
     the switch ports (bridges do not count against viability). ``switches`` > 1 adds more such
@@ -98,16 +110,6 @@ def gpus_behind_switch_without_acs(root: Path | str, *, switches: int = 1) -> Fa
     _platform(h)
     for i in range(switches):
         _a100_pair_behind_switch(h, 0x40 * (i + 1), numa=(i + 1) % 2)
-    return h
-
-
-def gpus_with_audio(root: Path | str, *, count: int = 2) -> FakeHost:
-    """``count`` A10s with their HDMI audio functions (buses 0x17, 0x18, ...), each pair in its
-    own group, all on vfio-pci: ``count`` two-function units."""
-    h = FakeHost(Path(root))
-    _platform(h)
-    for i in range(count):
-        _a10_with_audio(h, bus=0x17 + i)
     return h
 
 
@@ -181,7 +183,7 @@ def demo(root: Path | str) -> FakeHost:
 SCENARIOS: dict[str, Callable[[Path], FakeHost]] = {
     "sriov-nic-dual-socket": sriov_nic_dual_socket,
     "gpu-with-audio": gpu_with_audio,
-    "gpus-with-audio": gpus_with_audio,
+    "two-gpus-with-audio": two_gpus_with_audio,
     "single-function-gpus": single_function_gpus,
     "gpus-behind-switch-without-acs": gpus_behind_switch_without_acs,
     "group-member-on-host-driver": group_member_on_host_driver,

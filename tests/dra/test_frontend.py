@@ -262,7 +262,7 @@ async def test_moving_a_resource_between_front_ends_never_hands_a_unit_out_twice
         await r.manager.apply([gpu_config(DRA)])
         assert GPU not in r.manager.plugins and GPU in r.manager.dra_units
         await r.until("switch seen", lambda: r.pub.offered() == set() and GPU0 in r.fe.offers)
-        assert r.fe.offers[GPU0].held_by  # held by that pod: not offered, not preparable
+        assert r.fe.offers[GPU0].blocked == "a pod holds it through the device plugin"
         # The pod ends (PodResources says so after the grace): the unit is offered.
         r.manager.units[GPU].set_in_use([], grace=0)
         r.manager.units[GPU].update(r.manager.view.inventory)

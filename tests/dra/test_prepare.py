@@ -217,7 +217,10 @@ def test_a_device_held_elsewhere_is_refused(node: Node) -> None:
     second = node.claim(uid="uid-2", name="b")
     ans = node.preparer.prepare([second], node.offers())[second.uid]
     assert "is prepared for claim vms/a already" in ans.error
-    held = {k: Offer(o.device, "a pod (device plugin)") for k, o in node.offers().items()}
+    held = {
+        k: Offer(o.device, "a pod holds it through the device plugin")
+        for k, o in node.offers().items()
+    }
     third = node.claim(uid="uid-3", name="c")
     assert "through the device plugin" in node.preparer.prepare([third], held)[third.uid].error
 

@@ -29,7 +29,6 @@ from hostdev.policy.dra import (
     device_class_selector,
     device_name,
     dra_device,
-    env_addresses,
     metadata_container_path,
     metadata_stream,
     plan_slices,
@@ -196,14 +195,17 @@ def test_opaque_config_for_this_driver_is_refused() -> None:
 
 
 def test_vfio_cdi_spec() -> None:
+    gpu = (PciAddress.parse("0000:17:00.0"), PciAddress.parse("0000:17:00.1"))
     a = PreparedUnit(
         "pci-0000-17-00-0",
         "example.com/gpu",
-        (PciAddress.parse("0000:17:00.0"), PciAddress.parse("0000:17:00.1")),
-        40,
+        AllocUnit(str(gpu[0]), gpu, 40, 0, None),
         ("vfio3", "vfio4"),
     )
-    b = PreparedUnit("pci-0000-18-00-0", "example.com/gpu", (PciAddress.parse("0000:18:00.0"),), 41)
+    b18 = PciAddress.parse("0000:18:00.0")
+    b = PreparedUnit(
+        "pci-0000-18-00-0", "example.com/gpu", AllocUnit(str(b18), (b18,), 41, 0, None)
+    )
     spec, ids = vfio_cdi_spec("2b1e-uid", [a, b], iommufd=True)
     assert spec["kind"] == "pci.hostdev.io/vfio"
     assert spec["cdiVersion"] == "0.5.0"  # device names start with a digit here
@@ -229,7 +231,9 @@ def test_vfio_cdi_spec() -> None:
     no_fd, _ = vfio_cdi_spec("x-uid", [a], iommufd=False)
     assert no_fd["cdiVersion"] == "0.3.0"
     assert all("devices/vfio" not in json.dumps(d) for d in no_fd["devices"])
-    assert env_addresses([a]) == "0000:17:00.0,0000:17:00.1"
+    assert no_fd["containerEdits"]["env"] == [
+        "PCI_RESOURCE_EXAMPLE_COM_GPU=0000:17:00.0,0000:17:00.1"
+    ]
 
 
 def test_cdi_versions_follow_the_features() -> None:
