@@ -4,6 +4,8 @@ fails here first. docs/DESIGN.md (node agent, item 4) lists them."""
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 from tests.fixtures.kubevirt import KubeVirtLauncher, vmi
@@ -76,3 +78,21 @@ def test_gpus_and_host_devices_read_the_env_separately(kubevirt_launcher: KubeVi
     )
     assert out["error"] is None
     assert _addresses(out["gpus"]) == _addresses(out["hostDevices"]) == ["0000:17:00.0"]
+
+
+@pytest.mark.parametrize(
+    ("stdin", "why"),
+    [
+        ('{"vmi": {}, "envv": {}}', 'unknown field "envv"'),
+        ('{"env": {}}', '"vmi" is required'),
+        ("{", "unexpected EOF"),
+    ],
+)
+def test_harness_bad_input_is_exit_2(
+    kubevirt_launcher: KubeVirtLauncher, stdin: str, why: str
+) -> None:
+    """A typo in a test's input must fail loudly, not run KubeVirt on half a VMI."""
+    proc = subprocess.run(
+        [str(kubevirt_launcher.binary)], input=stdin, capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 2 and why in proc.stderr and proc.stdout == ""
