@@ -40,11 +40,13 @@ def _nvidia(
     )
 
 
-def _a10_with_audio(h: FakeHost, audio_driver: str = "vfio-pci", *, bus: int = 0x17) -> None:
+def _a10_with_audio(
+    h: FakeHost, audio_driver: str = "vfio-pci", *, bus: str = "17", numa: int = 0
+) -> None:
     """An A10 at <bus>:00.0 and its HDMI audio function at <bus>:00.1, sharing one group."""
     g = h.new_group()
-    _nvidia(h, f"0000:{bus:02x}:00.0", A10, group=g, numa=0)
-    _nvidia(h, f"0000:{bus:02x}:00.1", A10_AUDIO, group=g, numa=0, driver=audio_driver)
+    _nvidia(h, f"0000:{bus}:00.0", A10, group=g, numa=numa)
+    _nvidia(h, f"0000:{bus}:00.1", A10_AUDIO, group=g, numa=numa, driver=audio_driver)
 
 
 def _a100_pair_behind_switch(h: FakeHost, bus: int, numa: int) -> None:
@@ -107,7 +109,7 @@ def gpus_with_audio(root: Path | str, *, count: int = 2) -> FakeHost:
     h = FakeHost(Path(root))
     _platform(h)
     for i in range(count):
-        _a10_with_audio(h, bus=0x17 + i)
+        _a10_with_audio(h, bus=f"{0x17 + i:02x}")
     return h
 
 
