@@ -92,6 +92,16 @@ def gpu_with_audio(root: Path | str) -> FakeHost:
     return h
 
 
+def two_gpus_with_audio(root: Path | str) -> FakeHost:
+    """Two A10s, each with its HDMI audio function in its own group: 17:00.0/.1 on NUMA 0,
+    65:00.0/.1 on NUMA 1, all on vfio-pci (two units of two functions)."""
+    h = FakeHost(Path(root))
+    _platform(h)
+    _a10_with_audio(h)
+    _a10_with_audio(h, bus="65", numa=1)
+    return h
+
+
 def gpus_behind_switch_without_acs(root: Path | str, *, switches: int = 1) -> FakeHost:
     """Two identical GPUs behind a PCIe switch without ACS: one group holding both GPUs and
     the switch ports (bridges do not count against viability). ``switches`` > 1 adds more such
@@ -100,16 +110,6 @@ def gpus_behind_switch_without_acs(root: Path | str, *, switches: int = 1) -> Fa
     _platform(h)
     for i in range(switches):
         _a100_pair_behind_switch(h, 0x40 * (i + 1), numa=(i + 1) % 2)
-    return h
-
-
-def gpus_with_audio(root: Path | str, *, count: int = 2) -> FakeHost:
-    """``count`` A10s with their HDMI audio functions (buses 0x17, 0x18, ...), each pair in its
-    own group, all on vfio-pci: ``count`` two-function units."""
-    h = FakeHost(Path(root))
-    _platform(h)
-    for i in range(count):
-        _a10_with_audio(h, bus=f"{0x17 + i:02x}")
     return h
 
 
@@ -183,7 +183,7 @@ def demo(root: Path | str) -> FakeHost:
 SCENARIOS: dict[str, Callable[[Path], FakeHost]] = {
     "sriov-nic-dual-socket": sriov_nic_dual_socket,
     "gpu-with-audio": gpu_with_audio,
-    "gpus-with-audio": gpus_with_audio,
+    "two-gpus-with-audio": two_gpus_with_audio,
     "single-function-gpus": single_function_gpus,
     "gpus-behind-switch-without-acs": gpus_behind_switch_without_acs,
     "group-member-on-host-driver": group_member_on_host_driver,

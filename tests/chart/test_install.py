@@ -112,6 +112,16 @@ def can(
     return bool(result.status.allowed)
 
 
+def wait_can(
+    cluster: Cluster, user: str, verb: str, resource: str, group: str = "", **attrs: str
+) -> None:
+    """Until ``user`` may do it: RBAC objects reach the authorizer a moment after creation."""
+    deadline = time.monotonic() + 30
+    while not can(cluster, user, verb, resource, group, **attrs):
+        assert time.monotonic() < deadline, f"{user} never allowed to {verb} {resource} {attrs}"
+        time.sleep(0.1)
+
+
 @pytest.fixture
 def nodestates(kube_apiserver: Cluster) -> Iterator[Callable[[str], str]]:
     """Creates PassthroughNodeStates with unique names (the API server is shared by the
@@ -198,12 +208,14 @@ def test_crds_are_established(kube_apiserver: Cluster, release: Release) -> None
 
 def test_operator_cannot_read_secrets(kube_apiserver: Cluster, release: Release) -> None:
     sa = release.operator_sa
+    # positive controls first (the release's bindings reach the authorizer a moment after the
+    # install): the review does see the operator's grants ...
+    wait_can(kube_apiserver, sa, "patch", "virtualmachines", "kubevirt.io", namespace="default")
+    wait_can(kube_apiserver, sa, "patch", "clusterkopfpeerings", "kopf.dev", name=release.name)
+    # ... and none to secrets
     for verb in ("get", "list", "watch"):
         assert not can(kube_apiserver, sa, verb, "secrets")
         assert not can(kube_apiserver, sa, verb, "secrets", namespace=release.namespace)
-    # positive controls: the review does see the operator's grants
-    assert can(kube_apiserver, sa, "patch", "virtualmachines", "kubevirt.io", namespace="default")
-    assert can(kube_apiserver, sa, "patch", "clusterkopfpeerings", "kopf.dev", name=release.name)
     # and a real request as that ServiceAccount is refused by the API server
     api = impersonating(kube_apiserver, sa)
     with pytest.raises(k8s.ApiException) as e:
@@ -216,9 +228,9 @@ def test_operator_cannot_read_secrets(kube_apiserver: Cluster, release: Release)
 
 def test_agent_rbac_is_status_only(kube_apiserver: Cluster, release: Release) -> None:
     sa = release.agent_sa
-    assert can(kube_apiserver, sa, "patch", NODESTATES, GROUP, subresource="status")
-    assert can(kube_apiserver, sa, "watch", NODESTATES, GROUP)
-    assert can(kube_apiserver, sa, "list", "pods")
+    wait_can(kube_apiserver, sa, "patch", NODESTATES, GROUP, subresource="status")
+    wait_can(kube_apiserver, sa, "watch", NODESTATES, GROUP)
+    wait_can(kube_apiserver, sa, "list", "pods")
     assert not can(kube_apiserver, sa, "patch", NODESTATES, GROUP)  # the spec is the operator's
     assert not can(kube_apiserver, sa, "delete", NODESTATES, GROUP)
     assert not can(kube_apiserver, sa, "get", "secrets")

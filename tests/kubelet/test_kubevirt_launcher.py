@@ -25,9 +25,9 @@ from hostdev.policy.naming import resource_env_var
 from hostdev.testing.fakesysfs import FakeHost
 from hostdev.testing.scenarios import (
     gpus_behind_switch_without_acs,
-    gpus_with_audio,
     single_function_gpus,
     sriov_nic_dual_socket,
+    two_gpus_with_audio,
 )
 from tests.fixtures.kubelet import KubeletHarness
 from tests.fixtures.kubevirt import KubeVirtLauncher, vmi
@@ -65,12 +65,8 @@ CASES = {
     "single-function-x2": Case(
         partial(single_function_gpus, count=2), "example.com/a100", NVIDIA, 2, 2
     ),
-    "gpu-audio-x1": Case(
-        partial(gpus_with_audio, count=2), "nvidia.com/a10", NVIDIA, 2, 1, functions_per_unit=2
-    ),
-    "gpu-audio-x2": Case(
-        partial(gpus_with_audio, count=2), "nvidia.com/a10", NVIDIA, 2, 2, functions_per_unit=2
-    ),
+    "gpu-audio-x1": Case(two_gpus_with_audio, "nvidia.com/a10", NVIDIA, 2, 1, functions_per_unit=2),
+    "gpu-audio-x2": Case(two_gpus_with_audio, "nvidia.com/a10", NVIDIA, 2, 2, functions_per_unit=2),
     "two-gpu-group-x1": Case(
         partial(gpus_behind_switch_without_acs, switches=2),
         "nvidia.com/a100",
