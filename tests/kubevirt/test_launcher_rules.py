@@ -96,3 +96,17 @@ def test_harness_bad_input_is_exit_2(
         [str(kubevirt_launcher.binary)], input=stdin, capture_output=True, text=True, check=False
     )
     assert proc.returncode == 2 and why in proc.stderr and proc.stdout == ""
+
+
+def test_mediated_devices_come_from_mdev_pci_resource(kubevirt_launcher: KubeVirtLauncher) -> None:
+    """MDEV_PCI_RESOURCE_<NAME> carries mdev UUIDs; a GPU's first mdev gets the display."""
+    uuid = "4b20d080-1b54-4048-85b3-a6a62d165c01"
+    out = kubevirt_launcher.run(vmi(gpus=_gpus(1)), {f"MDEV_{ENV}": uuid})
+    assert out["error"] is None
+    [dev] = out["gpus"]
+    assert (dev["type"], dev["mdevUUID"], dev["display"], dev["ramfb"]) == (
+        "mdev",
+        uuid,
+        "on",
+        "on",
+    )
