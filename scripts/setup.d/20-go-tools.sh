@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the Go test tools of tests/tools/ (one Go module) into $HOSTDEV_TOOLS_BIN
 # (default ~/.cache/hostdev/bin): kube-apiserver, helm, kubeconform, kubelet-harness,
-# kubevirt-harness and dra-harness.
+# kubevirt-harness, dra-harness and dra-harness.test (its Go tests).
 # Module downloads go to ~/.cache/hostdev/gomod, compiled packages to Go's build cache
 # (~/.cache/go-build). A stamp keyed by the Go version and a hash of go.mod, go.sum, the Go
 # sources and this script skips everything when nothing changed, so the warm path takes a second.
@@ -28,7 +28,7 @@ k8s_version=$(go list -m -f '{{.Version}}' k8s.io/kubernetes)
 helm_version=$(go list -m -f '{{.Version}}' helm.sh/helm/v4)
 kubeconform_version=$(go list -m -f '{{.Version}}' github.com/yannh/kubeconform)
 kubevirt_version=$(go list -m -f '{{.Version}}' kubevirt.io/kubevirt)
-tools="kube-apiserver helm kubeconform kubelet-harness kubevirt-harness dra-harness"
+tools="kube-apiserver helm kubeconform kubelet-harness kubevirt-harness dra-harness dra-harness.test"
 
 key=$( {
   go version
@@ -41,6 +41,13 @@ for t in $tools; do [ -x "$bin/$t" ] || all_present=0; done
 if [ "$all_present" = 1 ] && [ "$(cat "$stamp" 2>/dev/null)" = "$key" ]; then
   echo "go-tools: up to date in $bin ($tools)"
   exit 0
+fi
+# KubeVirt's host-device packages import libvirt.org/go/libvirt (cgo): the libvirt_dlopen tag
+# builds it against the headers the module ships and loads libvirt only if called (never here),
+# so kubevirt-harness needs a C compiler but no libvirt headers or library.
+if ! command -v "${CC:-gcc}" >/dev/null; then
+  echo "go-tools: kubevirt-harness needs a C compiler (cgo): apt-get install gcc" >&2
+  exit 1
 fi
 mkdir -p "$bin"
 rm -f "$stamp"
@@ -71,13 +78,9 @@ build helm helm.sh/helm/v4/cmd/helm "-X helm.sh/helm/v4/internal/version.version
 build kubeconform github.com/yannh/kubeconform/cmd/kubeconform "-X main.version=$kubeconform_version"
 build kubelet-harness ./kubelet-harness "$kv"
 build dra-harness ./dra-harness "$kv"
-# KubeVirt's host-device packages import libvirt.org/go/libvirt (cgo): the libvirt_dlopen tag
-# builds it against the headers the module ships and loads libvirt only if called (never here),
-# so a C compiler is needed but no libvirt headers or library.
-if ! command -v "${CC:-gcc}" >/dev/null; then
-  echo "go-tools: kubevirt-harness needs a C compiler (cgo): apt-get install gcc" >&2
-  exit 1
-fi
+# Its Go tests as a binary, run by tests/draharness/test_go_tests.py (no Go needed at test time).
+step "build dra-harness.test" go test -c -trimpath -vet=off -o "$bin/dra-harness.test.new" ./dra-harness
+mv -f "$bin/dra-harness.test.new" "$bin/dra-harness.test"
 CGO_ENABLED=1 build kubevirt-harness ./kubevirt-harness "" -tags libvirt_dlopen
 echo "$key" > "$stamp"
 echo "go-tools: built $tools into $bin (kubernetes $k8s_version, helm $helm_version," \

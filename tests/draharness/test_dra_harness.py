@@ -301,6 +301,29 @@ def test_allocate_refuses_a_claim_of_a_missing_class(
         dra_harness.allocate(kube_apiserver.kubeconfig, kube_namespace, "orphan", node)
     assert e.value.returncode == 1
 
+    # A selector that fails at run time: no fit, and the allocator's reason is passed on.
+    bad = f"bad-cel-{node}"
+    kube_apiserver.apply(
+        {
+            "apiVersion": "resource.k8s.io/v1",
+            "kind": "DeviceClass",
+            "metadata": {"name": bad},
+            "spec": {
+                "selectors": [{"cel": {"expression": f'device.attributes["{DRIVER}"].nope == "x"'}}]
+            },
+        }
+    )
+    try:
+        kube_apiserver.apply([_claim("badcel", bad)], kube_namespace)
+        with pytest.raises(DRAHarnessError) as e:
+            dra_harness.allocate(
+                kube_apiserver.kubeconfig, kube_namespace, "badcel", node, timeout=1
+            )
+        assert e.value.returncode == NO_FIT and e.value.output is not None
+        assert "nope" in e.value.output["reason"], e.value.output
+    finally:
+        kube_apiserver.resource("resource.k8s.io/v1", "DeviceClass").delete(name=bad)
+
 
 # ---- kubelet: the kubelet's DRA manager and plugin watcher --------------------------------
 

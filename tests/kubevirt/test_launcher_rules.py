@@ -4,6 +4,8 @@ fails here first. docs/DESIGN.md (node agent, item 4) lists them."""
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 from tests.fixtures.kubevirt import KubeVirtLauncher, vmi
@@ -76,3 +78,35 @@ def test_gpus_and_host_devices_read_the_env_separately(kubevirt_launcher: KubeVi
     )
     assert out["error"] is None
     assert _addresses(out["gpus"]) == _addresses(out["hostDevices"]) == ["0000:17:00.0"]
+
+
+@pytest.mark.parametrize(
+    ("stdin", "why"),
+    [
+        ('{"vmi": {}, "envv": {}}', 'unknown field "envv"'),
+        ('{"env": {}}', '"vmi" is required'),
+        ("{", "unexpected EOF"),
+    ],
+)
+def test_harness_bad_input_is_exit_2(
+    kubevirt_launcher: KubeVirtLauncher, stdin: str, why: str
+) -> None:
+    """A typo in a test's input must fail loudly, not run KubeVirt on half a VMI."""
+    proc = subprocess.run(
+        [str(kubevirt_launcher.binary)], input=stdin, capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 2 and why in proc.stderr and proc.stdout == ""
+
+
+def test_mediated_devices_come_from_mdev_pci_resource(kubevirt_launcher: KubeVirtLauncher) -> None:
+    """MDEV_PCI_RESOURCE_<NAME> carries mdev UUIDs; a GPU's first mdev gets the display."""
+    uuid = "4b20d080-1b54-4048-85b3-a6a62d165c01"
+    out = kubevirt_launcher.run(vmi(gpus=_gpus(1)), {f"MDEV_{ENV}": uuid})
+    assert out["error"] is None
+    [dev] = out["gpus"]
+    assert (dev["type"], dev["mdevUUID"], dev["display"], dev["ramfb"]) == (
+        "mdev",
+        uuid,
+        "on",
+        "on",
+    )

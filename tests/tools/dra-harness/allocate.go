@@ -108,8 +108,9 @@ func runAllocate(args []string) error {
 	deadline := time.Now().Add(*timeout)
 	var claim *resourceapi.ResourceClaim
 	var result *resourceapi.AllocationResult
+	var why string
 	for {
-		claim, result, err = allocateOnce(ctx, client, fts, celCache, *namespace, *claimName, node)
+		claim, result, why, err = allocateOnce(ctx, client, fts, celCache, *namespace, *claimName, node)
 		if err != nil {
 			return err
 		}
@@ -118,6 +119,9 @@ func runAllocate(args []string) error {
 		}
 		if time.Now().After(deadline) {
 			out.Reason = "no fitting devices on node " + node.Name + " (structured allocator)"
+			if why != "" {
+				out.Reason = why
+			}
 			if err := printJSON(out); err != nil {
 				return err
 			}
@@ -139,22 +143,23 @@ func runAllocate(args []string) error {
 	return printJSON(out)
 }
 
-// allocateOnce reads the current state and runs the allocator: (claim, nil, nil) when nothing
-// fits yet; an error for what retrying cannot fix (claim, class or API errors).
+// allocateOnce reads the current state and runs the allocator: a nil result when nothing fits
+// yet, with the allocator's error text if it gave one (e.g. a failing CEL selector); an error
+// for what retrying cannot fix (claim, class or API errors).
 func allocateOnce(ctx context.Context, client kubernetes.Interface, fts feature.Features,
 	celCache *cel.Cache, namespace, name string, node *v1.Node,
-) (*resourceapi.ResourceClaim, *resourceapi.AllocationResult, error) {
+) (*resourceapi.ResourceClaim, *resourceapi.AllocationResult, string, error) {
 	res := client.ResourceV1()
 	claim, err := res.ResourceClaims(namespace).Get(ctx, name, metav1.GetOptions{})
 	if err != nil {
-		return nil, nil, fmt.Errorf("claim %s/%s: %w", namespace, name, err)
+		return nil, nil, "", fmt.Errorf("claim %s/%s: %w", namespace, name, err)
 	}
 	if claim.Status.Allocation != nil {
-		return nil, nil, fmt.Errorf("claim %s/%s is already allocated", namespace, name)
+		return nil, nil, "", fmt.Errorf("claim %s/%s is already allocated", namespace, name)
 	}
 	classes, err := res.DeviceClasses().List(ctx, metav1.ListOptions{})
 	if err != nil {
-		return nil, nil, fmt.Errorf("listing DeviceClasses: %w", err)
+		return nil, nil, "", fmt.Errorf("listing DeviceClasses: %w", err)
 	}
 	lister := classLister{}
 	for i := range classes.Items {
@@ -163,14 +168,14 @@ func allocateOnce(ctx context.Context, client kubernetes.Interface, fts feature.
 	for _, r := range claim.Spec.Devices.Requests {
 		for _, cls := range requestClasses(r) {
 			if _, ok := lister[cls]; !ok {
-				return nil, nil, fmt.Errorf("claim %s/%s request %q: DeviceClass %q does not exist",
+				return nil, nil, "", fmt.Errorf("claim %s/%s request %q: DeviceClass %q does not exist",
 					namespace, name, r.Name, cls)
 			}
 		}
 	}
 	sliceList, err := res.ResourceSlices().List(ctx, metav1.ListOptions{})
 	if err != nil {
-		return nil, nil, fmt.Errorf("listing ResourceSlices: %w", err)
+		return nil, nil, "", fmt.Errorf("listing ResourceSlices: %w", err)
 	}
 	slices := make([]*resourceapi.ResourceSlice, len(sliceList.Items))
 	for i := range sliceList.Items {
@@ -178,25 +183,25 @@ func allocateOnce(ctx context.Context, client kubernetes.Interface, fts feature.
 	}
 	claims, err := res.ResourceClaims("").List(ctx, metav1.ListOptions{})
 	if err != nil {
-		return nil, nil, fmt.Errorf("listing ResourceClaims: %w", err)
+		return nil, nil, "", fmt.Errorf("listing ResourceClaims: %w", err)
 	}
 	state := allocatedState(claims.Items, fts.EnableDRAConsumableCapacity)
 
 	allocator, err := structured.NewAllocator(ctx, dynamicresources.AllocatorFeatures(fts), state,
 		lister, slices, celCache)
 	if err != nil {
-		return nil, nil, fmt.Errorf("creating the allocator: %w", err)
+		return nil, nil, "", fmt.Errorf("creating the allocator: %w", err)
 	}
 	results, err := allocator.Allocate(ctx, node, []*resourceapi.ResourceClaim{claim})
 	if err != nil {
-		klog.FromContext(ctx).Info("Allocation failed, will retry", "claim", klog.KObj(claim),
-			"err", err)
-		return claim, nil, nil
+		klog.FromContext(ctx).V(2).Info("Allocation failed, will retry", "claim",
+			klog.KObj(claim), "err", err)
+		return claim, nil, err.Error(), nil
 	}
 	if len(results) == 0 {
-		return claim, nil, nil
+		return claim, nil, "", nil
 	}
-	return claim, &results[0], nil
+	return claim, &results[0], "", nil
 }
 
 func requestClasses(r resourceapi.DeviceRequest) []string {

@@ -12,7 +12,9 @@ package main
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"sort"
@@ -44,15 +46,22 @@ type kubeletEvent struct {
 	Message    string         `json:"message,omitempty"`
 }
 
-// eventPrinter serialises stdout lines from the command loop, the health loop and the
+// eventPrinter serialises the output lines of the command loop, the health loop and the
 // registration handler.
-type eventPrinter struct{ mu sync.Mutex }
+type eventPrinter struct {
+	mu sync.Mutex
+	w  io.Writer
+}
 
 func (p *eventPrinter) print(e kubeletEvent) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if err := printJSON(e); err != nil {
-		fmt.Fprintf(os.Stderr, "%s kubelet: writing stdout: %v\n", harnessName, err)
+	b, err := json.Marshal(e)
+	if err == nil {
+		_, err = fmt.Fprintln(p.w, string(b))
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "%s kubelet: writing output: %v\n", harnessName, err)
 	}
 }
 
@@ -163,30 +172,44 @@ func runKubelet(args []string) error {
 		}
 	}
 	logger := stderrLogger(*verbosity)
-	ctx, cancel := context.WithCancel(klog.NewContext(context.Background(), logger))
-	defer cancel()
 	client, err := clientFor(*kubeconfig)
 	if err != nil {
 		return err
 	}
-	for _, d := range []string{*registryDir, *stateDir} {
+	return serveKubelet(klog.NewContext(context.Background(), logger), client, kubeletOptions{
+		node: *nodeName, registryDir: *registryDir, stateDir: *stateDir, namespace: *namespace,
+	}, os.Stdin, os.Stdout)
+}
+
+type kubeletOptions struct {
+	node, registryDir, stateDir, namespace string
+}
+
+// serveKubelet runs the DRA manager and plugin watcher until "quit" or EOF on in.
+func serveKubelet(ctx context.Context, client kubernetes.Interface, o kubeletOptions,
+	in io.Reader, out io.Writer,
+) error {
+	logger := klog.FromContext(ctx)
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	for _, d := range []string{o.registryDir, o.stateDir} {
 		if err := os.MkdirAll(d, 0o750); err != nil {
 			return err
 		}
 	}
-	regDir, err := filepath.Abs(*registryDir)
+	regDir, err := filepath.Abs(o.registryDir)
 	if err != nil {
 		return err
 	}
 
-	h := &kubeletHarness{client: client, namespace: *namespace, out: &eventPrinter{},
+	h := &kubeletHarness{client: client, namespace: o.namespace, out: &eventPrinter{w: out},
 		logger: logger, pods: podSet{pods: map[types.UID]*v1.Pod{}}}
-	h.manager, err = dra.NewManager(logger, client, *stateDir)
+	h.manager, err = dra.NewManager(logger, client, o.stateDir)
 	if err != nil {
 		return fmt.Errorf("creating the DRA manager: %w", err)
 	}
 	getNode := func(ctx context.Context) (*v1.Node, error) {
-		return client.CoreV1().Nodes().Get(ctx, *nodeName, metav1.GetOptions{})
+		return client.CoreV1().Nodes().Get(ctx, o.node, metav1.GetOptions{})
 	}
 	if err := h.manager.Start(ctx, h.pods.active, getNode, allReady{}); err != nil {
 		return fmt.Errorf("starting the DRA manager: %w", err)
@@ -204,11 +227,11 @@ func runKubelet(args []string) error {
 	defer func() { close(stop); cancel(); wg.Wait() }()
 
 	h.out.print(kubeletEvent{Event: "ready"})
-	return h.commandLoop(ctx)
+	return h.commandLoop(ctx, in)
 }
 
-func (h *kubeletHarness) commandLoop(ctx context.Context) error {
-	scanner := bufio.NewScanner(os.Stdin)
+func (h *kubeletHarness) commandLoop(ctx context.Context, in io.Reader) error {
+	scanner := bufio.NewScanner(in)
 	for scanner.Scan() {
 		line := strings.TrimSpace(scanner.Text())
 		if line == "" {

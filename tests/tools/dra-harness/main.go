@@ -134,10 +134,5 @@ func clientFor(kubeconfig string) (kubernetes.Interface, error) {
 
 // printJSON writes one JSON value as one line to stdout.
 func printJSON(v any) error {
-	b, err := json.Marshal(v)
-	if err != nil {
-		return err
-	}
-	_, err = fmt.Fprintln(os.Stdout, string(b))
-	return err
+	return json.NewEncoder(os.Stdout).Encode(v) // Encode ends the value with a newline
 }
