@@ -138,10 +138,10 @@ class Checkpoints:
                 continue
             self.records[rec.uid] = rec
 
-    def put(self, rec: ClaimRecord) -> None:
+    def put(self, rec: ClaimRecord, *, durable: bool = True) -> None:
         path = self._path(rec.uid)
         try:
-            atomic_write(path, json.dumps(rec.to_json(), indent=1).encode())
+            atomic_write(path, json.dumps(rec.to_json(), indent=1).encode(), durable=durable)
         except OSError as e:
             raise CheckpointError(e.errno, f"cannot write DRA checkpoint {path}: {e}") from e
         self.records[rec.uid] = rec

@@ -230,10 +230,13 @@ class Preparer:
             tuple(files),
             (claim_dir,),
         )
+        # Only this first record must survive a power loss (it lists what to clean up); the
+        # files and the final record need not: a node that loses power reboots, its pods start
+        # again and the kubelet prepares again (the files are rewritten, the claim re-checked).
         self.checkpoints.put(record)
         try:
             for path, data in files.items():
-                atomic_write(path, data, mode=FILE_MODE)
+                atomic_write(path, data, mode=FILE_MODE, durable=False)
         except OSError:
             self._remove_files(record)  # best effort; the PREPARING checkpoint remembers them
             raise
@@ -247,7 +250,8 @@ class Preparer:
                 tuple(answer),
                 tuple(files),
                 (claim_dir,),
-            )
+            ),
+            durable=False,
         )
         log.info(
             "DRA: prepared claim %s/%s: %s",
