@@ -44,10 +44,10 @@ if [ "$all_present" = 1 ] && [ "$(cat "$stamp" 2>/dev/null)" = "$key" ]; then
 fi
 # KubeVirt's host-device packages import libvirt.org/go/libvirt (cgo): the libvirt_dlopen tag
 # builds it against the headers the module ships and loads libvirt only if called (never here),
-# so kubevirt-harness needs a C compiler but no libvirt headers or library.
-if ! command -v "${CC:-gcc}" >/dev/null; then
-  echo "go-tools: kubevirt-harness needs a C compiler (cgo): apt-get install gcc" >&2
-  exit 1
+# so kubevirt-harness needs a C compiler and libc headers but no libvirt headers or library.
+if ! command -v "${CC:-gcc}" >/dev/null || [ ! -e /usr/include/stdlib.h ]; then
+  . "$(dirname "$self")/../lib/apt.sh"
+  apt_install go-tools gcc libc6-dev
 fi
 mkdir -p "$bin"
 rm -f "$stamp"
