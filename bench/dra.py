@@ -23,7 +23,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -44,10 +43,10 @@ from hostdev.deviceplugin.api.drahealth.v1 import api_pb2_grpc as health_v1_grpc
 from hostdev.host import PciAddress, Sysfs
 from hostdev.policy.dra import DRIVER, device_name
 from hostdev.testing.fakesysfs import FakeHost
+from tests.fixtures.dra import RS, agent_argv, allocate_by_hand, create_claim, one_request
 from tests.fixtures.kube import ControlPlane, find_tools
 
 RES = "example.com/bench-vf"
-RS = ("resource.k8s.io", "v1")
 
 
 def free_port() -> int:
@@ -136,21 +135,13 @@ def slice_writes(port: int) -> dict[str, int]:
 
 
 def start_agent(work: Path, kubeconfig: Path, node: str, port: int) -> subprocess.Popen[bytes]:
-    argv = [
-        str(Path(sys.executable).parent / "hostdev-node"),
-        f"--host-root={work / 'host'}",
-        f"--plugin-dir={work / 'dp'}",
-        f"--state-dir={work / 'state'}",
-        f"--kubeconfig={kubeconfig}",
-        f"--pod-resources-socket={work / 'none.sock'}",
-        f"--kubelet-registry-dir={work / 'reg'}",
-        f"--kubelet-plugins-dir={work / 'plugins'}",
-        f"--cdi-dir={work / 'cdi'}",
+    argv = agent_argv(
+        work,
+        kubeconfig,
         f"--metrics-port={port}",
         "--metrics-addr=127.0.0.1",
-        "--no-uevents",
         f"--log-level={os.environ.get('BENCH_LOG', 'WARNING')}",
-    ]
+    )
     log = (work / "agent.log").open("wb")
     return subprocess.Popen(
         argv, env={**os.environ, "NODE_NAME": node}, stdout=log, stderr=subprocess.STDOUT
@@ -158,18 +149,8 @@ def start_agent(work: Path, kubeconfig: Path, node: str, port: int) -> subproces
 
 
 def make_claim(api: k8s.CustomObjectsApi, ns: str, name: str, node: str, device: str) -> str:
-    body = {
-        "apiVersion": "resource.k8s.io/v1",
-        "kind": "ResourceClaim",
-        "metadata": {"name": name},
-        "spec": {"devices": {"requests": [{"name": "vf", "exactly": {"deviceClassName": "x"}}]}},
-    }
-    obj: Any = api.create_namespaced_custom_object(*RS, ns, "resourceclaims", body)
-    result = {"request": "vf", "driver": DRIVER, "pool": node, "device": device}
-    api.patch_namespaced_custom_object_status(
-        *RS, ns, "resourceclaims", name,
-        {"status": {"allocation": {"devices": {"results": [result]}}}},
-    )  # fmt: skip
+    obj = create_claim(api, ns, name, one_request("vf"))
+    allocate_by_hand(api, ns, name, "vf", node, device)
     return str(obj["metadata"]["uid"])
 
 

@@ -22,7 +22,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -37,6 +36,7 @@ from hostdev.policy.request import Request, VmDevice, apply_to_vm
 from hostdev.policy.request_dra import claim_template
 from hostdev.testing import scenarios
 from hostdev.testing.fakesysfs import FakeHost
+from tests.fixtures.dra import RS, agent_argv, allocate_by_hand, create_claim, one_request
 from tests.fixtures.draharness import DRAHarness
 from tests.fixtures.kube import Cluster
 from tests.fixtures.kubevirt import KubeVirtLauncher
@@ -45,7 +45,6 @@ from tests.fixtures.operator import GROUP, KV_GROUP, VERSION, Objects, OperatorP
 pytestmark = [pytest.mark.kube, pytest.mark.dra, pytest.mark.kubevirt]
 
 GPU = "example.com/a10"
-RS = ("resource.k8s.io", "v1")
 UNIT = "pci-0000-17-00-0"
 
 
@@ -63,19 +62,8 @@ class Agent:
         self.root, self.node = root, node
         self.registry, self.plugins, self.cdi = root / "reg", root / "plugins", root / "cdi"
         self.log = root / "agent.log"
-        argv = [
-            str(Path(sys.executable).parent / "hostdev-node"),
-            f"--host-root={root / 'host'}",
-            f"--plugin-dir={root / 'dp'}",
-            f"--state-dir={root / 'state'}",
-            f"--kubeconfig={cluster.kubeconfig}",
-            f"--pod-resources-socket={root / 'no-kubelet.sock'}",
-            f"--kubelet-registry-dir={self.registry}",
-            f"--kubelet-plugins-dir={self.plugins}",
-            f"--cdi-dir={self.cdi}",
-            "--metrics-port=0",
-            "--no-uevents",  # inotify on /dev/vfio carries the host changes of this test
-        ]
+        # inotify on /dev/vfio carries the host changes of this test (no uevents)
+        argv = agent_argv(root, cluster.kubeconfig, "--metrics-port=0")
         with self.log.open("w") as out:
             self.proc = subprocess.Popen(
                 argv,
@@ -132,30 +120,9 @@ def _launcher_pod(cluster: Cluster, ns: str, vm: dict[str, Any], template: dict[
         },
     )
     claim = f"{name}-{pod_claim['name']}-{uuid.uuid4().hex[:5]}"
-    k8s.CustomObjectsApi(cluster.admin).create_namespaced_custom_object(
-        *RS,
-        ns,
-        "resourceclaims",
-        {
-            "apiVersion": "resource.k8s.io/v1",
-            "kind": "ResourceClaim",
-            "metadata": {
-                "name": claim,
-                "annotations": {"resource.kubernetes.io/pod-claim-name": pod_claim["name"]},
-                "ownerReferences": [
-                    {
-                        "apiVersion": "v1",
-                        "kind": "Pod",
-                        "name": name,
-                        "uid": pod.metadata.uid,
-                        "controller": True,
-                        "blockOwnerDeletion": True,
-                    }
-                ],
-            },
-            "spec": template["spec"]["spec"],
-        },
-    )
+    api = k8s.CustomObjectsApi(cluster.admin)
+    spec = template["spec"]["spec"]
+    create_claim(api, ns, claim, spec, pod_claim=pod_claim["name"], owner=(name, pod.metadata.uid))
     core.patch_namespaced_pod_status(
         name,
         ns,
@@ -414,18 +381,7 @@ def _bad_claims(cluster: Cluster, ns: str, node: str) -> dict[str, str]:
     out = {}
     for kind, pool in (("stale", node), ("foreign", f"{node}-other")):
         name = f"{kind}-{uuid.uuid4().hex[:5]}"
-        request = {"name": "gpu", "exactly": {"deviceClassName": "x"}}
-        api.create_namespaced_custom_object(
-            *RS,
-            ns,
-            "resourceclaims",
-            {
-                "apiVersion": "resource.k8s.io/v1",
-                "kind": "ResourceClaim",
-                "metadata": {"name": name},
-                "spec": {"devices": {"requests": [request]}},
-            },
-        )
+        create_claim(api, ns, name, one_request("gpu"))
         pod = core.create_namespaced_pod(
             ns,
             {
@@ -440,23 +396,8 @@ def _bad_claims(cluster: Cluster, ns: str, node: str) -> dict[str, str]:
                 },
             },
         )
-        here = {"key": "metadata.name", "operator": "In", "values": [node]}
-        result = {"request": "gpu", "driver": DRIVER, "pool": pool, "device": UNIT}
-        api.patch_namespaced_custom_object_status(
-            *RS,
-            ns,
-            "resourceclaims",
-            name,
-            {
-                "status": {
-                    "allocation": {
-                        "devices": {"results": [result]},
-                        "nodeSelector": {"nodeSelectorTerms": [{"matchFields": [here]}]},
-                    },
-                    "reservedFor": [{"resource": "pods", "name": name, "uid": pod.metadata.uid}],
-                }
-            },
-        )
+        reserved = (name, pod.metadata.uid)
+        allocate_by_hand(api, ns, name, "gpu", pool, UNIT, node=node, reserved_for=reserved)
         out[kind] = name
     return out
 

@@ -29,6 +29,7 @@ from hostdev.policy.dra import (
     qualified,
 )
 from tests.chart.test_guide import shell_blocks
+from tests.fixtures.dra import RS, create_claim
 from tests.fixtures.draharness import DRAHarness
 from tests.fixtures.kube import Cluster
 from tests.fixtures.kubevirt import KubeVirtLauncher
@@ -37,7 +38,6 @@ from tests.fixtures.operator import GROUP, Objects, OperatorProcess, wait_for
 pytestmark = [pytest.mark.kube, pytest.mark.dra, pytest.mark.kubevirt]
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-RS = ("resource.k8s.io", "v1")
 
 
 def _docs(name: str) -> list[dict[str, Any]]:
@@ -121,20 +121,7 @@ def test_dra_quick_start(
     [pod_claim] = tspec["resourceClaims"]
     # The resource claim controller's part: the claim of the launcher pod, from the template.
     claim = f"virt-launcher-gpu-vm-x-{pod_claim['name']}-abcde"
-    api.create_namespaced_custom_object(
-        *RS,
-        ns,
-        "resourceclaims",
-        {
-            "apiVersion": "resource.k8s.io/v1",
-            "kind": "ResourceClaim",
-            "metadata": {
-                "name": claim,
-                "annotations": {"resource.kubernetes.io/pod-claim-name": pod_claim["name"]},
-            },
-            "spec": template["spec"]["spec"],
-        },
-    )
+    create_claim(api, ns, claim, template["spec"]["spec"], pod_claim=pod_claim["name"])
     out = dra_harness.allocate(kube_apiserver.kubeconfig, ns, claim, node)
     assert [(d["request"], d["device"]) for d in out["devices"]] == [("gpu", device.name)]
 
