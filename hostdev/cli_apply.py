@@ -14,6 +14,7 @@ import yaml
 
 from hostdev.deviceplugin.config.apply import converge
 from hostdev.deviceplugin.config.memory import DriverMemory, StateFileError
+from hostdev.deviceplugin.persist import saved_allocations
 from hostdev.host.sysfs import HostRootError, Sysfs
 from hostdev.policy.nodeconfig import NodeConfigError, parse_node_config
 
@@ -97,10 +98,6 @@ def run_apply(args: argparse.Namespace) -> int:
         memory = DriverMemory(args.state_dir)
     except StateFileError as e:
         return fail(str(e))
-    # The device plugin's saved lists (same --state-dir as the agent): VFs handed to pods. Its
-    # module brings the gRPC stack along: imported here, not for every hostdev command.
-    from hostdev.deviceplugin.persist import saved_allocations  # noqa: PLC0415
-
     sysfs = Sysfs(args.host_root)
     try:
         result = converge(
@@ -109,6 +106,7 @@ def run_apply(args: argparse.Namespace) -> int:
             config,
             dry_run=args.dry_run,
             echo=print,
+            # the device plugin's saved lists (the agent's --state-dir): VFs handed to pods
             allocated=lambda: saved_allocations(args.state_dir),
         )
     except HostRootError as e:

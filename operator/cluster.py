@@ -15,6 +15,8 @@ from typing import Any, cast
 import kopf
 
 from hostdev.operator import metrics
+from hostdev.operator.dra import CONDITION as DEVICE_CLASS_CONDITION
+from hostdev.operator.dra import not_dra_condition, reconcile_device_classes
 from hostdev.operator.kube import (
     GROUP,
     KUBEVIRT_GROUP,
@@ -25,7 +27,7 @@ from hostdev.operator.kube import (
     NotFoundError,
 )
 from hostdev.policy.conditions import Condition, merge_conditions, same_conditions
-from hostdev.policy.kubevirt import desired_entries, merge_kubevirt
+from hostdev.policy.kubevirt import desired_entries, desired_gates, merge_kubevirt
 from hostdev.policy.nodestate import (
     ENV_COLLISION,
     NodePlan,
@@ -152,7 +154,15 @@ class Cluster:
         snap = self.snapshot()
         await self._node_states(snap)
         kubevirt = await self._kubevirt(snap)
-        await self._policy_status(snap, kubevirt)
+        classes = await reconcile_device_classes(
+            self.api,
+            snap.policies,
+            {
+                str(o["metadata"]["name"]): o
+                for o in values(self.indexes.get("deviceclasses_idx", {}))
+            },
+        )
+        await self._policy_status(snap, kubevirt, classes)
 
     # ---- PassthroughNodeStates -------------------------------------------------------------
     async def _node_states(self, snap: Snapshot) -> None:
@@ -221,6 +231,8 @@ class Cluster:
         # KubeVirt honours one CR per cluster; should there be more, each gets the same merge
         # (ownership-tracked, so harmless) rather than guessing which one virt-operator uses.
         wanted = desired_entries(snap.policies, snap.plans)
+        gates = desired_gates(snap.policies)
+        blocked: set[str] = set()
         for namespace, name in crs:
             where = f"{namespace}/{name}"
             fresh = await self.api.get(
@@ -228,7 +240,8 @@ class Cluster:
             )
             if fresh is None:
                 continue  # deleted meanwhile: its deletion event brings the next pass
-            change = merge_kubevirt(fresh, wanted)
+            change = merge_kubevirt(fresh, wanted, gates)
+            blocked.update(change.blocked)
             if change.patch is None:
                 continue
             await self.api.patch(
@@ -242,12 +255,22 @@ class Cluster:
                 message=f"hostdev added {list(change.added)}, removed {list(change.removed)}",
             )
         names = ", ".join(f"{ns}/{n}" for ns, n in crs)
+        if blocked:
+            return Condition(
+                "KubeVirtConfigured",
+                "False",
+                "FeatureGateDisabled",
+                f"KubeVirt {names} lists {', '.join(sorted(blocked))} in disabledFeatureGates: "
+                "VMs with DRA gpus/hostDevices are refused until the admin enables it",
+            )
         return Condition(
             "KubeVirtConfigured", "True", "PermittedHostDevices", f"KubeVirt {names} permits it"
         )
 
     # ---- policy status ----------------------------------------------------------------
-    async def _policy_status(self, snap: Snapshot, kubevirt: Condition) -> None:
+    async def _policy_status(
+        self, snap: Snapshot, kubevirt: Condition, classes: dict[str, Condition]
+    ) -> None:
         outcomes = policy_outcomes(snap.policies, snap.plans)
         objs = {str(o["metadata"]["name"]): o for o in values(self.indexes.get("policies_idx", {}))}
         conflicts = 0
@@ -282,6 +305,12 @@ class Cluster:
                     kubevirt,
                     multi_function_condition(out.multi_function),
                 ]
+                if name in classes:
+                    conds.append(classes[name])
+                elif any(
+                    c.get("type") == DEVICE_CLASS_CONDITION for c in old.get("conditions") or ()
+                ):
+                    conds.append(not_dra_condition())
             conditions = merge_conditions(old.get("conditions"), conds, generation=gen, now=now())
             same = all(old.get(k) == v for k, v in fields.items())
             if (

@@ -57,7 +57,16 @@ async def configure(*, settings: kopf.OperatorSettings, memo: Any, **kwargs: Any
     cluster = Cluster(api)
     # kopf hands every handler its indexes by name; the reconcile loop keeps these live views.
     cluster.use(
-        **{k: kwargs[k] for k in ("policies_idx", "nodes_idx", "nodestates_idx", "kubevirts_idx")}
+        **{
+            k: kwargs[k]
+            for k in (
+                "policies_idx",
+                "nodes_idx",
+                "nodestates_idx",
+                "kubevirts_idx",
+                "deviceclasses_idx",
+            )
+        }
     )
     # kopf gives each object a shallow copy of this memo: shared state must exist here, now.
     memo["api"] = api

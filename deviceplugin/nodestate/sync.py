@@ -44,6 +44,7 @@ class SyncResult:
     inventory: Inventory  # after the sync
     # resource -> devices the plugins should serve; None: keep serving what they serve now
     serve: Mapping[str, tuple[PciAddress, ...]] | None
+    dra: frozenset[str] = frozenset()  # resources of ``serve`` allocated through DRA
 
 
 def generation_of(obj: Mapping[str, Any]) -> int | None:
@@ -152,4 +153,5 @@ class Syncer:
             ),
             inventory,
             served_resources(serve),
+            config.dra_resources(),
         )

@@ -42,6 +42,9 @@ class PciDevice:
     netdevs: tuple[str, ...] = ()
     vfio_cdev: str | None = None  # "vfio3" -> /dev/vfio/devices/vfio3 (iommufd cdev)
     problems: tuple[str, ...] = ()
+    # The PCIe root complex above the device, "pci<domain>:<bus>" (the first directory under
+    # /sys/devices on the way to it), as DRA's standard pcieRoot attribute names it.
+    pcie_root: str | None = None
     # PF only: the VFs' device id, where the kernel puts them (routing-ID offset and stride),
     # and whether new VFs are probed to a driver at once (sriov_drivers_autoprobe)
     sriov_vf_device: str | None = None
