@@ -63,7 +63,8 @@ def add_apply_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "PassthroughNodeState: pfs[].numVfs, devices[].driver/resourceName): plan, print, "
         "apply with a read-back check after every write, restore devices hostdev moved "
         "that are no longer wanted. Exit codes: 0 converged (or a dry run without "
-        "refusals), 1 some change refused by a safety guard (reasons printed), 2 a kernel "
+        "refusals), 1 some change refused by a safety guard (reasons printed; the refused "
+        "devices, and everything that only served their change, left as they were), 2 a kernel "
         "write failed (the plan stopped; device state printed), 3 not converging, "
         "4 bad input (config, state file, host root).",
     )
