@@ -9,6 +9,7 @@ import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -54,8 +55,9 @@ class Snapshot:
     plans: Mapping[str, NodePlan]
     reported: Mapping[str, ReportedNode]
 
-    @property
+    @cached_property
     def capacity(self) -> Capacity:
+        # Cached: every waiting request re-checks against the same snapshot after a change.
         return Capacity.build(self.policies, self.plans, self.reported)
 
 
@@ -81,14 +83,24 @@ class Cluster:
     retry_needed: bool = False
 
     _task: asyncio.Task[None] | None = None
+    # Set (and replaced) on every change of the indexes: requests waiting for capacity wake up
+    # on it instead of polling (see handlers.requests.recheck_request).
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def mark(self) -> None:
         """Call from async handlers: the first call starts the reconcile task there, so it
         inherits kopf's handler context (which kopf.info/kopf.warn need to post Events)."""
         self._stale = True
         self.dirty.set()
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self.run(), name="hostdev-cluster")
+
+    def next_change(self) -> asyncio.Event:
+        """An event set by the next change of policies, nodes or NodeStates (take it before
+        looking at the snapshot, then wait on it: no change can slip in between)."""
+        return self._changed
 
     def stop(self) -> None:
         if self._task is not None:
