@@ -145,7 +145,7 @@ def test_agent_role_is_exactly_nodestates_status_and_pods(docs: list[dict[str, A
     assert got == {
         ("hostdev.io", "passthroughnodestates", ("get", "list", "watch")),
         ("hostdev.io", "passthroughnodestates/status", ("patch", "update")),
-        ("", "pods", ("get", "list")),
+        ("", "pods", ("get", "list", "watch")),
     }
 
 
