@@ -7,11 +7,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
 from datetime import UTC, datetime
-from typing import Any, cast
+from functools import cached_property
+from typing import Any, Protocol, cast
 
 import kopf
 
@@ -28,6 +28,7 @@ from hostdev.operator.kube import (
 from hostdev.policy.conditions import Condition, merge_conditions, same_conditions
 from hostdev.policy.kubevirt import desired_entries, merge_kubevirt
 from hostdev.policy.nodestate import NodePlan, Policy, PolicyError, policy_outcomes, render_cluster
+from hostdev.policy.reconfigure import HolderState, Reconfigure, status_fields
 from hostdev.policy.reported import ReportedNode, read_node_state
 from hostdev.policy.request import Capacity
 
@@ -54,11 +55,20 @@ class Snapshot:
     invalid: Mapping[str, str]  # policy name -> what to fix
     plans: Mapping[str, NodePlan]
     reported: Mapping[str, ReportedNode]
+    settings: Mapping[str, Reconfigure] = field(default_factory=dict)  # policy -> day-2 rules
 
     @cached_property
     def capacity(self) -> Capacity:
         # Cached: every waiting request re-checks against the same snapshot after a change.
         return Capacity.build(self.policies, self.plans, self.reported)
+
+
+class Reconfiguring(Protocol):
+    """Day-2 evictions (hostdev.operator.reconfigure.Reconfigurer): policy -> blocked VMs."""
+
+    async def run(
+        self, snap: Snapshot, indexes: Mapping[str, Mapping[Any, Iterable[Any]]]
+    ) -> Mapping[str, Sequence[HolderState]]: ...
 
 
 def post_event(obj: Mapping[str, Any], type: str, *, reason: str, message: str) -> None:
@@ -82,6 +92,7 @@ class Cluster:
     # pauses this replica, so a paused replica never writes from stale indexes.
     retry_needed: bool = False
 
+    reconfigurer: Reconfiguring | None = None
     _task: asyncio.Task[None] | None = None
     # Set (and replaced) on every change of the indexes: requests waiting for capacity wake up
     # on it instead of polling (see handlers.requests.recheck_request).
@@ -116,9 +127,12 @@ class Cluster:
         self._stale = False
         policies: list[Policy] = []
         invalid: dict[str, str] = {}
+        settings: dict[str, Reconfigure] = {}
         for obj in values(self.indexes.get("policies_idx", {})):
             try:
-                policies.append(Policy.from_object(obj))
+                policy = Policy.from_object(obj)
+                settings[policy.name] = Reconfigure.from_object(obj)
+                policies.append(policy)
             except PolicyError as e:
                 invalid[str(obj["metadata"]["name"])] = str(e)
         nodes = {str(n["name"]): n["labels"] for n in values(self.indexes.get("nodes_idx", {}))}
@@ -127,7 +141,7 @@ class Cluster:
             for s in values(self.indexes.get("nodestates_idx", {}))
         }
         plans = render_cluster(policies, nodes, reported)
-        self._snapshot = Snapshot(tuple(policies), invalid, plans, reported)
+        self._snapshot = Snapshot(tuple(policies), invalid, plans, reported, settings)
         return self._snapshot
 
     async def run(self) -> None:
@@ -156,7 +170,8 @@ class Cluster:
         snap = self.snapshot()
         await self._node_states(snap)
         kubevirt = await self._kubevirt(snap)
-        await self._policy_status(snap, kubevirt)
+        held = await self.reconfigurer.run(snap, self.indexes) if self.reconfigurer else {}
+        await self._policy_status(snap, kubevirt, held)
 
     # ---- PassthroughNodeStates -------------------------------------------------------------
     async def _node_states(self, snap: Snapshot) -> None:
@@ -251,7 +266,12 @@ class Cluster:
         )
 
     # ---- policy status ----------------------------------------------------------------
-    async def _policy_status(self, snap: Snapshot, kubevirt: Condition) -> None:
+    async def _policy_status(
+        self,
+        snap: Snapshot,
+        kubevirt: Condition,
+        held: Mapping[str, Sequence[HolderState]] | None = None,
+    ) -> None:
         outcomes = policy_outcomes(snap.policies, snap.plans)
         objs = {str(o["metadata"]["name"]): o for o in values(self.indexes.get("policies_idx", {}))}
         conflicts = 0
@@ -283,6 +303,11 @@ class Cluster:
                     ),
                     kubevirt,
                 ]
+                blocked = (held or {}).get(name, ())
+                if blocked or old.get("blockedVMs"):
+                    # Once a change was blocked, the fields stay (empty) so a patch clears them.
+                    fields.update(status_fields(blocked))
+                    conds.append(reconfigured_condition(blocked))
             conditions = merge_conditions(old.get("conditions"), conds, generation=gen, now=now())
             same = all(old.get(k) == v for k, v in fields.items())
             if (
@@ -301,3 +326,18 @@ class Cluster:
             ):
                 self.post(obj, "Warning", reason="Conflict", message=conds[1].message)
         metrics.POLICY_CONFLICTS.set(conflicts)
+
+
+def reconfigured_condition(blocked: Sequence[HolderState]) -> Condition:
+    if not blocked:
+        return Condition(
+            "Reconfigured", "True", "NothingBlocks", "no VM holds a device this policy changes"
+        )
+    evicting = sum(1 for b in blocked if b.state == "Evicting")
+    stuck = [b for b in blocked if b.state in ("NotEvictable", "EvictionRefused")]
+    who = ", ".join(f"{b.holder.label} on {b.holder.node}" for b in blocked)
+    reason = "EvictingVMs" if evicting else "BlockedByVMs"
+    message = f"{len(blocked)} VM(s) hold devices this policy's change needs: {who}"
+    if stuck:
+        message += f"; {stuck[0].holder.label}: {stuck[0].message}"
+    return Condition("Reconfigured", "False", reason, message)

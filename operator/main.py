@@ -30,10 +30,23 @@ from prometheus_client import start_http_server
 
 from hostdev.operator.cluster import Cluster
 from hostdev.operator.handlers import cluster as _cluster_handlers  # noqa: F401  (registers)
+from hostdev.operator.handlers import reconfigure as _reconfigure  # noqa: F401  (registers)
 from hostdev.operator.handlers import requests as _request_handlers  # noqa: F401  (registers)
-from hostdev.operator.kube import Api
+from hostdev.operator.kube import Api, Core
+from hostdev.operator.reconfigure import Reconfigurer
 
 log = logging.getLogger("hostdev.operator")
+
+# The kopf indexes the cluster pass reads (handed over at startup by name).
+INDEXES = (
+    "policies_idx",
+    "nodes_idx",
+    "nodestates_idx",
+    "kubevirts_idx",
+    "reconfigure_vmis_idx",
+    "eviction_defaults_idx",
+    "cordon_idx",
+)
 
 
 @kopf.on.login()
@@ -56,9 +69,8 @@ async def configure(*, settings: kopf.OperatorSettings, memo: Any, **kwargs: Any
     api = Api()
     cluster = Cluster(api)
     # kopf hands every handler its indexes by name; the reconcile loop keeps these live views.
-    cluster.use(
-        **{k: kwargs[k] for k in ("policies_idx", "nodes_idx", "nodestates_idx", "kubevirts_idx")}
-    )
+    cluster.use(**{k: kwargs[k] for k in INDEXES})
+    cluster.reconfigurer = Reconfigurer(Core(api), cluster.post, cluster.mark)
     # kopf gives each object a shallow copy of this memo: shared state must exist here, now.
     memo["api"] = api
     memo["cluster"] = cluster

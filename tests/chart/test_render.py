@@ -161,7 +161,8 @@ def test_operator_role_covers_its_api_calls(docs: list[dict[str, Any]]) -> None:
     assert verbs("kubevirt.io", "kubevirts") == {"get", "list", "watch", "patch"}
     assert verbs("kubevirt.io", "virtualmachines") == {"get", "list", "watch", "patch"}
     assert verbs("kubevirt.io", "virtualmachineinstances") == {"get", "list", "watch", "delete"}
-    assert verbs("", "nodes") == {"get", "list", "watch"}
+    assert verbs("", "nodes") == {"get", "list", "watch", "patch"}
+    assert verbs("", "pods/eviction") == {"create"}
     assert verbs("", "events") == {"create", "patch"}
     assert {"create", "delete", "patch"} <= verbs("hostdev.io", "passthroughnodestates")
     assert verbs("kopf.dev", "clusterkopfpeerings") == {"get", "list", "watch", "patch"}
