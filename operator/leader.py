@@ -8,10 +8,12 @@ Only the leader runs kopf (its handlers, timers, daemons and watches); the other
 - A lease held by someone else (any holder, ours or foreign) is respected until it expires:
   ``leaseDurationSeconds`` after this process *observed* its last change. Local observation
   time, not the holder's ``renewTime``, so clock skew between nodes cannot shorten it.
-- The leader renews every ``retry`` seconds. If it has not renewed for ``renew_deadline``
-  seconds (counted from the start of its last successful renewal, which precedes the write
-  any follower can observe), it has lost: the process exits at once, before any follower can
-  take over (``renew_deadline`` < ``duration``), so two leaders never write at the same time.
+- The leader renews every ``retry`` seconds from a thread of its own (kopf's event loop can be
+  busy for seconds, e.g. at start-up on a loaded node; renewals must not wait for it). If it
+  has not renewed for ``renew_deadline`` seconds (counted from the start of its last
+  successful renewal, which precedes the write any follower can observe), it has lost: the
+  process exits at once, before any follower can take over (``renew_deadline`` plus one
+  request timeout < ``duration``), so two leaders never write at the same time.
 - A graceful stop (SIGTERM) stops kopf first, then releases the lease (holder cleared,
   duration 1 s), so a standby takes over within one retry period instead of a full lease.
 """
@@ -22,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -49,6 +52,12 @@ class LeaseSettings:
     duration: float = 15.0
     renew_deadline: float = 10.0
     retry: float = 2.0
+
+    @property
+    def request_timeout(self) -> float:
+        """Per lease call: a hung call still ends in time to give up before anyone may take
+        over (renew_deadline + this < duration)."""
+        return max(0.2, min(self.retry, (self.duration - self.renew_deadline) / 2))
 
     def check(self) -> None:
         if not self.retry < self.renew_deadline < self.duration:
@@ -83,7 +92,9 @@ class Elector:
         now = datetime.now(UTC)
         s = self.s
         try:
-            lease = self.api.read_namespaced_lease(s.name, s.namespace)
+            lease = self.api.read_namespaced_lease(
+                s.name, s.namespace, _request_timeout=s.request_timeout
+            )
         except kubernetes.client.ApiException as e:
             if e.status != NOT_FOUND:
                 raise
@@ -109,7 +120,9 @@ class Elector:
         spec.lease_duration_seconds = int(s.duration)
         lease.spec = spec
         try:
-            self.api.replace_namespaced_lease(s.name, s.namespace, lease)
+            self.api.replace_namespaced_lease(
+                s.name, s.namespace, lease, _request_timeout=s.request_timeout
+            )
         except kubernetes.client.ApiException as e:
             if e.status == CONFLICT:
                 return False  # someone wrote it since we read it: look again next time
@@ -130,7 +143,7 @@ class Elector:
             ),
         )
         try:
-            self.api.create_namespaced_lease(s.namespace, body)
+            self.api.create_namespaced_lease(s.namespace, body, _request_timeout=s.request_timeout)
         except kubernetes.client.ApiException as e:
             if e.status == CONFLICT:
                 return False  # another process created it first
@@ -184,19 +197,37 @@ class Elector:
                 await asyncio.wait_for(stop.wait(), self.s.retry)
         return False
 
-    async def hold(self) -> str:
-        """Renew until the lease is lost; returns why."""
+    def hold(self, stop: threading.Event) -> str | None:
+        """Renew until the lease is lost (returns why) or ``stop`` is set (None). Blocking: run
+        it in a thread of its own."""
         last_ok = self.clock()
-        while True:
-            await asyncio.sleep(self.s.retry)
+        while not stop.wait(self.s.retry):
             started = self.clock()
-            if await self._attempt():
-                last_ok = started
-                continue
+            try:
+                if self.try_take():
+                    last_ok = started
+                    continue
+            except Exception as e:  # API server down, network: try again until the deadline
+                log.warning("Lease %s/%s: renewal failed: %s", self.s.namespace, self.s.name, e)
             if self.holder not in (None, self.s.identity):
                 return f"Lease taken by {self.holder}"
             if self.clock() - last_ok >= self.s.renew_deadline:
                 return f"Lease not renewed for {self.s.renew_deadline:g}s"
+        return None
+
+    def keep(self, lost: Callable[[str], None]) -> tuple[threading.Thread, threading.Event]:
+        """Renew in a daemon thread; ``lost(reason)`` is called from it when the lease is lost.
+        Set the returned event to stop renewing."""
+        stop = threading.Event()
+
+        def run() -> None:
+            why = self.hold(stop)
+            if why is not None:
+                lost(why)
+
+        thread = threading.Thread(target=run, name="lease-renewal", daemon=True)
+        thread.start()
+        return thread, stop
 
     async def release(self) -> None:
         try:

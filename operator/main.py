@@ -211,25 +211,27 @@ async def run_elected(args: argparse.Namespace) -> int:
         return 0
     log.info("leading: Lease %s/%s acquired as %s", settings.namespace, settings.name,
              settings.identity)  # fmt: skip
-    holding = asyncio.create_task(elector.hold(), name="lease-renewal")
-    operating = asyncio.create_task(run_kopf(args, stop), name="kopf")
-    await asyncio.wait({holding, operating}, return_when=asyncio.FIRST_COMPLETED)
-    if holding.done():
-        # Another replica may take over once the lease expires: stop writing now, not after a
-        # graceful kopf shutdown that could outlast it. The Deployment restarts this pod.
-        log.error("leadership lost (%s): exiting so that nothing writes without it",
-                  holding.result())  # fmt: skip
-        logging.shutdown()
-        os._exit(1)
-    # kopf stopped (SIGTERM, or it failed): keep renewing until here, then let go at once.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)  # kopf had replaced ours with its own
-    holding.cancel()
-    await asyncio.gather(holding, return_exceptions=True)
-    await elector.release()
-    api.close()  # type: ignore[no-untyped-call]
-    operating.result()  # re-raise what ended kopf, if it failed
+    renewing, halt = elector.keep(_lost)
+    try:
+        await run_kopf(args, stop)
+    finally:
+        # kopf stopped (SIGTERM, or it failed): renewed until here, now let go at once.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)  # kopf had replaced ours with its own
+        halt.set()
+        await asyncio.to_thread(renewing.join)
+        await elector.release()
+        api.close()  # type: ignore[no-untyped-call]
     return 0
+
+
+def _lost(why: str) -> None:
+    """Another replica may take over once the lease expires: stop writing now, from the renewal
+    thread (kopf's loop may be busy), not after a graceful kopf shutdown that could outlast the
+    lease. The Deployment restarts the pod, which then stands by."""
+    log.error("leadership lost (%s): exiting so that nothing writes without it", why)
+    logging.shutdown()
+    os._exit(1)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -32,7 +32,7 @@ from tests.operator.test_operator_kube import policy
 pytestmark = pytest.mark.kube
 
 # Short leases keep the test quick; the defaults (15/10/2 s) are measured in bench/.
-DURATION, DEADLINE, RETRY = 3.0, 2.0, 0.5
+DURATION, DEADLINE, RETRY = 6.0, 4.0, 0.5
 ROUNDS = int(os.environ.get("HOSTDEV_LEADER_ROUNDS", "50"))
 # Sleeps until the wall-clock time in argv[1], then becomes the operator: both processes of a
 # round start within a millisecond or two of each other, whatever the fork cost was.
