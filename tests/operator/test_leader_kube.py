@@ -47,7 +47,7 @@ class Replicas:
         self.cluster, self.ns, self.lease, self.tmp = cluster, ns, lease, tmp
         self.all: list[OperatorProcess] = []
 
-    def make(self, name: str, *, start_at: float | None = None) -> OperatorProcess:
+    def make(self, name: str) -> OperatorProcess:
         user = f"op-{name}-{uuid.uuid4().hex[:6]}"
         d = self.tmp / name
         d.mkdir()
@@ -57,7 +57,6 @@ class Replicas:
             args=("--leader-elect", "--lease-namespace", self.ns, "--lease-name", self.lease,
                   "--lease-identity", user, "--lease-duration", str(DURATION),
                   "--renew-deadline", str(DEADLINE), "--retry-period", str(RETRY)),
-            prefix=(sys.executable, "-c", BARRIER, repr(start_at)) if start_at else (),
         )  # fmt: skip
         self.all.append(op)
         return op
@@ -125,10 +124,11 @@ def test_two_processes_started_together_never_lead_at_once(
             leases.patch_namespaced_lease(replicas.lease, replicas.ns, {"spec": {
                 "holderIdentity": None, "leaseDurationSeconds": 1}})  # fmt: skip
         gen = bump(o, name, i)
-        start_at = time.time() + 0.4
-        a, b = replicas.make(f"{i}a", start_at=start_at), replicas.make(f"{i}b", start_at=start_at)
-        a.start()
-        b.start()
+        a, b = replicas.make(f"{i}a"), replicas.make(f"{i}b")
+        start_at = time.time() + 0.3
+        for op in (a, b):
+            op.prefix = (sys.executable, "-c", BARRIER, repr(start_at))
+            op.start()
         late.append(time.time() - start_at)  # > 0: a spawn ended after the common start
         leader = wait_for(f"round {i}: a leader answered", lambda g=gen: observed(o, name) == g
                           and replicas.holder(), timeout=60)  # fmt: skip
