@@ -88,6 +88,11 @@ async def stop(*, memo: Any, **_: Any) -> None:
     cluster = memo.get("cluster")
     if cluster is not None:
         cluster.stop()
+    # kopf stopped on its own SIGTERM handler: settle the stop flag it was given too, or kopf
+    # waits 5 s for its still-pending waiter task (delaying the Lease release by as much).
+    flag = memo.get("stop_flag")
+    if flag is not None:
+        flag.set()
 
 
 SA_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
@@ -163,7 +168,7 @@ async def run_kopf(args: argparse.Namespace, stop: asyncio.Event | None = None) 
         clusterwide=True,
         standalone=True,
         liveness_endpoint=args.liveness,
-        memo=kopf.Memo(),
+        memo=kopf.Memo(stop_flag=stop),
         stop_flag=stop,
     )
 
