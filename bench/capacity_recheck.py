@@ -12,21 +12,23 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from kubernetes import client as k8s
 
 # operator_requests puts the repository on sys.path (for tests.fixtures) and has the helpers.
-from operator_requests import free_port, operator_metric, vm
-
-from tests.fixtures.kube import ControlPlane, find_tools
+from operator_requests import (
+    free_port,
+    operator_metric,
+    start_plane,
+    stop_process,
+    tear_down,
+    vm,
+)
 
 GROUP, VERSION = "hostdev.io", "v1alpha1"
 RESOURCE = "vendor.example/bench-gpu"
@@ -50,13 +52,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=20)
     args = ap.parse_args()
-    tools = find_tools()
-    if tools is None:
-        print("kube-apiserver/etcd missing: run scripts/setup-test-tools.sh", file=sys.stderr)
+    started = start_plane("hostdev-bench-cap-")
+    if started is None:
         return 1
-    work = Path(tempfile.mkdtemp(prefix="hostdev-bench-cap-"))
-    plane = ControlPlane(work / "kube", tools)
-    cluster = plane.start()
+    cluster, plane, work = started
     op: subprocess.Popen[bytes] | None = None
     ok = False
     try:
@@ -133,18 +132,8 @@ def main() -> int:
         ok = True
         return 0
     finally:
-        if op is not None and op.poll() is None:
-            os.killpg(op.pid, signal.SIGTERM)
-            try:
-                op.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(op.pid, signal.SIGKILL)
-        cluster.close()
-        plane.stop()
-        if ok:
-            shutil.rmtree(work, ignore_errors=True)
-        else:
-            print(f"kept {work} (operator.log, kube/*.log)")
+        stop_process(op)
+        tear_down(cluster, plane, work, ok)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -26,9 +24,9 @@ from typing import Any
 from kubernetes import client as k8s
 
 # operator_requests puts the repository on sys.path (for tests.fixtures) and has the helpers.
-from operator_requests import free_port
+from operator_requests import free_port, start_plane, stop_process, tear_down
 
-from tests.fixtures.kube import Cluster, ControlPlane, find_tools
+from tests.fixtures.kube import Cluster
 
 GROUP, VERSION = "hostdev.io", "v1alpha1"
 OPERATOR = Path(sys.executable).parent / "hostdev-operator"
@@ -50,13 +48,7 @@ class Replica:
         return self.log.read_text(errors="replace")
 
     def stop(self, sig: int) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_process(self.proc, sig)
 
 
 def until(what: str, probe: Any, timeout: float = 120.0) -> float:
@@ -75,13 +67,10 @@ def main() -> int:
     ap.add_argument("--renew-deadline", type=float, default=10.0)
     ap.add_argument("--retry-period", type=float, default=2.0)
     args = ap.parse_args()
-    tools = find_tools()
-    if tools is None:
-        print("kube-apiserver/etcd missing: run scripts/setup-test-tools.sh", file=sys.stderr)
+    started = start_plane("hostdev-bench-lease-")
+    if started is None:
         return 1
-    work = Path(tempfile.mkdtemp(prefix="hostdev-bench-lease-"))
-    plane = ControlPlane(work / "kube", tools)
-    cluster = plane.start()
+    cluster, plane, work = started
     replicas: list[Replica] = []
     ok = False
     try:
@@ -160,13 +149,8 @@ def main() -> int:
         return 0
     finally:
         for r in replicas:
-            r.stop(signal.SIGTERM)
-        cluster.close()
-        plane.stop()
-        if ok:
-            shutil.rmtree(work, ignore_errors=True)
-        else:
-            print(f"kept {work} (r*.log, t*.log, kube/*.log)")
+            stop_process(r.proc)
+        tear_down(cluster, plane, work, ok)
 
 
 if __name__ == "__main__":

@@ -8,20 +8,17 @@ controller. Who evicted what comes from the API server's audit log."""
 
 from __future__ import annotations
 
-import tempfile
 import threading
 import uuid
 from collections.abc import Iterator
-from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 from kubernetes import client as k8s
 
-from hostdev.deviceplugin.api.podresources.v1 import api_pb2, api_pb2_grpc
+from hostdev.deviceplugin.api.podresources.v1 import api_pb2
 from hostdev.deviceplugin.config.memory import DriverMemory
 from hostdev.deviceplugin.nodestate.allocations import KubeletAllocations
 from hostdev.deviceplugin.nodestate.kube import LauncherPods, LauncherPodWatch, NodeStateClient
@@ -41,9 +38,10 @@ from tests.fixtures.operator import (
     OperatorProcess,
     free_port,
     identity_kubeconfig,
+    running,
     wait_for,
 )
-from tests.nodeagent.test_loop_kube import FakeKubelet, RecordingManager
+from tests.nodeagent.test_loop_kube import FakeKubelet, RecordingManager, fake_kubelet
 
 pytestmark = pytest.mark.kube
 
@@ -152,36 +150,31 @@ def node(
     sysfs = Sysfs(str(root))
     name = f"n-{kube_namespace.rsplit('-', 1)[-1]}"
     kube_objects.create_node(name, {"hostdev.io/pool": name})
-    sockdir = tempfile.mkdtemp(prefix="podres-", dir="/tmp")
-    sock = f"{sockdir}/kubelet.sock"
-    kubelet = FakeKubelet()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    api_pb2_grpc.add_PodResourcesListerServicer_to_server(kubelet, server)
-    server.add_insecure_port(f"unix://{sock}")
-    server.start()
     api = kube_apiserver.api_client()
-    # Re-planning must come from the pod watch: the resync and allocation clocks are an hour.
-    loop = NodeStateLoop(
-        NodeStateClient(api, name),
-        Syncer(sysfs, DriverMemory(str(tmp_path / "state")), io=kernel, settle=1.0),
-        RecordingManager(),
-        allocations=KubeletAllocations(PodResourcesClient(sock), LauncherPods(api, name)),
-        settings=LoopSettings(coalesce=0.3, resync=3600, allocations_every=3600, watch_timeout=5),
-        pods_gone=LauncherPodWatch(api, name, timeout_seconds=5),
-    )
-    stop = threading.Event()
-    thread = threading.Thread(target=loop.run, args=(stop,), daemon=True)
-    thread.start()
-    try:
-        yield SimNode(name, kube_namespace, root, sysfs, kubelet, k8s.CoreV1Api(api),
-                      kube_objects)  # fmt: skip
-    finally:
-        stop.set()
-        thread.join(15)
-        server.stop(None).wait()
-        Path(sock).unlink(missing_ok=True)
-        Path(sockdir).rmdir()
-        api.close()
+    with fake_kubelet() as kubelet:
+        # Re-planning must come from the pod watch: resync and allocation clocks are an hour.
+        loop = NodeStateLoop(
+            NodeStateClient(api, name),
+            Syncer(sysfs, DriverMemory(str(tmp_path / "state")), io=kernel, settle=1.0),
+            RecordingManager(),
+            allocations=KubeletAllocations(
+                PodResourcesClient(kubelet.socket), LauncherPods(api, name)
+            ),
+            settings=LoopSettings(
+                coalesce=0.3, resync=3600, allocations_every=3600, watch_timeout=5
+            ),
+            pods_gone=LauncherPodWatch(api, name, timeout_seconds=5),
+        )
+        stop = threading.Event()
+        thread = threading.Thread(target=loop.run, args=(stop,), daemon=True)
+        thread.start()
+        try:
+            yield SimNode(name, kube_namespace, root, sysfs, kubelet, k8s.CoreV1Api(api),
+                          kube_objects)  # fmt: skip
+        finally:
+            stop.set()
+            thread.join(15)
+            api.close()
     assert not thread.is_alive(), "the agent loop did not stop"
 
 
@@ -194,16 +187,9 @@ def operator(
     user = f"hostdev-operator-{uuid.uuid4().hex[:6]}"
     (tmp_path / "op").mkdir()
     kubeconfig = identity_kubeconfig(kube_apiserver, user, tmp_path / "kc")
-    op = OperatorProcess(
+    yield from running(OperatorProcess(
         kube_apiserver, tmp_path / "op", metrics_port=free_port(), user=user, kubeconfig=kubeconfig
-    )
-    op.start()
-    try:
-        yield op
-        op.assert_alive()
-    finally:
-        op.stop()
-        op.check_log()
+    ))  # fmt: skip
 
 
 def policy_body(node: SimNode, resource: str, vfs: str, **spec: Any) -> dict[str, Any]:
