@@ -15,15 +15,21 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 # hostdev/deviceplugin and hostdev/operator are symlinks to the top-level folders: copy both.
 COPY pyproject.toml README.md ./
+COPY requirements/constraints.txt requirements/
 COPY hostdev/ hostdev/
 COPY deviceplugin/ deviceplugin/
 COPY operator/ operator/
 # Binary wheels only: every dependency (grpcio, protobuf, ...) ships manylinux wheels, so no
 # compiler is needed here and nothing is built from an unreviewed sdist.
+# Exact versions from requirements/constraints.txt (what CI tested), for the dependencies and
+# for the pip, setuptools and wheel that build hostdev; pip first, as older ones lack
+# --build-constraint.
 # -I: /src is the working directory and its operator/ folder would shadow the stdlib module.
 RUN --mount=type=cache,target=/root/.cache/pip \
     python -I -m venv /opt/hostdev \
-    && /opt/hostdev/bin/pip install --only-binary=:all: . \
+    && /opt/hostdev/bin/pip install --only-binary=:all: -c requirements/constraints.txt pip \
+    && /opt/hostdev/bin/pip install --only-binary=:all: -c requirements/constraints.txt \
+       --build-constraint requirements/constraints.txt . \
     && /opt/hostdev/bin/pip uninstall --yes setuptools pip
 
 # ---- final: the venv (without pip and setuptools), pci.ids, and nothing to build with ----

@@ -5,17 +5,22 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Exact versions of everything the venv installs (and of pip/setuptools/wheel that build it):
+# what CI tested. pyproject.toml keeps the supported ranges; `make lock` re-resolves within them.
+CONSTRAINTS := requirements/constraints.txt
+PIP_PINNED = pip install -q -c $(CONSTRAINTS)
 
-.PHONY: venv scan test lint unit tools cluster-up cluster-down protos check-protos bench clean
+.PHONY: venv scan test lint unit tools cluster-up cluster-down protos check-protos bench clean lock
 
 # Debian's own python3 ships venv support separately (python3-venv): install it when missing.
 # -I keeps the repo root off sys.path: the top-level operator/ folder would shadow the stdlib
 # `operator` for an interpreter that has not imported it at start-up (Debian's python3 has not).
-$(STAMP): pyproject.toml
+# A changed constraints file re-installs: pip moves every package to its pinned version.
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PY) -I -m venv $(VENV) || { apt-get install -y -q python3-venv \
 		&& $(PY) -I -m venv $(VENV); }
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/$(PIP_PINNED) pip
+	$(BIN)/$(PIP_PINNED) --build-constraint $(CONSTRAINTS) -e '.[dev]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -58,10 +63,7 @@ cluster-down: $(STAMP)
 clean:
 	rm -rf $(VENV) build dist *.egg-info
 
-## Regenerate the kubelet API stubs (deviceplugin/api) from their .proto files.
-protos: $(STAMP)
-	PYTHON=$(BIN)/python scripts/gen-protos.sh
-
-## Fail if the checked-in stubs differ from what the .proto files generate.
-check-protos: $(STAMP)
-	$(BIN)/pytest -q tests/deviceplugin/test_protos_fresh.py
+## Re-resolve $(CONSTRAINTS): the newest releases within pyproject.toml's ranges, frozen with
+## pip, setuptools and wheel. Run `make venv test` on the result before committing it.
+lock:
+	scripts/lock-constraints.sh $(PY)

@@ -74,6 +74,7 @@ class PluginManager:
         self._kick_handle: asyncio.TimerHandle | None = None
         self._save_handle: asyncio.TimerHandle | None = None
         self._register_tasks: dict[str, asyncio.Task[None]] = {}
+        self._removing: set[str] = set()  # resources whose server _remove is stopping
         self._tasks: list[asyncio.Task[None]] = []
         self._uevents: UeventSource | None = None
         self._watcher: DirWatcher | None = None
@@ -147,6 +148,7 @@ class PluginManager:
                 self.plugin_dir,
                 self.metrics,
                 on_change=self.schedule_save,
+                on_stale=self._rescan_soon,
             )
             saved = self.saved.get(name)
             if saved is not None and not self.scanned:
@@ -164,11 +166,20 @@ class PluginManager:
             self._register_soon(plugin)
 
     async def _remove(self, name: str) -> None:
-        plugin = self.plugins.pop(name)
-        task = self._register_tasks.pop(name, None)
-        if task is not None:
-            task.cancel()
-        await plugin.stop()
+        """Stop ``name``'s server, remove its socket, then drop it from :attr:`plugins`: a
+        resource that is gone from the map is gone from the host too (nobody sees a half-removed
+        one). A socket-deleted restart racing with this sees ``_removing`` and stands down."""
+        plugin = self.plugins[name]
+        self._removing.add(name)
+        try:
+            task = self._register_tasks.pop(name, None)
+            if task is not None:
+                task.cancel()
+            await plugin.stop()
+        finally:
+            self._removing.discard(name)
+            if self.plugins.get(name) is plugin:
+                del self.plugins[name]
         if self.scanned:
             self._check_shared_groups(self.view.inventory)
         self.metrics.forget(name)
@@ -240,7 +251,10 @@ class PluginManager:
                 "%s: socket %s was deleted; serving again", plugin.resource, plugin.socket_path
             )
             await plugin.stop(remove_socket=False)
-            if self.plugins.get(plugin.resource) is plugin:
+            if (
+                self.plugins.get(plugin.resource) is plugin
+                and plugin.resource not in self._removing
+            ):
                 await plugin.start()
                 self._register_soon(plugin)
 
@@ -258,6 +272,11 @@ class PluginManager:
             self._pending_full = True
         else:
             self._pending.add(event.address)
+        self._kick()
+
+    def _rescan_soon(self, addresses: Iterable[PciAddress]) -> None:
+        """Re-read these functions soon (a plugin found them different from its last view)."""
+        self._pending.update(addresses)
         self._kick()
 
     def request_full_rescan(self) -> None:

@@ -22,11 +22,17 @@ import grpc
 from hostdev.deviceplugin.api.deviceplugin.v1beta1 import api_pb2 as pb
 from hostdev.deviceplugin.api.deviceplugin.v1beta1 import api_pb2_grpc as pb_grpc
 from hostdev.deviceplugin.metrics import Metrics
+from hostdev.deviceplugin.recheck import recheck
 from hostdev.deviceplugin.resources import ResourceConfig
 from hostdev.host.address import PciAddress, PciAddressError
 from hostdev.host.model import Inventory, IommuGroup, PciDevice
 from hostdev.host.sysfs import Sysfs
-from hostdev.policy.allocation import AllocUnit, build_units, preferred_allocation
+from hostdev.policy.allocation import (
+    AllocUnit,
+    build_units,
+    kubevirt_addresses,
+    preferred_allocation,
+)
 from hostdev.policy.health import Verdict, unit_health
 from hostdev.policy.naming import resource_env_var, socket_name
 from hostdev.policy.selector import select_devices
@@ -73,9 +79,12 @@ class ResourcePlugin(pb_grpc.DevicePluginServicer):
         metrics: Metrics,
         *,
         on_change: Callable[[], None] | None = None,
+        on_stale: Callable[[Iterable[PciAddress]], None] | None = None,
     ) -> None:
         self.config = config
         self._on_change = on_change
+        # Allocate found the host differs from what was advertised: rescan these functions.
+        self._on_stale = on_stale
         self.resource = config.resource_name
         self.sysfs = sysfs
         self.plugin_dir = plugin_dir
@@ -87,6 +96,7 @@ class ResourcePlugin(pb_grpc.DevicePluginServicer):
         self._allocated_at: dict[str, float] = {}
         self.registered = False
         self._server: grpc.aio.Server | None = None
+        self._lifecycle = asyncio.Lock()  # start() and stop() never interleave
         # None in a queue ends that stream (server stopping).
         self._watchers: set[asyncio.Queue[pb.ListAndWatchResponse | None]] = set()
         self._msgs: dict[str, pb.Device] = {}
@@ -162,7 +172,13 @@ class ResourcePlugin(pb_grpc.DevicePluginServicer):
             old = self.devices.get(dev_id)
             if old is not None:
                 why = old.verdict.reason if not old.verdict.healthy else None
-                new[dev_id] = Advertised(old.unit, Verdict(False, why or f"{dev_id} is gone"))
+                new[dev_id] = Advertised(
+                    old.unit,
+                    Verdict(
+                        False,
+                        why or f"{dev_id} left the PCI bus or this resource while a pod holds it",
+                    ),
+                )
         if new == self.devices:
             return False
         appeared = [k for k in new if k not in self.devices]
@@ -214,7 +230,9 @@ class ResourcePlugin(pb_grpc.DevicePluginServicer):
         devices: Mapping[PciAddress, PciDevice],
         groups: Mapping[int, IommuGroup],
     ) -> Verdict:
-        v = unit_health(u.addresses, u.group, devices, groups)
+        return self._shared_verdict(u, unit_health(u.addresses, u.group, devices, groups))
+
+    def _shared_verdict(self, u: AllocUnit, v: Verdict) -> Verdict:
         others = self.shared_groups.get(u.group) if u.group is not None else None
         if v.healthy and others:
             return Verdict(
@@ -323,30 +341,33 @@ class ResourcePlugin(pb_grpc.DevicePluginServicer):
         return self._server is not None
 
     async def start(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.socket_path)  # a stale socket from an earlier run
-        server = grpc.aio.server()
-        pb_grpc.add_DevicePluginServicer_to_server(self, server)
-        server.add_insecure_port(f"unix://{self.socket_path}")
-        await server.start()
-        self._server = server
-        self.registered = False
-        log.info("%s: serving on %s", self.resource, self.socket_path)
+        async with self._lifecycle:  # a stop() racing with this waits for the server to exist
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket_path)  # a stale socket from an earlier run
+            server = grpc.aio.server()
+            pb_grpc.add_DevicePluginServicer_to_server(self, server)
+            server.add_insecure_port(f"unix://{self.socket_path}")
+            await server.start()
+            self._server = server
+            self.registered = False
+            log.info("%s: serving on %s", self.resource, self.socket_path)
 
     async def stop(self, *, remove_socket: bool = True) -> None:
-        server, self._server = self._server, None
-        self.registered = False
-        for q in self._watchers:
-            # End the streams ourselves: cancelled handlers make grpc log tracebacks.
-            if q.full():
-                q.get_nowait()
-            q.put_nowait(None)
-        if server is not None:
-            await asyncio.sleep(0)  # let the stream handlers return
-            await server.stop(grace=0.2)
-        if remove_socket:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.socket_path)
+        """Stop serving; returns once the server is down and (by default) its socket is gone."""
+        async with self._lifecycle:
+            server, self._server = self._server, None
+            self.registered = False
+            for q in self._watchers:
+                # End the streams ourselves: cancelled handlers make grpc log tracebacks.
+                if q.full():
+                    q.get_nowait()
+                q.put_nowait(None)
+            if server is not None:
+                await asyncio.sleep(0)  # let the stream handlers return
+                await server.stop(grace=0.2)
+            if remove_socket:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.socket_path)
 
     async def register(self, rpc_timeout: float = 10.0) -> None:
         """Register with the kubelet (raises grpc.aio.AioRpcError on failure)."""
@@ -434,10 +455,12 @@ class ResourcePlugin(pb_grpc.DevicePluginServicer):
 
     # ---- Allocate: the KubeVirt contract ------------------------------------------------
     def container_response(self, ids: Iterable[str]) -> pb.ContainerAllocateResponse:
-        """Env ``PCI_RESOURCE_<NAME>`` with every address of every unit, VFIO device specs.
+        """Env ``PCI_RESOURCE_<NAME>``: each unit's primary function first, in the order of
+        ``ids`` (KubeVirt attaches one address per VM entry, from the front), then the units'
+        companions; VFIO device specs for every unit's group.
 
-        Each device is re-read (one directory, a few small files) to be sure it is still on
-        vfio-pci in the group we advertised: a unit that changed since the last scan is refused
+        Each unit's whole IOMMU group is re-read first (:mod:`hostdev.deviceplugin.recheck`):
+        a unit whose group stopped being viable since the last scan is refused with the reason
         rather than handed to a VM that would then fail to start.
         """
         ids = list(ids)
@@ -445,8 +468,7 @@ class ResourcePlugin(pb_grpc.DevicePluginServicer):
             raise AllocationRefusedError(
                 grpc.StatusCode.INVALID_ARGUMENT, "no device IDs requested"
             )
-        addresses: list[PciAddress] = []
-        groups: list[int] = []
+        units: list[AllocUnit] = []
         cdevs: list[str] = []
         for dev_id in ids:
             adv = self.devices.get(dev_id)
@@ -455,25 +477,24 @@ class ResourcePlugin(pb_grpc.DevicePluginServicer):
                     grpc.StatusCode.NOT_FOUND, f"unknown device {dev_id!r} for this resource"
                 )
             unit = adv.unit
-            if unit.group is None:
-                raise AllocationRefusedError(
-                    grpc.StatusCode.FAILED_PRECONDITION, f"device {dev_id} has no IOMMU group"
-                )
-            for addr in unit.addresses:
-                cdev = self._recheck(dev_id, addr, unit.group)
-                if cdev is not None:
-                    cdevs.append(cdev)
-            if not os.path.exists(self.sysfs.path("dev/vfio", str(unit.group))):
+            verdict, fresh = recheck(self.sysfs, unit, self._advertised_members(unit))
+            verdict = self._shared_verdict(unit, verdict)
+            if not verdict.healthy:
+                if self._on_stale is not None:
+                    self._on_stale({*unit.addresses, *(fresh.devices if fresh else ())})
                 raise AllocationRefusedError(
                     grpc.StatusCode.FAILED_PRECONDITION,
-                    f"device {dev_id}: /dev/vfio/{unit.group} does not exist",
+                    f"device {dev_id} is not handed to a VM: {verdict.reason}",
                 )
-            addresses.extend(unit.addresses)
-            if unit.group not in groups:
-                groups.append(unit.group)
+            assert fresh is not None  # a healthy verdict needs a group
+            units.append(unit)
+            for a in unit.addresses:
+                cdev = fresh.devices[a].vfio_cdev
+                if cdev and os.path.exists(self.sysfs.path("dev/vfio/devices", cdev)):
+                    cdevs.append(cdev)
         out = pb.ContainerAllocateResponse()
-        # Never fewer addresses than devices: every unit contributes all of its addresses.
-        out.envs[self.env_var] = ",".join(str(a) for a in addresses)
+        out.envs[self.env_var] = ",".join(str(a) for a in kubevirt_addresses(units))
+        groups = dict.fromkeys(u.group for u in units)
         paths = [VFIO_CONTAINER, *(f"/dev/vfio/{g}" for g in groups)]
         if os.path.exists(self.sysfs.path(IOMMUFD)):
             paths.append(IOMMUFD)
@@ -494,22 +515,10 @@ class ResourcePlugin(pb_grpc.DevicePluginServicer):
         log.info("%s: allocated %s -> %s", self.resource, ",".join(ids), out.envs[self.env_var])
         return out
 
-    def _recheck(self, dev_id: str, addr: PciAddress, group: int) -> str | None:
-        dev = self.sysfs.read_device(addr)
-        if dev is None:
-            why = "is gone from the PCI bus"
-        elif not dev.on_vfio:
-            why = f"is bound to {dev.driver or 'no driver'}, not vfio-pci"
-        elif dev.iommu_group != group:
-            why = f"moved from IOMMU group {group} to {dev.iommu_group}"
-        else:
-            if dev.vfio_cdev and os.path.exists(self.sysfs.path("dev/vfio/devices", dev.vfio_cdev)):
-                return dev.vfio_cdev
-            return None
-        raise AllocationRefusedError(
-            grpc.StatusCode.FAILED_PRECONDITION,
-            f"device {dev_id}: {addr} {why}; not handing it to a VM",
-        )
+    def _advertised_members(self, unit: AllocUnit) -> tuple[PciAddress, ...] | None:
+        """The group's members when ``unit`` was last judged (None: not judged since start)."""
+        judged = self._judged.get(unit.id)
+        return None if judged is None or judged[1] is None else judged[1].members
 
 
 def _unit_facts(d: PciDevice) -> tuple[object, ...]:

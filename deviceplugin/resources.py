@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from hostdev.policy.allocation import Strategy
-from hostdev.policy.naming import ResourceNameError, validate_resource_name
+from hostdev.policy.naming import ResourceNameError, env_collisions, validate_resource_name
 from hostdev.policy.selector import DeviceSelector, SelectorError
 
 _STRATEGIES = ("spread", "pack")
@@ -65,6 +65,9 @@ def parse_resources(data: Any, source: str = "config") -> tuple[ResourceConfig, 
             raise ConfigError(f"{where}: resource {name} is listed twice")
         seen.add(name)
         out.append(ResourceConfig(name, selector, "pack" if strategy == "pack" else "spread"))
+    for c in env_collisions(r.resource_name for r in out):
+        i = next(i for i, r in enumerate(out) if r.resource_name == c.second)
+        raise ConfigError(f"{source}: resources[{i}]: {c.message}")
     return tuple(out)
 
 

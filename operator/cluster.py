@@ -27,7 +27,15 @@ from hostdev.operator.kube import (
 )
 from hostdev.policy.conditions import Condition, merge_conditions, same_conditions
 from hostdev.policy.kubevirt import desired_entries, merge_kubevirt
-from hostdev.policy.nodestate import NodePlan, Policy, PolicyError, policy_outcomes, render_cluster
+from hostdev.policy.nodestate import (
+    ENV_COLLISION,
+    NodePlan,
+    Policy,
+    PolicyError,
+    policy_outcomes,
+    render_cluster,
+)
+from hostdev.policy.nodestatus import multi_function_condition
 from hostdev.policy.reconfigure import HolderState, Reconfigure, status_fields
 from hostdev.policy.reported import ReportedNode, read_node_state
 from hostdev.policy.request import Capacity
@@ -288,6 +296,8 @@ class Cluster:
                 waiting = (
                     f"; {len(out.unreported)} node(s) not reported yet" if out.unreported else ""
                 )
+                # The worst conflict first: a colliding resource name renders nothing there.
+                worst = sorted(out.conflicts, key=lambda c: c.reason != ENV_COLLISION)
                 conds = [
                     Condition(
                         "Ready",
@@ -297,11 +307,12 @@ class Cluster:
                     ),
                     Condition(
                         "Conflicted",
-                        "True" if out.conflicts else "False",
-                        "LostToPrecedence" if out.conflicts else "NoConflict",
-                        out.conflicts[0].message if out.conflicts else "no other policy wins here",
+                        "True" if worst else "False",
+                        worst[0].reason if worst else "NoConflict",
+                        worst[0].message if worst else "no other policy wins here",
                     ),
                     kubevirt,
+                    multi_function_condition(out.multi_function),
                 ]
                 blocked = (held or {}).get(name, ())
                 if blocked or old.get("blockedVMs"):

@@ -116,7 +116,12 @@ class NodeStateLoop:
         self._blockers: tuple[Blocker, ...] = ()
         self._waiting_on: frozenset[tuple[str, str]] = frozenset()
         self._replan = False
-        self.syncs = 0  # completed syncs (tests and logs)
+        # Progress counters, so tests and benches wait for events instead of for time:
+        self.syncs = 0  # completed syncs
+        self.refreshes = 0  # completed health/allocation refreshes
+        self.watch_rounds = 0  # watch requests that ended normally (the server's timeout)
+        self.handled = 0  # watch items (objects, deletions) taken and acted upon
+        self.handled_version: str | None = None  # resourceVersion of the newest one handled
 
     # ---- watcher thread ---------------------------------------------------------------------
     def _watch(self, stop: threading.Event) -> None:
@@ -134,6 +139,7 @@ class NodeStateLoop:
                         self._events.put(ev.obj)
                     if stop.is_set():
                         return
+                self.watch_rounds += 1
             except WatchExpiredError:
                 log.info("NodeState %s: watch expired, listing again", self.name)
                 rv = None
@@ -167,17 +173,20 @@ class NodeStateLoop:
             while not stop.is_set():
                 now = time.monotonic()
                 wait = max(0.0, min(next_resync, next_alloc, now + 0.5) - now)
+                taken = 0
                 try:
                     item = self._events.get(timeout=wait)
                 except queue.Empty:
                     pass
                 else:
                     self._observe(item)
+                    taken = 1
                     while True:  # take every queued event: one sync for a burst
                         try:
                             self._observe(self._events.get_nowait())
                         except queue.Empty:
                             break
+                        taken += 1
                 now = time.monotonic()
                 if self._obj is not None and (
                     generation_of(self._obj) != self._synced_generation
@@ -207,6 +216,10 @@ class NodeStateLoop:
                     except Exception:
                         log.exception("NodeState %s: refresh failed", self.name)
                     next_alloc = time.monotonic() + s.allocations_every
+                if taken:
+                    version = (self._obj or {}).get("metadata", {}).get("resourceVersion")
+                    self.handled_version = None if self._obj is None else str(version)
+                    self.handled += taken
         finally:
             self.writer.stop(flush=True)
             watcher.join(timeout=1.0)
@@ -330,6 +343,7 @@ class NodeStateLoop:
                 self._replan = True
             self._find_blockers()  # (unknown allocations: the blockers stay as they were)
         self.writer.submit(self._render(self._outcome))
+        self.refreshes += 1
 
     def _read_allocations(self, inventory: Inventory) -> tuple[AllocationRow, ...] | None:
         if self.allocation_source is None:

@@ -147,6 +147,20 @@ class Sysfs:
             return False
         return None
 
+    def group_members(self, number: int) -> tuple[PciAddress, ...] | None:
+        """The functions the kernel lists in IOMMU group ``number`` now (None: no such group)."""
+        try:
+            names = os.listdir(self.path("sys/kernel/iommu_groups", str(number), "devices"))
+        except OSError:
+            return None
+        out = []
+        for name in names:
+            try:
+                out.append(PciAddress.parse(name))
+            except PciAddressError:
+                continue
+        return tuple(sorted(out))
+
     def vfio_group_nodes(self) -> frozenset[int]:
         out = set()
         for name in self._listdir(self.path("dev/vfio")):
@@ -300,8 +314,13 @@ def group_verdict(
     ]
     if not blockers:
         return True, None
-    names = ", ".join(f"{d.address} is bound to host driver {d.driver}" for d in blockers)
-    return False, f"{names} (every function in the group must be on vfio-pci or no driver)"
+    said = [f"{d.address} is bound to host driver {d.driver}" for d in blockers]
+    names = said[0] if len(said) == 1 else ", ".join(said[:-1]) + " and " + said[-1]
+    them = "it" if len(said) == 1 else "them"
+    return False, (
+        f"{names}; bind {them} to vfio-pci as well (VFIO assigns an IOMMU group whole: every "
+        "function in it except bridges must be on vfio-pci, pci-stub or no driver)"
+    )
 
 
 def make_group(number: int, devs: Iterable[PciDevice], vfio_nodes: frozenset[int]) -> IommuGroup:

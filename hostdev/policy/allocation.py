@@ -5,6 +5,20 @@ be opened by one process (one VM) only. So the functions of one resource that sh
 group form ONE allocatable unit, advertised as ONE kubelet device whose ID is the unit's lowest
 PCI address; Allocate of that ID hands out every address of the unit. Requesting N devices of a
 resource therefore means N groups. On SR-IOV NICs (one VF per group) unit = VF.
+
+Primary function: KubeVirt attaches exactly ONE address per ``hostDevices``/``gpus`` entry, and
+asks the kubelet for one device per entry. The address a unit contributes to the VM is its
+*primary*: its lowest address, which is also its kubelet device ID (so PodResources, NodeState
+allocations and the VM agree on which function a VM holds). For a multi-function device whose
+function 0 the resource selects (GPU .0 + HDMI audio .1, USB .2, ...), that is function 0, the
+function that carries the device. Only functions the resource's selector matched are candidates:
+a selector that matched only the audio function makes a unit whose primary is the audio
+function; the GPU beside it is no part of the resource. The other functions of a unit are its
+*companions*: the VM's pod gets their group (``/dev/vfio/<group>``), so nothing else can use
+them, but KubeVirt attaches none of them. A group of two GPUs behind a switch without ACS is one
+unit too, whose second GPU is a companion: select by class and place GPUs in ACS-capable slots
+to get one GPU per unit. No class ranking is attempted: it would part the device ID from the
+attached address, and within one resource units normally hold one kind of function anyway.
 """
 
 from __future__ import annotations
@@ -29,6 +43,16 @@ class AllocUnit:
     group: int | None  # None: the device has no IOMMU group (never healthy)
     numa_node: int | None
     pf: PciAddress | None  # the PF of the (first) VF, None for non-VFs
+
+    @property
+    def primary(self) -> PciAddress:
+        """The function KubeVirt attaches for this unit (see the module docstring)."""
+        return self.addresses[0]
+
+    @property
+    def companions(self) -> tuple[PciAddress, ...]:
+        """The unit's other functions: handed over with the group, attached by no VM entry."""
+        return self.addresses[1:]
 
     @property
     def pf_key(self) -> str:
@@ -61,6 +85,26 @@ def build_units(devices: Iterable[PciDevice]) -> tuple[AllocUnit, ...]:
         )
     units.sort(key=lambda u: u.addresses[0])
     return tuple(units)
+
+
+def kubevirt_addresses(units: Sequence[AllocUnit]) -> tuple[PciAddress, ...]:
+    """The ``PCI_RESOURCE_<NAME>`` list for ``units`` (one per allocated kubelet device, in the
+    order the kubelet named them): every unit's primary first, then every unit's companions.
+
+    virt-launcher takes one address per VM entry from the front of the list, so the first N
+    addresses must be the N units' primaries; never fewer addresses than devices."""
+    return tuple(u.primary for u in units) + tuple(a for u in units for a in u.companions)
+
+
+def multi_function_note(resource: str, unit: AllocUnit) -> str:
+    """The warning status carries for a unit of several functions."""
+    others = ", ".join(map(str, unit.companions))
+    return (
+        f"{resource}: {unit.primary} and {others} share IOMMU group {unit.group} and form one "
+        f"unit, of which a VM entry attaches {unit.primary} only (the rest go along with the "
+        'group, unattached); a class selector (e.g. classes: ["0302"] for 3D controllers) '
+        "serves one function per unit"
+    )
 
 
 def preferred_allocation(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 PCI_PREFIX = "PCI_RESOURCE"
 MDEV_PREFIX = "MDEV_PCI_RESOURCE"
@@ -36,6 +38,44 @@ def validate_resource_name(name: str) -> str:
 def resource_env_var(resource_name: str, prefix: str = PCI_PREFIX) -> str:
     """KubeVirt's ResourceNameToEnvVar: upper-case; only '/' and '.' become '_' ('-' stays)."""
     return f"{prefix}_" + resource_name.upper().replace("/", "_").replace(".", "_")
+
+
+@dataclass(frozen=True, slots=True)
+class EnvCollision:
+    """Two different resource names that KubeVirt reads from one environment variable: inside
+    a pod holding both, the kubelet keeps one value and the VM gets the wrong devices (or
+    none). ``first`` keeps the name (it came first: precedence, or file order); ``second`` is
+    refused."""
+
+    first: str
+    second: str
+
+    @property
+    def env_var(self) -> str:
+        return resource_env_var(self.first)
+
+    @property
+    def message(self) -> str:
+        suffix = self.env_var.removeprefix(PCI_PREFIX)
+        return (
+            f"resource names {self.first} and {self.second} both become {self.env_var} "
+            f"({MDEV_PREFIX}{suffix} for mediated devices), the variable KubeVirt reads the "
+            "addresses from ('.' and '/' become '_', letters upper-case), so a pod holding both "
+            f"would see one value: {self.second} is refused, rename it"
+        )
+
+
+def env_collisions(names: Iterable[str]) -> list[EnvCollision]:
+    """Each name whose KubeVirt env var an earlier, different name already has (in ``names``
+    order, so callers pass names in precedence order). The same name twice is no collision.
+    ``MDEV_PCI_RESOURCE_`` follows the same rule as ``PCI_RESOURCE_``: one check covers both."""
+    owner: dict[str, str] = {}
+    out: list[EnvCollision] = []
+    for name in names:
+        first = owner.setdefault(resource_env_var(name), name)
+        if first != name:
+            out.append(EnvCollision(first, name))
+    return out
 
 
 def socket_name(resource_name: str) -> str:

@@ -28,6 +28,7 @@ from typing import Any
 
 from hostdev.host.address import PciAddress, PciAddressError
 from hostdev.host.model import Inventory, is_vfio_driver
+from hostdev.policy.naming import env_collisions
 from hostdev.policy.selector import DeviceSelector, SelectorError
 
 DEFAULT_DRIVER = "vfio-pci"
@@ -205,11 +206,14 @@ def parse_node_config(data: Any) -> NodeConfig:
     devices: list[DeviceConfig] = []
     rules: list[DeviceRule] = []
     seen_dev: set[PciAddress] = set()
+    named: list[tuple[int, str]] = []  # (entry index, resourceName)
     for i, item in enumerate(_list(spec, "devices")):
         where = f"devices[{i}]"
         _unknown(item, _DEV_KEYS, where)
         driver = _driver(item.get("driver"), f"{where}.driver")
         resource = _resource(item.get("resourceName"), f"{where}.resourceName")
+        if resource is not None:
+            named.append((i, resource))
         unsafe = _bool(item.get("allowUnsafe"), f"{where}.allowUnsafe")
         has_addr, has_sel = item.get("pciAddress") is not None, item.get("selector") is not None
         if has_addr == has_sel:
@@ -231,6 +235,9 @@ def parse_node_config(data: Any) -> NodeConfig:
             if selector.empty:
                 raise NodeConfigError(f"{where}.selector: empty selector matches nothing")
             rules.append(DeviceRule(selector, driver, resource, unsafe))
+    for c in env_collisions(name for _, name in named):
+        i = next(i for i, name in named if name == c.second)
+        raise NodeConfigError(f"devices[{i}].resourceName: {c.message}")
     return NodeConfig(tuple(pfs), tuple(devices), tuple(rules))
 
 

@@ -12,11 +12,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hostdev.host.address import PciAddress, PciAddressError
+from hostdev.host.model import PciDevice
+from hostdev.policy.allocation import AllocUnit, build_units, multi_function_note
 from hostdev.policy.labels import LabelSelector, LabelSelectorError
+from hostdev.policy.naming import env_collisions
 from hostdev.policy.reported import ReportedNode
 from hostdev.policy.selector import DeviceSelector, PfRange, SelectorError
 
 DEFAULT_DRIVER = "vfio-pci"
+ENV_COLLISION = "EnvVarCollision"  # Conflict.reason: the policy renders nothing on that node
 
 
 class PolicyError(ValueError):
@@ -81,10 +85,11 @@ class Conflict:
     """``loser`` wanted ``target`` on ``node`` but ``winner`` has precedence."""
 
     node: str
-    target: str  # PCI address, or PF name/address for numVfs
+    target: str  # PCI address, PF name/address for numVfs, or the env var two names share
     loser: str
     winner: str
     message: str
+    reason: str = "LostToPrecedence"  # the policy status condition's reason
 
     def as_status(self) -> dict[str, str]:
         return {
@@ -104,6 +109,8 @@ class NodePlan:
     policies: tuple[str, ...]  # in precedence order
     conflicts: tuple[Conflict, ...] = ()
     holdings: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # policy -> addrs
+    # policy -> its units here that hold several functions of one IOMMU group
+    multi_function: Mapping[str, tuple[AllocUnit, ...]] = field(default_factory=dict)
     ids: Mapping[str, tuple[str, str]] = field(default_factory=dict)  # held addr -> (ven, dev)
     reported: bool = False
 
@@ -140,6 +147,31 @@ def _pf_key(pf: PfRange) -> tuple[str, dict[str, Any]]:
     return address, {"pciAddress": address}
 
 
+def _without_env_collisions(
+    node: str, ordered: Sequence[Policy]
+) -> tuple[list[Policy], list[Conflict]]:
+    """Drop the policies whose resource name maps to the KubeVirt env var of a name with
+    precedence (``a.io/x.y`` vs ``a.io/x_y``): on this node they render nothing."""
+    losers: list[Conflict] = []
+    refused: set[str] = set()
+    for c in env_collisions(p.resource_name for p in ordered):
+        winner = next(p for p in ordered if p.resource_name == c.first)
+        refused.add(c.second)
+        losers += [
+            Conflict(
+                node,
+                c.env_var,
+                p.name,
+                winner.name,
+                f"{c.message}; {_why(winner)}",
+                ENV_COLLISION,
+            )
+            for p in ordered
+            if p.resource_name == c.second
+        ]
+    return [p for p in ordered if p.resource_name not in refused], losers
+
+
 def render_node(
     node: str, policies: Sequence[Policy], reported: ReportedNode | None = None
 ) -> NodePlan:
@@ -149,8 +181,8 @@ def render_node(
     device several policies claim with different wishes gets an explicit pciAddress entry for
     the policy with precedence (explicit entries win over selector rules in nodeconfig).
     """
-    ordered = order(policies)
-    conflicts: list[Conflict] = []
+    matched = order(policies)
+    ordered, conflicts = _without_env_collisions(node, matched)
     pfs: dict[str, dict[str, Any]] = {}
     pf_owner: dict[str, Policy] = {}
     for p in ordered:
@@ -179,6 +211,7 @@ def render_node(
     ]
     explicit: list[dict[str, Any]] = []
     holdings: dict[str, list[str]] = {p.name: [] for p in ordered}
+    held: dict[str, list[PciDevice]] = {p.name: [] for p in ordered}
     ids: dict[str, tuple[str, str]] = {}
     inventory = reported.inventory if reported is not None else None
     if inventory is not None:
@@ -190,6 +223,7 @@ def render_node(
                 continue
             winner = claimants[0]
             holdings[winner.name].append(str(address))
+            held[winner.name].append(dev)
             if dev.vendor and dev.device:
                 ids[str(address)] = (dev.vendor, dev.device)
             losers = [p for p in claimants[1:] if p.name != winner.name]
@@ -214,12 +248,16 @@ def render_node(
                     }
                 )
     spec = {"pfs": [pfs[k] for k in sorted(pfs)], "devices": explicit + rules}
+    multi = {
+        name: tuple(u for u in build_units(devs) if u.companions) for name, devs in held.items()
+    }
     return NodePlan(
         node=node,
         spec=spec,
-        policies=tuple(p.name for p in ordered),
+        policies=tuple(p.name for p in matched),
         conflicts=tuple(conflicts),
         holdings={k: tuple(v) for k, v in holdings.items()},
+        multi_function={k: v for k, v in multi.items() if v},
         ids=ids,
         reported=inventory is not None,
     )
@@ -251,6 +289,7 @@ class PolicyOutcome:
     devices: Mapping[str, tuple[str, ...]]  # node -> addresses held (reported nodes only)
     unreported: tuple[str, ...]
     conflicts: tuple[Conflict, ...]
+    multi_function: tuple[str, ...] = ()  # notes on units of several functions, per node
 
     @property
     def device_count(self) -> int:
@@ -286,5 +325,10 @@ def policy_outcomes(
             devices={n: plans[n].holdings.get(p.name, ()) for n in nodes if plans[n].reported},
             unreported=tuple(n for n in nodes if not plans[n].reported),
             conflicts=tuple(c for n in nodes for c in plans[n].conflicts if c.loser == p.name),
+            multi_function=tuple(
+                f"node {n}: {multi_function_note(p.resource_name, u)}"
+                for n in nodes
+                for u in plans[n].multi_function.get(p.name, ())
+            ),
         )
     return out

@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from hostdev.host.address import PciAddress, PciAddressError
 from hostdev.host.model import Inventory, PciDevice
-from hostdev.policy.allocation import build_units
+from hostdev.policy.allocation import AllocUnit, build_units, multi_function_note
 from hostdev.policy.conditions import Condition, merge_conditions
 from hostdev.policy.health import unit_health
 from hostdev.policy.plan import Refusal
 from hostdev.policy.readiness import node_problems
+
+# Condition type: some resource has units of several functions (only the primary is attached).
+MULTI_FUNCTION = "MultiFunctionUnits"
 
 SyncState = Literal["Succeeded", "InProgress", "Failed"]
 SUCCEEDED: SyncState = "Succeeded"
@@ -125,6 +128,16 @@ def _parse(addr: str) -> PciAddress | None:
         return None
 
 
+def units_of(
+    served: Mapping[str, tuple[PciAddress, ...]], inventory: Inventory
+) -> dict[str, tuple[AllocUnit, ...]]:
+    """The allocation units each served resource makes of its devices (as its plugin does)."""
+    return {
+        name: build_units(inventory.devices[a] for a in addrs if a in inventory.devices)
+        for name, addrs in served.items()
+    }
+
+
 def allocations_from(
     pods: Iterable[PodDevices],
     served: Mapping[str, tuple[PciAddress, ...]],
@@ -136,11 +149,9 @@ def allocations_from(
     A kubelet device ID stands for one allocation unit (the resource's functions in one IOMMU
     group, ID = lowest address), so an ID expands to every address of its unit. Device IDs of
     other resources, or that are not PCI addresses, are not ours and are skipped."""
-    units: dict[tuple[str, PciAddress], tuple[PciAddress, ...]] = {}
-    for name, addrs in served.items():
-        devs = [inventory.devices[a] for a in addrs if a in inventory.devices]
-        for u in build_units(devs):
-            units[(name, u.addresses[0])] = u.addresses
+    units = {
+        (name, u.id): u.addresses for name, us in units_of(served, inventory).items() for u in us
+    }
     rows: set[AllocationRow] = set()
     for p in pods:
         if p.resource_name not in served:
@@ -150,7 +161,7 @@ def allocations_from(
             first = _parse(raw)
             if first is None:
                 continue
-            for a in units.get((p.resource_name, first), (first,)):
+            for a in units.get((p.resource_name, str(first)), (first,)):
                 rows.add(AllocationRow(a, p.resource_name, p.namespace, p.pod, p.container, vmi))
     return tuple(sorted(rows))
 
@@ -176,6 +187,7 @@ def _device_entry(
     inventory: Inventory,
     resource: str | None,
     refused: str | None,
+    companion_of: PciAddress | None = None,
 ) -> dict[str, Any]:
     e: dict[str, Any] = {"pciAddress": str(dev.address)}
     for key, value in (
@@ -201,6 +213,11 @@ def _device_entry(
         e["health"] = verdict.kubelet
         if verdict.reason:
             messages.append(verdict.reason)
+        if companion_of is not None:
+            messages.append(
+                f"goes along with {companion_of} (same IOMMU group, one unit of {resource}) "
+                f"but a VM attaches {companion_of} only: see condition {MULTI_FUNCTION}"
+            )
     if refused:
         messages.append(refused)
     if dev.problems:
@@ -225,8 +242,25 @@ def _iommu(inventory: Inventory) -> dict[str, Any]:
     return out
 
 
+def multi_function_condition(notes: Sequence[str]) -> Condition:
+    """Condition MultiFunctionUnits: True when some unit holds several functions (``notes``,
+    one :func:`multi_function_note` each), whose companions no VM entry attaches."""
+    if not notes:
+        return Condition(
+            MULTI_FUNCTION, "False", "OneFunctionPerUnit", "every unit is one function"
+        )
+    more = f" ({len(notes) - 1} more such unit(s))" if len(notes) > 1 else ""
+    return Condition(MULTI_FUNCTION, "True", "SeveralFunctionsPerUnit", notes[0] + more)
+
+
 def _conditions(
-    inventory: Inventory, outcome: SyncOutcome, listed: int, total: int, max_bytes: int
+    inventory: Inventory,
+    outcome: SyncOutcome,
+    listed: int,
+    total: int,
+    max_bytes: int,
+    *,
+    multi: list[tuple[str, AllocUnit]],
 ) -> list[Condition]:
     problems = node_problems(inventory.node)
     iommu = (
@@ -250,7 +284,8 @@ def _conditions(
             f"PFs first): the full list would make the status larger than {max_bytes} bytes",
         )
     )
-    return [iommu, synced, complete]
+    notes = [multi_function_note(name, u) for name, u in multi]
+    return [iommu, synced, complete, multi_function_condition(notes)]
 
 
 # etcd refuses objects above 1.5 MiB (its default --max-request-bytes); the whole NodeState is
@@ -296,8 +331,15 @@ def render_status(
     status as last written, to keep condition transition times. A device list that would
     take the status past ``max_bytes`` is cut (condition InventoryComplete False says so)."""
     refused = refused_devices(outcome.refusals, inventory)
+    multi = [
+        (name, u)
+        for name, units in units_of(served_resources(outcome.resources), inventory).items()
+        for u in units
+        if u.companions
+    ]
+    primary_of = {a: u.primary for _, u in multi for a in u.companions}
     devices = [
-        _device_entry(dev, inventory, outcome.resources.get(a), refused.get(a))
+        _device_entry(dev, inventory, outcome.resources.get(a), refused.get(a), primary_of.get(a))
         for a, dev in sorted(inventory.devices.items())
         if not dev.is_bridge
     ]
@@ -319,7 +361,7 @@ def render_status(
     def conditions(listed: int) -> list[dict[str, Any]]:
         return merge_conditions(
             (previous or {}).get("conditions"),
-            _conditions(inventory, outcome, listed, len(devices), max_bytes),
+            _conditions(inventory, outcome, listed, len(devices), max_bytes, multi=multi),
             generation=outcome.generation,
             now=now,
         )

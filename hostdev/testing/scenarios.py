@@ -40,11 +40,13 @@ def _nvidia(
     )
 
 
-def _a10_with_audio(h: FakeHost, audio_driver: str = "vfio-pci") -> None:
-    """An A10 at 17:00.0 and its HDMI audio function at 17:00.1, sharing one group."""
+def _a10_with_audio(
+    h: FakeHost, audio_driver: str = "vfio-pci", *, bus: str = "17", numa: int = 0
+) -> None:
+    """An A10 at <bus>:00.0 and its HDMI audio function at <bus>:00.1, sharing one group."""
     g = h.new_group()
-    _nvidia(h, "0000:17:00.0", A10, group=g, numa=0)
-    _nvidia(h, "0000:17:00.1", A10_AUDIO, group=g, numa=0, driver=audio_driver)
+    _nvidia(h, f"0000:{bus}:00.0", A10, group=g, numa=numa)
+    _nvidia(h, f"0000:{bus}:00.1", A10_AUDIO, group=g, numa=numa, driver=audio_driver)
 
 
 def sriov_nic_dual_socket(root: Path | str, *, numvfs: int = 4, iommufd: bool = False) -> FakeHost:
@@ -76,6 +78,16 @@ def gpu_with_audio(root: Path | str) -> FakeHost:
     _platform(h)
     h.add_bridge("0000:00:01.0", numa=0)
     _a10_with_audio(h)
+    return h
+
+
+def two_gpus_with_audio(root: Path | str) -> FakeHost:
+    """Two A10s, each with its HDMI audio function in its own group: 17:00.0/.1 on NUMA 0,
+    65:00.0/.1 on NUMA 1, all on vfio-pci (two units of two functions)."""
+    h = FakeHost(Path(root))
+    _platform(h)
+    _a10_with_audio(h)
+    _a10_with_audio(h, bus="65", numa=1)
     return h
 
 
@@ -154,6 +166,7 @@ def demo(root: Path | str) -> FakeHost:
 SCENARIOS: dict[str, Callable[[Path], FakeHost]] = {
     "sriov-nic-dual-socket": sriov_nic_dual_socket,
     "gpu-with-audio": gpu_with_audio,
+    "two-gpus-with-audio": two_gpus_with_audio,
     "gpus-behind-switch-without-acs": gpus_behind_switch_without_acs,
     "group-member-on-host-driver": group_member_on_host_driver,
     "iommu-off": iommu_off,

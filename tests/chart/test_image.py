@@ -17,6 +17,7 @@ import pytest
 
 from tests.chart.dockerfile import build_context, instructions
 from tests.chart.helmtool import REPO_ROOT
+from tests.unit.test_constraints import canonical, pinned
 
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 PREFIX = "/opt/hostdev"
@@ -122,3 +123,26 @@ def test_image_venv_has_no_pip_and_no_test_helpers(installed: Path) -> None:
     assert (site / "hostdev" / "operator" / "main.py").is_file()
     assert (site / "hostdev" / "deviceplugin").is_dir()
     assert not (site / "hostdev" / "testing").exists()  # .dockerignore keeps test helpers out
+
+
+def test_image_venv_installs_exactly_the_pinned_versions(installed: Path) -> None:
+    proc = subprocess.run(
+        [
+            str(installed / "bin" / "python"),
+            "-I",
+            "-c",
+            "import importlib.metadata as m\n"
+            "for d in m.distributions(): print(d.metadata['Name'], d.version)",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    got = dict(line.split(" ", 1) for line in proc.stdout.splitlines())
+    pins = pinned(REPO_ROOT / "requirements" / "constraints.txt")
+    assert got.pop("hostdev") == "0.1.0"
+    assert "grpcio" in got and "kopf" in got and "pytest" not in got  # runtime deps only
+    assert {canonical(n): v for n, v in got.items()} == {
+        canonical(n): pins[canonical(n)] for n in got
+    }

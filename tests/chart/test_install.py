@@ -110,6 +110,16 @@ def can(
     return bool(result.status.allowed)
 
 
+def wait_can(
+    cluster: Cluster, user: str, verb: str, resource: str, group: str = "", **attrs: str
+) -> None:
+    """Until ``user`` may do it: RBAC objects reach the authorizer a moment after creation."""
+    deadline = time.monotonic() + 30
+    while not can(cluster, user, verb, resource, group, **attrs):
+        assert time.monotonic() < deadline, f"{user} never allowed to {verb} {resource} {attrs}"
+        time.sleep(0.1)
+
+
 @pytest.fixture
 def nodestates(kube_apiserver: Cluster) -> Iterator[Callable[[str], str]]:
     """Creates PassthroughNodeStates with unique names (the API server is shared by the
@@ -196,23 +206,25 @@ def test_crds_are_established(kube_apiserver: Cluster, release: Release) -> None
 
 def test_operator_cannot_read_secrets(kube_apiserver: Cluster, release: Release) -> None:
     sa = release.operator_sa
-    for verb in ("get", "list", "watch"):
-        assert not can(kube_apiserver, sa, verb, "secrets")
-        assert not can(kube_apiserver, sa, verb, "secrets", namespace=release.namespace)
-    # positive controls: the review does see the operator's grants
-    assert can(kube_apiserver, sa, "patch", "virtualmachines", "kubevirt.io", namespace="default")
+    # positive controls first (the release's bindings reach the authorizer a moment after the
+    # install): the review does see the operator's grants ...
+    wait_can(kube_apiserver, sa, "patch", "virtualmachines", "kubevirt.io", namespace="default")
     lease = {"namespace": release.namespace, "name": "hostdev-operator"}
     for verb in ("get", "update"):
-        assert can(kube_apiserver, sa, verb, "leases", "coordination.k8s.io", **lease)
-    assert can(kube_apiserver, sa, "create", "leases", "coordination.k8s.io",
-               namespace=release.namespace)  # fmt: skip
-    # only its own Lease, only in its own namespace
+        wait_can(kube_apiserver, sa, verb, "leases", "coordination.k8s.io", **lease)
+    wait_can(kube_apiserver, sa, "create", "leases", "coordination.k8s.io",
+             namespace=release.namespace)  # fmt: skip
+    wait_can(kube_apiserver, sa, "create", "pods", subresource="eviction", namespace="default")
+    # ... only its own Lease, only in its own namespace, no pod deletes ...
     assert not can(kube_apiserver, sa, "update", "leases", "coordination.k8s.io",
                    namespace=release.namespace, name="kube-scheduler")  # fmt: skip
     assert not can(kube_apiserver, sa, "create", "leases", "coordination.k8s.io",
                    namespace="kube-system")  # fmt: skip
-    assert can(kube_apiserver, sa, "create", "pods", subresource="eviction", namespace="default")
     assert not can(kube_apiserver, sa, "delete", "pods", namespace="default")
+    # ... and none to secrets
+    for verb in ("get", "list", "watch"):
+        assert not can(kube_apiserver, sa, verb, "secrets")
+        assert not can(kube_apiserver, sa, verb, "secrets", namespace=release.namespace)
     # and a real request as that ServiceAccount is refused by the API server
     api = impersonating(kube_apiserver, sa)
     with pytest.raises(k8s.ApiException) as e:
@@ -225,9 +237,9 @@ def test_operator_cannot_read_secrets(kube_apiserver: Cluster, release: Release)
 
 def test_agent_rbac_is_status_only(kube_apiserver: Cluster, release: Release) -> None:
     sa = release.agent_sa
-    assert can(kube_apiserver, sa, "patch", NODESTATES, GROUP, subresource="status")
-    assert can(kube_apiserver, sa, "watch", NODESTATES, GROUP)
-    assert can(kube_apiserver, sa, "list", "pods")
+    wait_can(kube_apiserver, sa, "patch", NODESTATES, GROUP, subresource="status")
+    wait_can(kube_apiserver, sa, "watch", NODESTATES, GROUP)
+    wait_can(kube_apiserver, sa, "list", "pods")
     assert not can(kube_apiserver, sa, "patch", NODESTATES, GROUP)  # the spec is the operator's
     assert not can(kube_apiserver, sa, "delete", NODESTATES, GROUP)
     assert not can(kube_apiserver, sa, "get", "secrets")

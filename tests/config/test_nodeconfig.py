@@ -99,6 +99,17 @@ spec:
             {"devices": [{"pciAddress": "0000:01:00.0"}, {"pciAddress": "0000:01:00.0"}]},
             "devices[1]: device 0000:01:00.0 is listed twice",
         ),
+        (
+            {
+                "devices": [
+                    {"pciAddress": "0000:01:00.0", "resourceName": "example.com/vf.a"},
+                    {"selector": {"vendors": ["8086"]}, "resourceName": "example.com/vf.a"},
+                    {"pciAddress": "0000:02:00.0", "resourceName": "example.com/VF_a"},
+                ]
+            },
+            "devices[2].resourceName: resource names example.com/vf.a and example.com/VF_a "
+            "both become PCI_RESOURCE_EXAMPLE_COM_VF_A (MDEV_PCI_RESOURCE_EXAMPLE_COM_VF_A",
+        ),
     ],
 )
 def test_bad_input_names_the_field(doc: Any, message: str) -> None:

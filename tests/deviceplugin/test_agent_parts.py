@@ -101,6 +101,12 @@ def test_config_file_errors_name_the_entry(tmp_path: Path) -> None:
         ("- resourceName: a.io/x\n  selector: {vendors: ['8086']}\n  strategy: best\n", "strategy"),
         ("- {resourceName: a.io/x, selector: {vendors: ['8086']}}\n" * 2, "listed twice"),
         ("- resourceName: a.io/x\n  selectr: {}\n", "unknown field"),
+        (
+            "- {resourceName: a.io/x.y, selector: {vendors: ['8086']}}\n"
+            "- {resourceName: a.io/X_y, selector: {vendors: ['10de']}}\n",
+            r"resources\[1\]: resource names a.io/x.y and a.io/X_y both become "
+            r"PCI_RESOURCE_A_IO_X_Y .* a.io/X_y is refused, rename it",
+        ),
         ("{[", "not valid YAML"),
     ]:
         f.write_text(text)

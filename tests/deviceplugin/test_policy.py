@@ -6,10 +6,17 @@ import pytest
 
 from hostdev.host import PciAddress, PciDevice
 from hostdev.host.model import IommuGroup
-from hostdev.policy.allocation import AllocUnit, build_units, preferred_allocation
-from hostdev.policy.health import unit_health
+from hostdev.policy.allocation import (
+    AllocUnit,
+    build_units,
+    kubevirt_addresses,
+    preferred_allocation,
+)
+from hostdev.policy.health import FreshGroup, recheck_unit, unit_health
 from hostdev.policy.naming import (
+    MDEV_PREFIX,
     ResourceNameError,
+    env_collisions,
     resource_env_var,
     socket_name,
     validate_resource_name,
@@ -27,6 +34,31 @@ from hostdev.policy.naming import (
 )
 def test_env_var_rule_matches_kubevirt(name: str, var: str) -> None:
     assert resource_env_var(name) == var
+
+
+@pytest.mark.parametrize(
+    ("names", "refused"),
+    [
+        (["example.com/vf.a", "example.com/vf_a"], [("example.com/vf.a", "example.com/vf_a")]),
+        (["example.com/vf_a", "Example.com/VF.A"], [("example.com/vf_a", "Example.com/VF.A")]),
+        (["a.io/x", "a.io/x", "a.io/y"], []),  # the same name twice is one resource
+        (["a.io/x-y", "a.io/x_y"], []),  # '-' stays '-'
+        (
+            ["a.io/b.c", "a.io/b_c", "a.io/B.C", "a.io/b.c"],
+            [("a.io/b.c", "a.io/b_c"), ("a.io/b.c", "a.io/B.C")],
+        ),
+    ],
+)
+def test_env_var_collisions_keep_the_first_name(
+    names: list[str], refused: list[tuple[str, str]]
+) -> None:
+    got = env_collisions(names)
+    assert [(c.first, c.second) for c in got] == refused
+    for c in got:
+        assert c.env_var == resource_env_var(c.first) == resource_env_var(c.second)
+        assert resource_env_var(c.first, MDEV_PREFIX) == resource_env_var(c.second, MDEV_PREFIX)
+        assert c.first in c.message and c.second in c.message and c.env_var in c.message
+        assert c.message.endswith(f"{c.second} is refused, rename it")
 
 
 def test_mdev_prefix() -> None:
@@ -90,6 +122,89 @@ def test_health_requires_vfio_driver_viable_group_and_node() -> None:
     bad = {5: IommuGroup(5, (a,), False, "not viable: x", True)}
     assert not unit_health((a,), 5, {a: _dev(str(a), 5)}, bad).healthy
     assert not unit_health((a,), None, {a: _dev(str(a), None)}, ok_group).healthy
+
+
+def test_kubevirt_list_is_every_primary_first_in_request_order_then_companions() -> None:
+    units = build_units(
+        [
+            _dev("0000:17:00.0", 5),
+            _dev("0000:17:00.1", 5),
+            _dev("0000:18:00.0", 6),
+            _dev("0000:65:00.0", 7),
+            _dev("0000:65:00.1", 7),
+            _dev("0000:65:00.2", 7),
+        ]
+    )
+    by_id = {u.id: u for u in units}
+    assert [str(by_id[i].primary) for i in by_id] == list(by_id)  # primary == kubelet ID
+    got = kubevirt_addresses([by_id["0000:65:00.0"], by_id["0000:18:00.0"], by_id["0000:17:00.0"]])
+    assert [str(a) for a in got] == [
+        "0000:65:00.0",  # one primary per kubelet device, as the kubelet ordered them
+        "0000:18:00.0",
+        "0000:17:00.0",
+        "0000:65:00.1",  # companions: never attached, never counted as an entry
+        "0000:65:00.2",
+        "0000:17:00.1",
+    ]
+    assert kubevirt_addresses([]) == ()
+
+
+def _fresh(
+    members: list[PciDevice] | None, *, extra: tuple[PciDevice, ...] = (), node: bool = True
+) -> FreshGroup:
+    devs = {d.address: d for d in [*(members or []), *extra]}
+    listed = None if members is None else tuple(d.address for d in members)
+    return FreshGroup(5, listed, devs, node)
+
+
+def test_recheck_judges_the_whole_group_as_read_now() -> None:
+    gpu, audio = _dev("0000:17:00.0", 5), _dev("0000:17:00.1", 5)
+    unit = (gpu.address,)
+    bridge = PciDevice(
+        PciAddress.parse("0000:16:00.0"), "8086", "1234", None, None, "060400", "pcieport", 5, 0
+    )
+    assert recheck_unit(unit, 5, _fresh([gpu, audio, bridge])).healthy  # bridges aside
+    stub = _dev("0000:17:00.1", 5, driver="pci-stub")
+    assert recheck_unit(unit, 5, _fresh([gpu, stub]), [gpu.address, stub.address]).healthy
+    none = _dev("0000:17:00.1", 5, driver=None)
+    assert recheck_unit(unit, 5, _fresh([gpu, none])).healthy
+    variant = _dev("0000:17:00.1", 5, driver="nvgrace_gpu_vfio_pci")
+    assert recheck_unit(unit, 5, _fresh([gpu, variant])).healthy
+
+    snd = _dev("0000:17:00.1", 5, driver="snd_hda_intel")
+    v = recheck_unit(unit, 5, _fresh([gpu, snd]))
+    assert v.reason == (
+        "IOMMU group 5 of 0000:17:00.0 cannot be assigned: 0000:17:00.1 is bound to host driver "
+        "snd_hda_intel; bind it to vfio-pci as well (VFIO assigns an IOMMU group whole: every "
+        "function in it except bridges must be on vfio-pci, pci-stub or no driver)"
+    )
+    usb = _dev("0000:17:00.2", 5, driver="xhci_hcd")
+    v = recheck_unit(unit, 5, _fresh([gpu, snd, usb]))
+    assert (
+        "0000:17:00.1 is bound to host driver snd_hda_intel and 0000:17:00.2 is bound to host "
+        "driver xhci_hcd; bind them to vfio-pci as well"
+    ) in (v.reason or "")
+
+    v = recheck_unit(unit, 5, _fresh([gpu, audio]), advertised=[gpu.address])
+    assert v.reason == (
+        "IOMMU group 5 of 0000:17:00.0 changed since it was advertised (members now "
+        "0000:17:00.0, 0000:17:00.1; were 0000:17:00.0); it is judged again at the agent's "
+        "next rescan"
+    )
+    moved = _dev("0000:17:00.0", 9)
+    v = recheck_unit(unit, 5, _fresh([audio], extra=(moved,)))
+    assert v.reason == (
+        "0000:17:00.0 moved from IOMMU group 5 to group 9; it is advertised again once the "
+        "agent has re-read it"
+    )
+    assert recheck_unit(unit, 5, _fresh([audio])).reason == "0000:17:00.0 is gone from the PCI bus"
+    v = recheck_unit(unit, 5, _fresh(None, extra=(gpu,)))
+    assert v.reason == "IOMMU group 5 of 0000:17:00.0 no longer exists"
+    v = recheck_unit(unit, 5, _fresh([gpu, audio], node=False))
+    assert v.reason == (
+        "/dev/vfio/5 (IOMMU group 5 of 0000:17:00.0) does not exist: check that the vfio-pci "
+        "module is loaded and the group is bound to it"
+    )
 
 
 def _units() -> dict[str, AllocUnit]:

@@ -73,6 +73,13 @@ def _agent_log(node: Path) -> str:
     return "\n".join(p.read_text() for p in sorted(node.glob("agent*.log")))
 
 
+def _wait_log(node: Path, text: str, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in _agent_log(node):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{_agent_log(node)}"
+        time.sleep(0.05)
+
+
 def _group(h: FakeHost, addr: str) -> str:
     return os.path.basename(os.readlink(h.device_dir(addr) / "iommu_group"))
 
@@ -88,7 +95,7 @@ def test_real_device_manager_capacity_and_allocate(
     }
     # The agent first: it must register again when the (re)starting kubelet creates kubelet.sock.
     start_agent([{"resourceName": VF_RES, "selector": {"vendors": ["8086"], "devices": ["1889"]}}])
-    time.sleep(0.5)
+    _wait_log(node, "waiting for", "the agent to look for kubelet.sock")
     run = kubelet_harness.start(node / "dp", VF_RES, expect=12, allocate=2, numa_nodes=2)
     try:
         res = run.result(timeout=60)
@@ -121,28 +128,29 @@ def test_real_device_manager_group_unit_and_health_change(
 ) -> None:
     h = gpu_with_audio(node / "host")
     res_name = "nvidia.com/a10"
-    run = kubelet_harness.start(node / "dp", res_name, expect=1, allocate=1, watch_seconds=6)
+    # The watch window outlasts the test: it ends as soon as the awaited change is seen.
+    run = kubelet_harness.start(node / "dp", res_name, expect=1, allocate=1, watch_seconds=300)
     run.wait_for_socket()
     start_agent([{"resourceName": res_name, "selector": {"vendors": ["10de"]}}])
-    # Once the kubelet has the GPU, hand both functions back to host drivers (/dev/vfio/<g>
-    # goes away): allocatable must drop to 0 while capacity stays 1.
-    deadline = time.monotonic() + 20
-    state = node / "state" / "deviceplugin-state.json"
-    while not (state.exists() and "0000:17:00.0" in state.read_text()):
-        assert time.monotonic() < deadline, _agent_log(node)
-        time.sleep(0.05)
-    time.sleep(1.0)
-    h.bind("0000:17:00.1", "snd_hda_intel")
-    h.bind("0000:17:00.0", "nvidia")
-    res = run.result(timeout=60)
+    try:
+        res = run.result(timeout=60)
+    except Exception:
+        print(_agent_log(node))
+        raise
     assert res["capacity"][res_name] == 1
     alloc = res["allocate"]
     assert alloc["device_ids"] == ["0000:17:00.0"]
+    # One unit (GPU + audio, one group): its primary function first, then the companion.
     assert alloc["envs"] == {"PCI_RESOURCE_NVIDIA_COM_A10": "0000:17:00.0,0000:17:00.1"}
     assert [d["host_path"] for d in alloc["devices"]] == [
         "/dev/vfio/vfio",
         f"/dev/vfio/{_group(h, '0000:17:00.0')}",
     ]
-    final = (run.watch_lines() or [res])[-1]
+    # Now hand both functions back to host drivers (/dev/vfio/<g> goes away): allocatable
+    # must drop to 0 while capacity stays 1.
+    h.bind("0000:17:00.1", "snd_hda_intel")
+    h.bind("0000:17:00.0", "nvidia")
+    final = run.wait_line("0 allocatable", lambda w: w["allocatable"].get(res_name) == 0)[-1]
+    run.stop()
     assert final["capacity"][res_name] == 1
     assert final["allocatable"][res_name] == 0, _agent_log(node)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import grpc
@@ -10,13 +12,19 @@ import pytest
 
 from hostdev.deviceplugin.api.deviceplugin.v1beta1 import api_pb2 as pb
 from hostdev.deviceplugin.events import PciEvent
+from hostdev.deviceplugin.manager import PluginManager
 from hostdev.host import PciAddress
 from hostdev.policy.naming import socket_name
 from hostdev.policy.nodestatus import PodDevices
 from hostdev.testing.fakesysfs import FakeHost
-from hostdev.testing.scenarios import gpu_with_audio, sriov_nic_dual_socket
+from hostdev.testing.scenarios import (
+    gpu_with_audio,
+    gpus_behind_switch_without_acs,
+    sriov_nic_dual_socket,
+    two_gpus_with_audio,
+)
 from tests.deviceplugin.conftest import AgentFactory, resources
-from tests.fixtures.kubeletsim import KubeletSim
+from tests.fixtures.kubeletsim import KubeletSim, PluginClient
 
 VF = {"vendors": ["8086"], "devices": ["1889"]}
 NAME = "example.com/e810_vf"
@@ -28,6 +36,11 @@ def _specs(resp: pb.ContainerAllocateResponse) -> list[tuple[str, str, str]]:
 
 def _exists(path: str) -> bool:
     return os.path.exists(path)
+
+
+def _group_of(root: Path, bus: str) -> str:
+    """The IOMMU group of function 0 on ``bus``, as the fake kernel linked it."""
+    return os.path.basename(os.readlink(root / f"sys/bus/pci/devices/0000:{bus}:00.0/iommu_group"))
 
 
 def _group(h: FakeHost, addr: str) -> int:
@@ -397,3 +410,144 @@ async def test_a_group_split_across_resources_is_unhealthy_in_both(
             lambda d: d["0000:17:00.0"].health == "Healthy"
         )
         assert list(devs) == ["0000:17:00.0"]
+
+
+# ---- multi-function units: one primary per kubelet device (KubeVirt attaches one per entry) ---
+async def test_two_gpu_audio_units_list_both_gpus_first_in_request_order(
+    host_root: Path, kubelet: KubeletSim, agent: AgentFactory
+) -> None:
+    two_gpus_with_audio(host_root)
+    name = "nvidia.com/a10"
+    async with agent(resources({"resourceName": name, "selector": {"vendors": ["10de"]}})):
+        await kubelet.wait_registered(name)
+        client = kubelet.client(name)
+        assert sorted(await client.wait_for(lambda d: len(d) == 2)) == [
+            "0000:17:00.0",
+            "0000:65:00.0",
+        ]
+        # A VM with two gpus entries: KubeVirt takes the first two addresses, one per entry.
+        (resp,) = (await client.allocate(["0000:65:00.0", "0000:17:00.0"])).container_responses
+        assert dict(resp.envs) == {
+            "PCI_RESOURCE_NVIDIA_COM_A10": "0000:65:00.0,0000:17:00.0,0000:65:00.1,0000:17:00.1"
+        }
+        groups = [p for p, _, _ in _specs(resp)][1:]
+        assert groups == [f"/dev/vfio/{_group_of(host_root, a)}" for a in ("65", "17")]
+        (one,) = (await client.allocate(["0000:17:00.0"])).container_responses
+        assert dict(one.envs) == {"PCI_RESOURCE_NVIDIA_COM_A10": "0000:17:00.0,0000:17:00.1"}
+
+
+@pytest.mark.parametrize(
+    ("build", "selector", "unit", "listed"),
+    [
+        # A group of two GPUs behind a switch without ACS: one unit; the VM attaches 42:00.0,
+        # 43:00.0 goes with the group but to no entry. The switch ports are bridges: unlisted.
+        (gpus_behind_switch_without_acs, {"devices": ["20b5"]}, "0000:42:00.0", "0000:43:00.0"),
+        # A selector that matched only the audio function: only it is listed (the GPU beside it
+        # is no part of the resource), yet the whole group is handed over and had to be viable.
+        (gpu_with_audio, {"classes": ["0403"]}, "0000:17:00.1", ""),
+    ],
+)
+async def test_the_primary_is_the_lowest_function_the_selector_matched(
+    host_root: Path,
+    kubelet: KubeletSim,
+    agent: AgentFactory,
+    build: Callable[[Path], FakeHost],
+    selector: dict[str, list[str]],
+    unit: str,
+    listed: str,
+) -> None:
+    build(host_root)
+    name = "example.com/gpu-part"
+    async with agent(resources({"resourceName": name, "selector": selector})):
+        await kubelet.wait_registered(name)
+        client = kubelet.client(name)
+        assert list(await client.wait_for(lambda d: len(d) == 1)) == [unit]
+        (resp,) = (await client.allocate([unit])).container_responses
+        env = ",".join(a for a in (unit, listed) if a)
+        assert dict(resp.envs) == {"PCI_RESOURCE_EXAMPLE_COM_GPU-PART": env}
+        assert [p for p, _, _ in _specs(resp)] == [
+            "/dev/vfio/vfio",
+            f"/dev/vfio/{_group_of(host_root, unit[5:7])}",
+        ]
+
+
+# ---- Allocate re-checks the whole IOMMU group, as VFIO does -----------------------------------
+def _rebind_quietly(h: FakeHost, addr: str, driver: str) -> None:
+    """Only the driver link changes: no uevent, no /dev/vfio change (the GPU keeps the group's
+    node alive), so only Allocate's own re-read can notice."""
+    link = h.device_dir(addr) / "driver"
+    link.unlink()
+    link.symlink_to(f"../../../bus/pci/drivers/{driver}")
+
+
+GPU_ONLY = "nvidia.com/a10"
+GPU = "0000:17:00.0"
+
+
+@asynccontextmanager
+async def _gpu_only(
+    host_root: Path, kubelet: KubeletSim, agent: AgentFactory
+) -> AsyncIterator[tuple[FakeHost, PluginManager, PluginClient, str]]:
+    """GPU + audio in one group, the GPU alone served (the audio function is a group member
+    outside the resource), advertised Healthy: (host, agent, kubelet client, group)."""
+    h = gpu_with_audio(host_root)
+    async with agent(
+        resources({"resourceName": GPU_ONLY, "selector": {"devices": ["2236"]}})
+    ) as mgr:
+        await kubelet.wait_registered(GPU_ONLY)
+        client = kubelet.client(GPU_ONLY)
+        await client.wait_for(lambda d: d.get(GPU) is not None and d[GPU].health == "Healthy")
+        yield h, mgr, client, _group_of(host_root, "17")
+
+
+async def test_allocate_refuses_a_gpu_whose_audio_companion_went_to_a_host_driver(
+    host_root: Path, kubelet: KubeletSim, agent: AgentFactory
+) -> None:
+    name, gpu = GPU_ONLY, GPU
+    async with _gpu_only(host_root, kubelet, agent) as (h, mgr, client, group):
+        _rebind_quietly(h, "0000:17:00.1", "snd_hda_intel")
+        reason = (
+            f"IOMMU group {group} of {gpu} cannot be assigned: 0000:17:00.1 is bound to host "
+            "driver snd_hda_intel; bind it to vfio-pci as well (VFIO assigns an IOMMU group "
+            "whole: every function in it except bridges must be on vfio-pci, pci-stub or no "
+            "driver)"
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await client.allocate([gpu])
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert err.value.details() == f"{name}: device {gpu} is not handed to a VM: {reason}"
+        # The refusal made the agent re-read the group: the kubelet sees it Unhealthy, with the
+        # very same sentence as the reason.
+        await client.wait_for(lambda d: d[gpu].health == "Unhealthy")
+        assert mgr.plugins[name].devices[gpu].verdict.reason == reason
+        h.bind("0000:17:00.1", "vfio-pci")
+        mgr.notify(PciEvent("bind", PciAddress.parse("0000:17:00.1")))
+        await client.wait_for(lambda d: d[gpu].health == "Healthy")
+        (resp,) = (await client.allocate([gpu])).container_responses
+        assert dict(resp.envs) == {"PCI_RESOURCE_NVIDIA_COM_A10": gpu}
+
+
+async def test_allocate_refuses_a_group_whose_members_changed_since_advertised(
+    host_root: Path, kubelet: KubeletSim, agent: AgentFactory
+) -> None:
+    gpu = GPU
+    async with _gpu_only(host_root, kubelet, agent) as (h, mgr, client, group):
+        scans = mgr.scan_count
+        # A function hot-added to the group, no event seen yet (on vfio-pci: VFIO would accept
+        # the group, but it is not the group that was advertised).
+        h.add_device(
+            "0000:17:00.2", vendor="10de", device="1ada", class_code="0c0330", group=int(group)
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await client.allocate([gpu])
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert (
+            f"IOMMU group {group} of {gpu} changed since it was advertised (members now "
+            f"0000:17:00.0, 0000:17:00.1, 0000:17:00.2; were 0000:17:00.0, 0000:17:00.1)"
+        ) in (err.value.details() or "")
+        # The refusal triggered a re-read: the new group is judged (viable) and handed out.
+        while mgr.scan_count == scans:
+            await mgr.wait_scan()
+        assert client.health()[gpu] == "Healthy"
+        (resp,) = (await client.allocate([gpu])).container_responses
+        assert dict(resp.envs) == {"PCI_RESOURCE_NVIDIA_COM_A10": gpu}

@@ -24,7 +24,7 @@ def _guest_test_names() -> list[str]:
         names += [
             n.name
             for n in tree.body
-            if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")
+            if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.name.startswith("test_")
         ]
     return names
 

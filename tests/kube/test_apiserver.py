@@ -14,7 +14,7 @@ from kubernetes import client as k8s
 from kubernetes.client import ApiException
 from kubernetes.dynamic.exceptions import InternalServerError, UnprocessibleEntityError
 
-from tests.fixtures.kube import Cluster, kubevirt_crds, project_crds
+from tests.fixtures.kube import Cluster, kubevirt_crds, project_crds, wait_allowed
 
 pytestmark = pytest.mark.kube
 
@@ -198,6 +198,7 @@ def test_identities_for_rbac_tests(kube_apiserver: Cluster, kube_namespace: str)
                 ],
             ),
         )
+        wait_allowed(api, "list", "configmaps", namespace=kube_namespace)
         assert k8s.CoreV1Api(api).list_namespaced_config_map(kube_namespace).items == []
 
     with kube_apiserver.api_client(token=kube_apiserver.user_tokens["alice"]) as api:

@@ -121,7 +121,8 @@ def _register(plugin_dir: Path) -> None:
 def test_allocation_through_the_real_device_manager(
     kubelet_harness: KubeletHarness, tmp_path: Path, plugin: _Plugin
 ) -> None:
-    run = kubelet_harness.start(tmp_path, RESOURCE, expect=3, allocate=2, watch_seconds=3)
+    # A watch window far longer than the test: it ends when the awaited line is seen.
+    run = kubelet_harness.start(tmp_path, RESOURCE, expect=3, allocate=2, watch_seconds=300)
     run.wait_for_socket()
     # Serve only now: the manager deletes every socket in the directory when it starts.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
@@ -132,7 +133,8 @@ def test_allocation_through_the_real_device_manager(
         _register(tmp_path)
         result = run.result()
         plugin.set_health(IDS[0], "Unhealthy")  # during the watch window
-        watch = run.watch_lines()
+        watch = run.wait_line("2 allocatable", lambda w: w["allocatable"] == {RESOURCE: 2})
+        run.stop()
     finally:
         with plugin.changed:
             plugin.stopped = True

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -26,38 +27,69 @@ pytestmark = pytest.mark.kube
 GPU = "example.com/a10"
 
 
-def start_agent(
-    tmp_path: Path, plugin_dir: Path, name: str, kubeconfig: Path
-) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "hostdev-node"),
-            "--host-root",
-            str(tmp_path / "host"),
-            "--plugin-dir",
-            str(plugin_dir),
-            "--state-dir",
-            str(tmp_path / "state"),
-            "--metrics-port",
-            "0",
-            "--no-uevents",
-            "--kubeconfig",
-            str(kubeconfig),
-            "--pod-resources-socket",
-            str(tmp_path / "no-kubelet.sock"),
-        ],
-        env={**os.environ, "NODE_NAME": name},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+class AgentProcess:
+    """``hostdev-node`` as a process; its output is read as it comes (a reader thread), so a
+    test can wait for a log line instead of sleeping and hoping it was printed."""
 
+    def __init__(self, tmp_path: Path, plugin_dir: Path, name: str, kubeconfig: Path) -> None:
+        self.proc = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "hostdev-node"),
+                "--host-root",
+                str(tmp_path / "host"),
+                "--plugin-dir",
+                str(plugin_dir),
+                "--state-dir",
+                str(tmp_path / "state"),
+                "--metrics-port",
+                "0",
+                "--no-uevents",
+                "--kubeconfig",
+                str(kubeconfig),
+                "--pod-resources-socket",
+                str(tmp_path / "no-kubelet.sock"),
+            ],
+            env={**os.environ, "NODE_NAME": name},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self._lines: list[str] = []
+        self._cv = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
-def stop_agent(proc: subprocess.Popen[str]) -> str:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=30)
-    return out
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._cv:
+                self._lines.append(line)
+                self._cv.notify_all()
+
+    @property
+    def output(self) -> str:
+        with self._cv:
+            return "".join(self._lines)
+
+    def wait_for_line(self, text: str, timeout: float = 60.0) -> None:
+        """Until a line containing ``text`` was printed (fails if the agent exits first)."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while not any(text in line for line in self._lines):
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._reader.is_alive():
+                    pytest.fail(f"the agent did not log {text!r}; its output:\n{self.output}")
+                self._cv.wait(min(left, 0.5))
+
+    def stop(self) -> str:
+        """SIGTERM, wait for the exit; returns everything it printed."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=30)
+        self._reader.join(timeout=10)
+        if self.proc.stdout is not None and not self._reader.is_alive():
+            self.proc.stdout.close()
+        return self.output
 
 
 def test_agent_process_in_cluster_mode(kube_apiserver: Cluster, tmp_path: Path) -> None:
@@ -77,17 +109,17 @@ def test_agent_process_in_cluster_mode(kube_apiserver: Cluster, tmp_path: Path) 
         },
     )
     plugin_dir = Path(tempfile.mkdtemp(prefix="dp-", dir="/tmp"))  # short: unix socket paths
-    proc = start_agent(tmp_path, plugin_dir, name, kube_apiserver.kubeconfig)
+    agent = AgentProcess(tmp_path, plugin_dir, name, kube_apiserver.kubeconfig)
     try:
         deadline = time.monotonic() + 60
         status: dict[str, Any] = {}
-        while time.monotonic() < deadline and proc.poll() is None:
+        while time.monotonic() < deadline and agent.proc.poll() is None:
             obj: dict[str, Any] = crd.get_cluster_custom_object(GROUP, VERSION, PLURAL, name)  # type: ignore[assignment]
             status = obj.get("status") or {}
             if status.get("syncStatus") == "Succeeded" and (plugin_dir / socket_name(GPU)).exists():
                 break
             time.sleep(0.2)
-        assert proc.poll() is None, f"agent exited early:\n{proc.communicate()[0]}"
+        assert agent.proc.poll() is None, f"agent exited early:\n{agent.stop()}"
         assert status.get("syncStatus") == "Succeeded", status
         assert status["observedGeneration"] == 1
         gpu = next(d for d in status["devices"] if d["pciAddress"] == "0000:17:00.0")
@@ -96,8 +128,8 @@ def test_agent_process_in_cluster_mode(kube_apiserver: Cluster, tmp_path: Path) 
         assert (plugin_dir / socket_name(GPU)).exists()
         # No kubelet here: allocations are unknown, so none are claimed.
         assert "allocations" not in status
-        out = stop_agent(proc)
-        assert proc.returncode == 0, out
+        out = agent.stop()
+        assert agent.proc.returncode == 0, out
         assert f"cluster mode: applying PassthroughNodeState {name}" in out
 
         # Restart while the API server cannot be reached: the resources served before the
@@ -109,18 +141,17 @@ def test_agent_process_in_cluster_mode(kube_apiserver: Cluster, tmp_path: Path) 
                 kube_apiserver.server, "https://127.0.0.1:9"
             )
         )
-        proc = start_agent(tmp_path, plugin_dir, name, down)
+        agent = AgentProcess(tmp_path, plugin_dir, name, down)
         deadline = time.monotonic() + 30
-        while not (plugin_dir / socket_name(GPU)).exists() and proc.poll() is None:
+        while not (plugin_dir / socket_name(GPU)).exists() and agent.proc.poll() is None:
             assert time.monotonic() < deadline, "saved resource not served again"
             time.sleep(0.1)
-        time.sleep(0.5)
-        out = stop_agent(proc)
-        assert proc.returncode == 0, out
-        assert "serving the 1 saved resources until NodeState" in out
-        assert "list/watch failed" in out  # it kept trying to reach the API server
+        agent.wait_for_line("serving the 1 saved resources until NodeState")
+        agent.wait_for_line("list/watch failed")  # it keeps trying to reach the API server
+        out = agent.stop()
+        assert agent.proc.returncode == 0, out
     finally:
-        stop_agent(proc)
+        agent.stop()
         crd.delete_cluster_custom_object(GROUP, VERSION, PLURAL, name)
         for p in plugin_dir.iterdir():
             p.unlink()

@@ -31,7 +31,7 @@ from hostdev.host import PciAddress, Sysfs
 from hostdev.testing import scenarios
 from hostdev.testing.fakekernel import FakeKernel
 from tests.chart.helmtool import find, render
-from tests.fixtures.kube import Cluster
+from tests.fixtures.kube import Cluster, wait_allowed
 
 pytestmark = pytest.mark.kube
 
@@ -121,6 +121,25 @@ class Agent:
 
         return self.wait(f"generation {generation} {state}", ok)
 
+    def wait_loop(self, what: str, ok: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + TIMEOUT
+        while not ok():
+            if time.monotonic() > deadline:
+                pytest.fail(f"timed out waiting for {what}")
+            time.sleep(0.05)
+
+    def wait_quiet(self) -> None:
+        """Until no status write is pending or in flight and the loop has handled the object
+        as it is now (so the watch event of our own last write has been seen)."""
+
+        def quiet() -> bool:
+            if not self.loop.writer.idle:
+                return False
+            version = str(self.obj()["metadata"]["resourceVersion"])
+            return self.loop.handled_version == version and self.loop.writer.idle
+
+        self.wait_loop("the loop to be quiet", quiet)
+
     def patch_spec(self, spec: dict[str, Any]) -> int:
         got: dict[str, Any] = self.crd.patch_cluster_custom_object(  # type: ignore[assignment]
             GROUP, VERSION, PLURAL, self.name, {"spec": spec}
@@ -162,26 +181,9 @@ def chart_agent_identity(cluster: Cluster, name: str) -> k8s.ApiClient:
         ("passthroughnodestates", "", "watch"),
         ("passthroughnodestates", "status", "patch"),
     ):
-        wait_allowed(api, resource, sub, verb)
+        group = "" if resource == "pods" else GROUP
+        wait_allowed(api, verb, resource, group=group, subresource=sub)
     return api
-
-
-def wait_allowed(api: k8s.ApiClient, resource: str, sub: str, verb: str) -> None:
-    group = "" if resource == "pods" else GROUP
-    review = {
-        "spec": {
-            "resourceAttributes": {
-                "group": group,
-                "resource": resource,
-                "subresource": sub,
-                "verb": verb,
-            }
-        }
-    }
-    deadline = time.monotonic() + 30
-    while not k8s.AuthorizationV1Api(api).create_self_subject_access_review(review).status.allowed:
-        assert time.monotonic() < deadline, f"RBAC never allowed {verb} {resource}/{sub}"
-        time.sleep(0.1)
 
 
 @pytest.fixture
@@ -283,7 +285,12 @@ def test_loop_applies_spec_reports_status_and_allocations(agent: Agent) -> None:
         assert devs[a]["physfn"] == PF
     assert st["lastError"] == "" and st["lastSyncTime"]
     conds = {c["type"]: c["status"] for c in st["conditions"]}
-    assert conds == {"IommuReady": "True", "Synced": "True", "InventoryComplete": "True"}
+    assert conds == {
+        "IommuReady": "True",
+        "Synced": "True",
+        "InventoryComplete": "True",
+        "MultiFunctionUnits": "False",  # one VF per unit
+    }
     assert st["allocations"] == []
 
     # The kubelet hands VF 1 to the VM's launcher pod: the report says so, with the VMI.
@@ -326,15 +333,20 @@ def _launcher_namespace(agent: Agent) -> str:
 
 def test_unchanged_status_is_not_rewritten(agent: Agent) -> None:
     agent.wait_synced(1, "Succeeded")
-    time.sleep(1.0)  # let the last batch go out
+    agent.wait_quiet()  # the last batch is out and the loop has seen it come back
     before = agent.client.patches
     assert before >= 1
-    # Health and allocations are re-read every 0.2 s, the watch re-lists every 2 s: for the
-    # next 3 s nothing on the node changes, so nothing may be written.
-    refreshed = agent.loop.writer.writes
-    time.sleep(3.0)
+    writes = agent.loop.writer.writes
+    # Health and allocations are re-read every 0.2 s, the watch is renewed every 2 s: nothing
+    # on the node changes meanwhile, so ten refreshes and two watch renewals write nothing.
+    refreshes, rounds = agent.loop.refreshes, agent.loop.watch_rounds
+    agent.wait_loop(
+        "10 refreshes and 2 watch renewals",
+        lambda: agent.loop.refreshes >= refreshes + 10 and agent.loop.watch_rounds >= rounds + 2,
+    )
+    assert agent.loop.writer.idle
     assert agent.client.patches == before
-    assert agent.loop.writer.writes == refreshed
+    assert agent.loop.writer.writes == writes
     assert agent.loop.syncs == 1
 
 
@@ -350,8 +362,9 @@ def test_spec_change_applies_once_and_refusal_changes_nothing(agent: Agent) -> N
     assert by_addr(st)["0000:3b:02.2"]["resourceName"] == RES
     assert agent.sysfs.discover().devices[A(PF)].sriov_numvfs == 3
 
-    # A status-only change (ours) is not a spec change: still 2 syncs after a while.
-    time.sleep(1.0)
+    # A status-only change (ours) is not a spec change: once the loop has seen the object as
+    # our last status write left it, still 2 syncs.
+    agent.wait_quiet()
     assert agent.loop.syncs == 2
 
     # 100 VFs on a PF that supports 64: refused, with the reason; nothing changes.
@@ -408,7 +421,7 @@ def test_vmi_names_come_back_once_pods_may_be_listed(
                 ],
             }
         )
-        wait_allowed(api, "pods", "", "list")
+        wait_allowed(api, "list", "pods")
         assert pods.vmis() == {(kube_namespace, "virt-launcher-web-xyz12"): "web"}
         assert pods.allowed
     finally:

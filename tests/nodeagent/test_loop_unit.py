@@ -99,19 +99,20 @@ def test_watch_expiry_lists_again_without_a_new_sync(h: Harness) -> None:
     h.thread.start()
     h.synced(1, "Succeeded")
     wait_for("a second list after the 410", lambda: h.api.lists >= 2)
-    time.sleep(0.3)
+    # Items: the first list, the list after the 410 (the put's event comes after them).
+    wait_for("the re-listed object handled", lambda: h.loop.handled >= 2)
     assert h.loop.syncs == 1  # the re-listed object has the same generation
     assert h.manager.applies == [{GPU: (A("0000:17:00.0"),)}]
 
 
 def test_waits_for_the_object_then_resyncs_a_recreated_one(h: Harness) -> None:
     h.thread.start()
-    time.sleep(0.3)
+    wait_for("the empty list handled", lambda: h.loop.handled >= 1)
     assert h.loop.syncs == 0 and h.api.patches == []  # nothing to apply, nothing to write
     h.api.put(GOOD, generation=1)
     h.synced(1, "Succeeded")
     h.api.delete()
-    time.sleep(0.3)
+    wait_for("the deletion handled", lambda: h.loop.handled >= 3)  # list, put, delete
     assert h.loop.syncs == 1  # deletion keeps the node as it is
     h.api.put(GOOD, generation=1, uid="u2")  # re-created: same generation, new object
     h.synced(1, "Succeeded")

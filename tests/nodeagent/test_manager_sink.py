@@ -104,8 +104,12 @@ async def test_spec_change_updates_only_what_changed(
         # A resource dropped from the spec: its server stops, the other keeps running.
         api.put({"devices": spec(3)["devices"][1:]}, generation=3)  # type: ignore[index]
         await wait_until("A gone", lambda: NIC_A not in manager.plugins)
+        # Gone from the map means stopped and its socket removed (never half-removed).
         assert not Path(plugin_a.socket_path).exists()  # noqa: ASYNC240 - a stat, in a test
+        assert not plugin_a.serving
         assert manager.plugins[NIC_B] is plugin_b
+        # The loop thread counts the sync once the manager's apply has returned to it.
+        await wait_until("the third sync counted", lambda: loop.syncs >= 3)
         assert loop.syncs == 3
         # Refreshes read the manager's live view (from the loop's thread), not sysfs again.
         live = await asyncio.to_thread(sink.inventory)

@@ -121,6 +121,33 @@ def test_device_health(
         assert message in d["message"]
 
 
+def test_units_of_several_functions_are_flagged(tmp_path: Path) -> None:
+    inv = inv_of(scenarios.two_gpus_with_audio, tmp_path)
+    gpus = {A(a): GPU for a in ("0000:17:00.0", "0000:17:00.1", "0000:65:00.0", "0000:65:00.1")}
+    st = render_status(inv, SyncOutcome(SUCCEEDED, 1, resources=gpus), None, now=NOW)
+    c = cond(st, "MultiFunctionUnits")
+    group = inv.devices[A("0000:17:00.0")].iommu_group
+    assert (c["status"], c["reason"]) == ("True", "SeveralFunctionsPerUnit")
+    assert c["message"] == (
+        f"{GPU}: 0000:17:00.0 and 0000:17:00.1 share IOMMU group {group} and form one unit, of "
+        "which a VM entry attaches 0000:17:00.0 only (the rest go along with the group, "
+        'unattached); a class selector (e.g. classes: ["0302"] for 3D controllers) serves one '
+        "function per unit (1 more such unit(s))"
+    )
+    # The companion says so; the primary is served as usual.
+    assert dev(st, "0000:65:00.1")["message"] == (
+        f"goes along with 0000:65:00.0 (same IOMMU group, one unit of {GPU}) but a VM attaches "
+        "0000:65:00.0 only: see condition MultiFunctionUnits"
+    )
+    assert "message" not in dev(st, "0000:65:00.0")
+    # Served by class (the GPUs only): one function per unit, nothing to say.
+    only = {A("0000:17:00.0"): GPU, A("0000:65:00.0"): GPU}
+    st = render_status(inv, SyncOutcome(SUCCEEDED, 1, resources=only), None, now=NOW)
+    c = cond(st, "MultiFunctionUnits")
+    assert (c["status"], c["reason"]) == ("False", "OneFunctionPerUnit")
+    assert "message" not in dev(st, "0000:17:00.1")
+
+
 def test_iommu_off_node(tmp_path: Path) -> None:
     inv = inv_of(scenarios.iommu_off, tmp_path)
     st = render_status(inv, SyncOutcome(SUCCEEDED, 1, finished_at=NOW), None, now=NOW)

@@ -72,3 +72,40 @@ async def test_no_kubevirt_cr_is_a_condition_and_a_retry_not_an_error() -> None:
     assert cluster.retry_needed
     assert status["matchedNodes"] == ["n1"]
     assert events == [("Normal", "Created")]
+
+
+async def test_a_colliding_resource_name_is_a_conflict_in_the_losers_status() -> None:
+    api = RecordingApi()
+    cluster = Cluster(api, post=lambda *a, **k: None)  # type: ignore[arg-type]
+    first = policy("first", "example.com/vf.a", priority=1)
+    second = policy("second", "Example.com/VF_a")
+    cluster.use(
+        policies_idx=index(first=first, second=second),
+        nodes_idx=index(n1={"name": "n1", "labels": {}}),
+        nodestates_idx={},
+        kubevirts_idx={},
+    )
+    await cluster.reconcile()
+    created = next(body for verb, _, name, body in api.writes if verb == "create")
+    assert [d["resourceName"] for d in created["spec"]["devices"]] == ["example.com/vf.a"]
+    statuses = {
+        name: body["status"] for verb, plural, name, body in api.writes if plural.endswith("status")
+    }
+    conflicted = {c["type"]: c for c in statuses["second"]["conditions"]}["Conflicted"]
+    assert (conflicted["status"], conflicted["reason"]) == ("True", "EnvVarCollision")
+    assert (
+        "example.com/vf.a and Example.com/VF_a both become PCI_RESOURCE_EXAMPLE_COM_VF_A"
+        in (conflicted["message"])
+    )
+    assert statuses["second"]["conflicts"] == [
+        {
+            "node": "n1",
+            "target": "PCI_RESOURCE_EXAMPLE_COM_VF_A",
+            "winner": "first",
+            "message": conflicted["message"],
+        }
+    ]
+    first_cond = {c["type"]: c for c in statuses["first"]["conditions"]}["Conflicted"]
+    assert first_cond["status"] == "False"
+    multi = {c["type"]: c for c in statuses["first"]["conditions"]}["MultiFunctionUnits"]
+    assert (multi["status"], multi["reason"]) == ("False", "OneFunctionPerUnit")

@@ -7,7 +7,13 @@ from typing import Any
 import pytest
 
 from hostdev.policy.nodeconfig import parse_node_config, resolve_devices
-from hostdev.policy.nodestate import Policy, PolicyError, policy_outcomes, render_cluster
+from hostdev.policy.nodestate import (
+    ENV_COLLISION,
+    Policy,
+    PolicyError,
+    policy_outcomes,
+    render_cluster,
+)
 from hostdev.policy.reported import read_node_state
 from tests.operator.helpers import device, policy, report
 
@@ -218,3 +224,61 @@ def test_invalid_policies_say_what_to_fix(spec_change: dict[str, Any], message: 
     obj["spec"].update(spec_change)
     with pytest.raises(PolicyError, match=message):
         Policy.from_object(obj)
+
+
+def test_colliding_resource_names_lose_to_precedence_on_the_node() -> None:
+    pols = [
+        policy("dots", "example.com/vf.a", {"vendors": ["8086"]}, priority=0),
+        policy("under", "example.com/vf_a", {"devices": ["154c"]}, priority=1),
+        policy("also-under", "example.com/vf_a", {"devices": ["1572"]}, priority=0),
+    ]
+    reports = {"n1": report(device("0000:3b:02.0", "8086", "154c"))}
+    ps, plans = plans_for(pols, reports)
+    plan = plans["n1"]
+    # "under" has precedence, so its name keeps the env var; "dots" renders nothing here.
+    assert [d["resourceName"] for d in plan.spec["devices"]] == [
+        "example.com/vf_a",
+        "example.com/vf_a",
+    ]
+    assert plan.holdings == {"under": ("0000:3b:02.0",), "also-under": ()}
+    assert plan.policies == ("under", "also-under", "dots")
+    parse_node_config({"spec": plan.spec})  # the agent accepts what is rendered
+    out = policy_outcomes(ps, plans)
+    assert out["under"].conflicts == () and out["also-under"].conflicts == ()
+    (c, *_) = out["dots"].conflicts
+    assert {x.node for x in out["dots"].conflicts} == {"n1", "n2", "n3"}
+    assert (c.target, c.winner, c.reason) == (
+        "PCI_RESOURCE_EXAMPLE_COM_VF_A",
+        "under",
+        ENV_COLLISION,
+    )
+    assert "resource names example.com/vf_a and example.com/vf.a both become" in c.message
+    assert c.message.endswith("policy under has precedence (priority 1, then age, then name)")
+    assert out["dots"].status()["deviceCount"] == 0
+
+
+def test_a_policy_whose_units_hold_several_functions_is_told() -> None:
+    gpu = {"iommuGroup": 12}
+    reports = {
+        "n1": report(
+            {**device("0000:17:00.0", "10de", "2236", cls="030200"), **gpu},
+            {**device("0000:17:00.1", "10de", "1aef", cls="040300"), **gpu},
+            {**device("0000:65:00.0", "10de", "2236", cls="030200"), "iommuGroup": 13},
+        )
+    }
+    pols = [
+        policy("by-vendor", "example.com/a10", {"vendors": ["10de"]}, priority=1),
+        policy("by-class", "example.com/a10-gpu", {"classes": ["0302"]}),
+    ]
+    ps, plans = plans_for(pols, reports)
+    out = policy_outcomes(ps, plans)
+    (note,) = out["by-vendor"].multi_function
+    assert note.startswith(
+        "node n1: example.com/a10: 0000:17:00.0 and 0000:17:00.1 share IOMMU group 12 and form "
+        "one unit, of which a VM entry attaches 0000:17:00.0 only"
+    )
+    # The class selector would take the GPUs alone (here it lost them to precedence anyway).
+    assert out["by-class"].multi_function == ()
+    ps, plans = plans_for([pols[1]], reports)
+    assert plans["n1"].holdings["by-class"] == ("0000:17:00.0", "0000:65:00.0")
+    assert policy_outcomes(ps, plans)["by-class"].multi_function == ()

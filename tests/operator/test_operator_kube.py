@@ -146,6 +146,36 @@ def test_policies_render_nodestates_conflicts_and_node_selection(
     assert o.nodestate(n1) is not None
 
 
+def test_resource_names_sharing_an_env_var_are_refused_naming_both(
+    hostdev_operator: OperatorProcess, kube_objects: Objects, kube_namespace: str
+) -> None:
+    o, sfx = kube_objects, suffix(kube_namespace)
+    node = f"c-{sfx}"
+    o.create_node(node, {"hostdev.io/pool": sfx})
+    dots, under = f"example.com/vf.{sfx}", f"example.com/vf_{sfx}"
+    o.create_policy(policy(f"dots-{sfx}", dots, {"vendors": ["8086"]}, sfx, priority=5))
+    o.create_policy(policy(f"under-{sfx}", under, {"vendors": ["8086"]}, sfx))
+
+    def collision() -> dict[str, Any] | None:
+        c = condition(o.policy(f"under-{sfx}"), "Conflicted")
+        return c if c and c["reason"] == "EnvVarCollision" else None
+
+    lost = wait_for("the collision in the second policy's status", collision)
+    assert lost["status"] == "True"
+    assert f"resource names {dots} and {under} both become" in lost["message"]
+    assert f"{under} is refused, rename it" in lost["message"]
+    (conflict,) = o.policy(f"under-{sfx}")["status"]["conflicts"]
+    assert conflict["target"] == f"PCI_RESOURCE_EXAMPLE_COM_VF_{sfx.upper()}"
+    assert conflict["winner"] == f"dots-{sfx}" and conflict["node"] == node
+    state = o.nodestate(node)
+    assert state is not None
+    assert [d["resourceName"] for d in state["spec"]["devices"]] == [dots]
+    won = wait_for(
+        "the first policy's status", lambda: condition(o.policy(f"dots-{sfx}"), "Conflicted")
+    )
+    assert won["status"] == "False"
+
+
 def test_kubevirt_cr_merged_without_clobbering_foreign_entries(
     hostdev_operator: OperatorProcess, kube_objects: Objects, kube_namespace: str
 ) -> None:

@@ -89,8 +89,9 @@ def test_group_member_on_host_driver_not_viable(
     group = next(x for x in rep["groups"] if x["number"] == gpu["iommuGroup"])
     assert group["viable"] is False
     assert group["reason"] == (
-        "0000:17:00.1 is bound to host driver snd_hda_intel "
-        "(every function in the group must be on vfio-pci or no driver)"
+        "0000:17:00.1 is bound to host driver snd_hda_intel; bind it to vfio-pci as well (VFIO "
+        "assigns an IOMMU group whole: every function in it except bridges must be on "
+        "vfio-pci, pci-stub or no driver)"
     )
     assert gpu["assignable"] == "needs-binding" and "snd_hda_intel" in gpu["reason"]
 
