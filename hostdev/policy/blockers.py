@@ -106,8 +106,14 @@ def blocking_pods(blockers: Iterable[Blocker]) -> frozenset[tuple[str, str]]:
     return frozenset(b.pod_key for b in blockers if b.pod_key is not None)
 
 
+# The status is one etcd object: a change that hits thousands of held VFs lists the first ones
+# (the condition says how many there are); the summary names the first holders.
+MAX_LISTED = 512
+MAX_NAMED = 10
+
+
 def summary(blockers: Iterable[Blocker]) -> str:
-    """ "waiting for VMs ns/a (0000:3b:02.0), ns/b (...) to release ..." for the condition."""
+    """ "the spec waits for VM ns/a (0000:3b:02.0); VM ns/b (...) to release ..." """
     by_holder: dict[str, list[str]] = {}
     for b in blockers:
         if b.vmi and b.namespace:
@@ -118,11 +124,9 @@ def summary(blockers: Iterable[Blocker]) -> str:
             who = "a process outside Kubernetes"
         by_holder.setdefault(who, []).append(str(b.pci_address))
     parts = [f"{who} ({', '.join(sorted(set(a)))})" for who, a in sorted(by_holder.items())]
-    return (
-        "the spec waits for "
-        + "; ".join(parts)
-        + " to release the devices: it applies by itself once they do"
-    )
+    more = len(parts) - MAX_NAMED
+    named = "; ".join(parts[:MAX_NAMED]) + (f"; and {more} more holders" if more > 0 else "")
+    return f"the spec waits for {named} to release the devices: it applies by itself once they do"
 
 
 def read_blockers(status: Mapping[str, Any] | None) -> tuple[Blocker, ...]:
@@ -166,7 +170,7 @@ def with_blockers(
         isinstance(c, Mapping) and c.get("type") == "Blocked" for c in prev.get("conditions") or ()
     )
     if found or prev.get("blockers"):
-        status["blockers"] = [b.to_status() for b in found]
+        status["blockers"] = [b.to_status() for b in found[:MAX_LISTED]]
     if found or had:
         cond = (
             Condition("Blocked", "True", "HeldByVMs", summary(found))

@@ -194,6 +194,9 @@ class HolderState:
         return out
 
 
+MAX_ROWS = 1000  # the policy status is one etcd object; blockedVMCount has the full count
+
+
 def status_fields(states: Iterable[HolderState]) -> dict[str, Any]:
     rows = [s.to_status() for s in states]
-    return {"blockedVMs": rows, "blockedVMCount": len(rows)}
+    return {"blockedVMs": rows[:MAX_ROWS], "blockedVMCount": len(rows)}

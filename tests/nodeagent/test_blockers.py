@@ -106,3 +106,15 @@ def test_status_gets_blockers_then_clears_them() -> None:
     assert {c["type"]: c["status"] for c in second["conditions"]}["Blocked"] == "False"
     # A node that never had blockers never shows the field or the condition.
     assert with_blockers(dict(base), [], previous={}, generation=1, now="T") == base
+
+
+def test_thousands_of_blockers_stay_bounded() -> None:
+    many = [
+        Blocker(A(f"0000:{3 + i // 256:02x}:{(i // 8) % 32:02x}.{i % 8}"), "set numVfs 0 (pf)",
+                "x (a running VM owns the group)", "ns", f"virt-launcher-v{i}-1", f"v{i}", RES)
+        for i in range(2000)
+    ]  # fmt: skip
+    st = with_blockers({}, many, previous={}, generation=1, now="T")
+    assert len(st["blockers"]) == 512
+    msg = {c["type"]: c for c in st["conditions"]}["Blocked"]["message"]
+    assert msg.count("VM ns/") == 10 and "and 1990 more holders" in msg
