@@ -399,3 +399,29 @@ def test_max_unavailable_below_one_is_rejected_with_what_to_fix(
     with pytest.raises(k8s.ApiException) as err:
         kube_objects.create_policy(body)
     assert r"spec.reconfigure: Unsupported value: \"Drain\"" in str(err.value.body)
+
+
+def test_cordon_while_evicting_then_uncordon(
+    kube_apiserver: Cluster, operator: OperatorProcess, kube_objects: Objects, node: SimNode
+) -> None:
+    o, ns, res = kube_objects, node.ns, f"vendor.example/day2-{node.name}"
+    name = three_vms(node, o, res, reconfigure="EvictVMs", cordonNodes=True)
+    a = node.start_vm("a", 0, res).pod
+    node.start_vm("c", 2, res)
+    set_selector(o, name, "1-3")  # only VF 0 leaves: a is in the way
+
+    def cordoned() -> k8s.V1Node | None:
+        got = node.core.read_node(node.name)
+        return got if got.spec.unschedulable else None
+
+    got = wait_for("node cordoned", cordoned, timeout=TIMEOUT)
+    assert got.metadata.annotations["hostdev.io/cordoned-for-policy"] == name
+    wait_for("a evicted", lambda: (a, 201) in evictions(kube_apiserver, operator, ns),
+             timeout=TIMEOUT)  # fmt: skip
+    node.finish("a", res)
+    wait_for("the change applied", lambda: synced(o, node), timeout=TIMEOUT)
+    wait_for("node uncordoned", lambda: not node.core.read_node(node.name).spec.unschedulable,
+             timeout=TIMEOUT)  # fmt: skip
+    annotations = node.core.read_node(node.name).metadata.annotations or {}
+    assert "hostdev.io/cordoned-for-policy" not in annotations
+    assert not node.terminating("c")
