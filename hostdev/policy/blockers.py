@@ -21,8 +21,14 @@ from hostdev.policy.conditions import Condition, merge_conditions
 from hostdev.policy.nodestatus import AllocationRow
 from hostdev.policy.plan import Refusal
 
-# What hostdev.policy.guards.vfio_in_use says when a VFIO user (a VM's QEMU) holds a device.
-VM_HELD = ("(a running VM owns the group)", "(a running VM owns the device)")
+# What the guards say when a VM holds a device: hostdev.policy.guards.vfio_in_use (a VFIO user,
+# a VM's QEMU, has it open), and a device the kubelet allocated to a pod ("... is allocated to
+# pod ns/name (resource)"), which that pod's going releases just the same.
+VM_HELD = (
+    "(a running VM owns the group)",
+    "(a running VM owns the device)",
+    " is allocated to pod ",
+)
 _ADDRESS = re.compile(r"\b[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]\b")
 
 
@@ -79,10 +85,11 @@ def find_blockers(
 ) -> tuple[Blocker, ...]:
     """The blockers of the refusals that only VMs cause. A device held by a pod the kubelet
     knows gets one entry per pod; one held by an unknown process gets an entry without pod."""
-    rows: dict[PciAddress, list[AllocationRow]] = {}
-    for row in allocations or ():
-        rows.setdefault(row.pci_address, []).append(row)
-    out: set[Blocker] = set()
+    rows: dict[PciAddress, list[AllocationRow | None]] = {}
+    for alloc in allocations or ():
+        rows.setdefault(alloc.pci_address, []).append(alloc)
+    # (device, action, holder) -> the reasons that name it: one entry each, reasons joined
+    found: dict[tuple[PciAddress, str, AllocationRow | None], list[str]] = {}
     for r in refusals:
         if not r.reasons or not all(vm_held(x) for x in r.reasons):
             continue
@@ -92,13 +99,15 @@ def find_blockers(
             named = _addresses(reason)
             act = r.action if not named and len(subject) == 1 else f"{r.action} ({r.subject})"
             for a in named or subject:
-                held = rows.get(a, ())
-                if not held:
-                    out.add(Blocker(a, act, reason))
-                for row in held:
-                    out.add(
-                        Blocker(a, act, reason, row.namespace, row.pod, row.vmi, row.resource_name)
-                    )
+                for holder in rows.get(a) or [None]:  # None: no pod known
+                    found.setdefault((a, act, holder), []).append(reason)
+    out = []
+    for (a, act, row), reasons in found.items():
+        why = "; ".join(dict.fromkeys(reasons))
+        if row is None:
+            out.append(Blocker(a, act, why))
+        else:
+            out.append(Blocker(a, act, why, row.namespace, row.pod, row.vmi, row.resource_name))
     return tuple(sorted(out, key=lambda b: (b.pci_address, b.namespace or "", b.pod or "")))
 
 

@@ -118,3 +118,15 @@ def test_thousands_of_blockers_stay_bounded() -> None:
     assert len(st["blockers"]) == 512
     msg = {c["type"]: c for c in st["conditions"]}["Blocked"]["message"]
     assert msg.count("VM ns/") == 10 and "and 1990 more holders" in msg
+
+
+def test_allocated_to_a_pod_counts_as_held_and_other_reasons_do_not() -> None:
+    vf = "0000:3b:02.3"
+    in_use = f"VF {vf} is in use: /dev/vfio/60 is held open by pid 9 (a running VM owns the group)"
+    allocated = f"VF {vf} is allocated to pod ns/virt-launcher-d-9 (example.com/vf)"
+    held = Refusal("0000:3b:00.0", "set numVfs 8", (in_use, allocated))
+    (b,) = find_blockers([held], [row(vf, "virt-launcher-d-9", "d")])
+    assert (str(b.pci_address), b.vmi, b.action) == (vf, "d", "set numVfs 8 (0000:3b:00.0)")
+    assert b.reason == f"{in_use}; {allocated}"  # one entry per device and holder
+    wanted = Refusal("0000:3b:00.0", "set numVfs 8", (f"VF {vf} is wanted in the desired state",))
+    assert find_blockers([wanted], [row(vf, "virt-launcher-d-9", "d")]) == ()
