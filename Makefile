@@ -46,7 +46,7 @@ lint: $(STAMP)
 
 ## The fast tiers only (no API server, kubelet harness or QEMU guest): seconds, no root needed.
 unit: $(STAMP)
-	$(BIN)/pytest -ra -m "not kube and not kubelet and not kernel"
+	$(BIN)/pytest -ra -m "not kube and not kubelet and not kubevirt and not dra and not kernel"
 
 ## Install/build the test tiers' tools only (apt packages, Go builds into ~/.cache/hostdev/bin).
 tools:

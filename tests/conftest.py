@@ -6,4 +6,7 @@ pytest_plugins = [
     "tests.fixtures.kubelet",
     "tests.fixtures.operator",
     "tests.fixtures.kernel",
+    "tests.fixtures.nodeagent",
+    "tests.fixtures.kubevirt",
+    "tests.fixtures.draharness",
 ]

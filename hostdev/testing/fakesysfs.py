@@ -189,6 +189,14 @@ class FakeHost:
             elif not on_vfio and node.exists():
                 node.unlink()
 
+    def make_cdev_nodes(self) -> list[str]:
+        """Create /dev/vfio/devices/vfioN for every vfio cdev in sysfs, as the kernel does (not
+        done by default: some tests need a cdev whose node is missing). Returns the names."""
+        names = sorted(c.name for c in self.sys.glob("devices/pci*/*/vfio-dev/vfio*") if c.is_dir())
+        for name in names:
+            _write(self.root / "dev/vfio/devices" / name, "")
+        return names
+
     def _group_dir(self, addr: PciAddress) -> Path | None:
         link = self.device_dir(addr) / "iommu_group"
         return (link.parent / os.readlink(link)).resolve() if link.is_symlink() else None

@@ -49,6 +49,17 @@ def _a10_with_audio(
     _nvidia(h, f"0000:{bus}:00.1", A10_AUDIO, group=g, numa=numa, driver=audio_driver)
 
 
+def _a100_pair_behind_switch(h: FakeHost, bus: int, numa: int) -> None:
+    """A PCIe switch without ACS at <bus>: its ports and two A100s (<bus+2>, <bus+3>) in one group
+    (bridges do not count against viability)."""
+    g = h.new_group()
+    h.add_bridge(f"0000:{bus:02x}:00.0", group=g, numa=numa)  # switch upstream port
+    h.add_bridge(f"0000:{bus + 1:02x}:00.0", group=g, numa=numa)  # downstream port 1
+    h.add_bridge(f"0000:{bus + 1:02x}:01.0", group=g, numa=numa)  # downstream port 2
+    _nvidia(h, f"0000:{bus + 2:02x}:00.0", A100, group=g, numa=numa)
+    _nvidia(h, f"0000:{bus + 3:02x}:00.0", A100, group=g, numa=numa)
+
+
 def sriov_nic_dual_socket(root: Path | str, *, numvfs: int = 4, iommufd: bool = False) -> FakeHost:
     """Two sockets; an E810 with 2 PFs on socket 0 and one on socket 1; VFs on vfio-pci."""
     h = FakeHost(Path(root), iommufd=iommufd)
@@ -91,17 +102,23 @@ def two_gpus_with_audio(root: Path | str) -> FakeHost:
     return h
 
 
-def gpus_behind_switch_without_acs(root: Path | str) -> FakeHost:
+def gpus_behind_switch_without_acs(root: Path | str, *, switches: int = 1) -> FakeHost:
     """Two identical GPUs behind a PCIe switch without ACS: one group holding both GPUs and
-    the switch ports (bridges do not count against viability)."""
+    the switch ports (bridges do not count against viability). ``switches`` > 1 adds more such
+    switches (buses 0x40, 0x80, ...), alternating NUMA nodes 1, 0, ..."""
     h = FakeHost(Path(root))
     _platform(h)
-    g = h.new_group()
-    h.add_bridge("0000:40:00.0", group=g, numa=1)  # switch upstream port
-    h.add_bridge("0000:41:00.0", group=g, numa=1)  # downstream port 1
-    h.add_bridge("0000:41:01.0", group=g, numa=1)  # downstream port 2
-    _nvidia(h, "0000:42:00.0", A100, group=g, numa=1)
-    _nvidia(h, "0000:43:00.0", A100, group=g, numa=1)
+    for i in range(switches):
+        _a100_pair_behind_switch(h, 0x40 * (i + 1), numa=(i + 1) % 2)
+    return h
+
+
+def single_function_gpus(root: Path | str, *, count: int = 2) -> FakeHost:
+    """``count`` A100s, each alone in its group (buses 0x21, 0x22, ...): single-function units."""
+    h = FakeHost(Path(root))
+    _platform(h)
+    for i in range(count):
+        _nvidia(h, f"0000:{0x21 + i:02x}:00.0", A100, group=h.new_group(), numa=0)
     return h
 
 
@@ -167,6 +184,7 @@ SCENARIOS: dict[str, Callable[[Path], FakeHost]] = {
     "sriov-nic-dual-socket": sriov_nic_dual_socket,
     "gpu-with-audio": gpu_with_audio,
     "two-gpus-with-audio": two_gpus_with_audio,
+    "single-function-gpus": single_function_gpus,
     "gpus-behind-switch-without-acs": gpus_behind_switch_without_acs,
     "group-member-on-host-driver": group_member_on_host_driver,
     "iommu-off": iommu_off,

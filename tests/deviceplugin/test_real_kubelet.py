@@ -4,20 +4,15 @@
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
 from hostdev.testing.fakesysfs import FakeHost
 from hostdev.testing.scenarios import gpu_with_audio, sriov_nic_dual_socket
 from tests.fixtures.kubelet import KubeletHarness
+from tests.fixtures.nodeagent import AgentStarter, agent_log
 
 pytestmark = pytest.mark.kubelet
 
@@ -25,58 +20,10 @@ VF_RES = "example.com/e810_vf"
 VF_ENV = "PCI_RESOURCE_EXAMPLE_COM_E810_VF"
 
 
-@pytest.fixture
-def node() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="hk-", dir="/tmp"))  # short: unix socket paths
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-AgentStarter = Callable[..., subprocess.Popen[str]]
-
-
-@pytest.fixture
-def start_agent(node: Path) -> Iterator[AgentStarter]:
-    procs: list[subprocess.Popen[str]] = []
-
-    def start(resources: list[dict[str, object]]) -> subprocess.Popen[str]:
-        cfg = node / "resources.yaml"
-        cfg.write_text(yaml.safe_dump(resources))
-        argv = [
-            sys.executable,
-            "-m",
-            "hostdev.deviceplugin.agent",
-            f"--host-root={node / 'host'}",
-            f"--plugin-dir={node / 'dp'}",
-            f"--state-dir={node / 'state'}",
-            f"--config={cfg}",
-            "--metrics-port=0",
-            "--no-uevents",
-        ]
-        log = open(node / f"agent{len(procs)}.log", "w")  # noqa: SIM115 (closed with the process)
-        p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, text=True)
-        log.close()
-        procs.append(p)
-        return p
-
-    yield start
-    for p in procs:
-        p.terminate()
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
-
-def _agent_log(node: Path) -> str:
-    return "\n".join(p.read_text() for p in sorted(node.glob("agent*.log")))
-
-
 def _wait_log(node: Path, text: str, what: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
-    while text not in _agent_log(node):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{_agent_log(node)}"
+    while text not in agent_log(node):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{agent_log(node)}"
         time.sleep(0.05)
 
 
@@ -100,7 +47,7 @@ def test_real_device_manager_capacity_and_allocate(
     try:
         res = run.result(timeout=60)
     except Exception:
-        print(_agent_log(node))
+        print(agent_log(node))
         raise
     assert res["capacity"][VF_RES] == 12
     assert res["allocatable"][VF_RES] == 12
@@ -135,7 +82,7 @@ def test_real_device_manager_group_unit_and_health_change(
     try:
         res = run.result(timeout=60)
     except Exception:
-        print(_agent_log(node))
+        print(agent_log(node))
         raise
     assert res["capacity"][res_name] == 1
     alloc = res["allocate"]
@@ -153,4 +100,4 @@ def test_real_device_manager_group_unit_and_health_change(
     final = run.wait_line("0 allocatable", lambda w: w["allocatable"].get(res_name) == 0)[-1]
     run.stop()
     assert final["capacity"][res_name] == 1
-    assert final["allocatable"][res_name] == 0, _agent_log(node)
+    assert final["allocatable"][res_name] == 0, agent_log(node)
