@@ -7,16 +7,19 @@ import os
 import tempfile
 
 
-def atomic_write(path: str, data: bytes, *, durable: bool = True) -> None:
+def atomic_write(path: str, data: bytes, *, durable: bool = True, mode: int | None = None) -> None:
     """Write ``data`` to a temp file beside ``path`` and rename it over ``path``.
 
     ``durable``: fsync the file and its directory too, so the new content also survives a power
-    loss (the rename alone only survives a killed process)."""
+    loss (the rename alone only survives a killed process). ``mode``: the file's permissions
+    (default: the temp file's 0600)."""
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
+            if mode is not None:
+                os.fchmod(f.fileno(), mode)
             f.write(data)
             if durable:
                 f.flush()

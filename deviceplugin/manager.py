@@ -1,8 +1,11 @@
-"""Runs the device-plugin servers of one node and keeps them current.
+"""Runs the node agent's pipeline: host view -> each resource's units -> kubelet front ends.
 
-- :meth:`PluginManager.apply` sets the resource list (config file now, NodeState CR later):
-  servers start and stop only for resources that appear or disappear; a changed selector or
-  strategy is applied in place.
+- :meth:`PluginManager.apply` sets the resource list (config file, or the NodeState spec):
+  every resource gets a :class:`ResourceUnits`; a device-plugin resource's units are a
+  :class:`ResourcePlugin` server, a DRA resource's units are read by the DRA front end
+  (:mod:`hostdev.deviceplugin.dra`, attached in cluster mode). Servers start and stop only for
+  resources that appear or disappear; a changed selector or strategy is applied in place; a
+  resource that changes front end keeps its units and in-use set.
 - Rescans are event driven: kernel PCI uevents name the function to re-read, inotify on
   ``/dev/vfio`` names the IOMMU group; both are debounced a few milliseconds and re-read only
   what they name. A slow periodic full resync is the safety net.
@@ -28,6 +31,7 @@ from hostdev.deviceplugin.hostview import HostView
 from hostdev.deviceplugin.metrics import Metrics
 from hostdev.deviceplugin.plugin import KUBELET_SOCKET, ResourcePlugin
 from hostdev.deviceplugin.resources import ResourceConfig, by_name
+from hostdev.deviceplugin.units import ResourceUnits
 from hostdev.host.address import PciAddress, PciAddressError
 from hostdev.host.model import Inventory
 from hostdev.host.sysfs import Sysfs
@@ -64,7 +68,14 @@ class PluginManager:
         self.save_delay = save_delay
         # Which devices pods hold, from the kubelet's PodResources API (None: never forget).
         self.in_use_source = in_use_source
-        self.plugins: dict[str, ResourcePlugin] = {}
+        self.units: dict[str, ResourceUnits] = {}  # every resource, whichever front end
+        self.plugins: dict[str, ResourcePlugin] = {}  # the device-plugin front end's servers
+        self._resource_listeners: list[Callable[[], None]] = []
+        # unit id -> why: units the DRA front end holds (prepared claims), never healthy for a
+        # device-plugin resource (a resource moved back from DRA) until released
+        self._held: dict[str, str] = {}
+        # More /healthz lines (the DRA front end adds its own): () -> (ok, text)
+        self.health_checks: list[Callable[[], tuple[bool, str]]] = []
         self.saved = persist.load(state_dir) if state_dir else {}
         self.scanned = False
         self.uevents_active = False
@@ -125,24 +136,50 @@ class PluginManager:
         for p in list(self.plugins.values()):
             await p.stop()
         self.plugins.clear()
+        self.units.clear()
+
+    # ---- resources ----------------------------------------------------------------------
+    @property
+    def dra_units(self) -> dict[str, ResourceUnits]:
+        """The units of the resources the DRA front end serves."""
+        return {n: u for n, u in self.units.items() if u.config.dra}
+
+    def add_resource_listener(self, listener: Callable[[], None]) -> None:
+        """``listener()`` runs after every apply() that changed which resources DRA serves."""
+        self._resource_listeners.append(listener)
 
     async def apply(self, resources: Sequence[ResourceConfig]) -> None:
         """Serve exactly ``resources``: start new ones, stop removed ones, update changed ones."""
         wanted = by_name(resources)
-        for name in list(self.plugins):
+        before = {n: u.config for n, u in self.units.items() if u.config.dra}
+        for name in list(self.units):
             if name not in wanted:
                 await self._remove(name)
         for name, cfg in wanted.items():
-            plugin = self.plugins.get(name)
-            if plugin is not None:
-                if plugin.config != cfg:
+            current = self.units.get(name)
+            if current is not None and current.config.allocation != cfg.allocation:
+                await self._switch(name, cfg)
+                continue
+            if current is not None:
+                if current.config != cfg:
                     log.info("%s: selector or strategy changed; updating in place", name)
-                    plugin.config = cfg
+                    current.config = cfg
                     if self.scanned:
-                        plugin.update(self.view.inventory)
+                        current.update(self.view.inventory)
                         self._check_shared_groups(self.view.inventory)
                 continue
-            plugin = ResourcePlugin(
+            await self._add(cfg)
+        if before != {n: u.config for n, u in self.units.items() if u.config.dra}:
+            for listener in list(self._resource_listeners):
+                listener()
+
+    async def _add(self, cfg: ResourceConfig, previous: ResourceUnits | None = None) -> None:
+        name = cfg.resource_name
+        units: ResourceUnits
+        if cfg.dra:
+            units = ResourceUnits(cfg, self.sysfs, self.metrics)
+        else:
+            units = plugin = ResourcePlugin(
                 cfg,
                 self.sysfs,
                 self.plugin_dir,
@@ -151,40 +188,76 @@ class PluginManager:
                 on_stale=self._rescan_soon,
             )
             saved = self.saved.get(name)
-            if saved is not None and not self.scanned:
+            if previous is None and saved is not None and not self.scanned:
                 plugin.seed(saved.devices, saved.allocated)
                 log.info(
                     "%s: advertising %d saved devices until the first scan",
                     name,
                     len(saved.devices),
                 )
-            self.plugins[name] = plugin
-            if self.scanned:
-                plugin.update(self.view.inventory)
-                self._check_shared_groups(self.view.inventory)
-            await plugin.start()
-            self._register_soon(plugin)
+        if previous is not None:
+            units.take_over(previous)
+        if not cfg.dra:
+            units.set_held(self._held)
+        self.units[name] = units
+        if self.scanned:
+            units.update(self.view.inventory)
+            self._check_shared_groups(self.view.inventory)
+        if isinstance(units, ResourcePlugin):
+            self.plugins[name] = units
+            await units.start()
+            self._register_soon(units)
 
-    async def _remove(self, name: str) -> None:
-        """Stop ``name``'s server, remove its socket, then drop it from :attr:`plugins`: a
-        resource that is gone from the map is gone from the host too (nobody sees a half-removed
-        one). A socket-deleted restart racing with this sees ``_removing`` and stands down."""
-        plugin = self.plugins[name]
+    async def _switch(self, name: str, cfg: ResourceConfig) -> None:
+        """The resource moves to the other front end; its units, verdicts and in-use set come
+        along (a unit a pod holds through the old front end is not handed out by the new)."""
+        old = self.units[name]
+        log.info(
+            "%s: now allocated by %s (was %s); units in use stay with their pods",
+            name,
+            cfg.allocation,
+            old.config.allocation,
+        )
+        await self._drop(name)
+        await self._add(cfg, previous=old)
+        self.schedule_save()
+
+    async def _drop(self, name: str) -> None:
+        """Stop ``name``'s server, remove its socket, then drop it from :attr:`plugins` and
+        :attr:`units`: a resource that is gone from the maps is gone from the host too (nobody
+        sees a half-removed one). A socket-deleted restart racing with this sees ``_removing``
+        and stands down."""
+        plugin = self.plugins.get(name)
         self._removing.add(name)
         try:
             task = self._register_tasks.pop(name, None)
             if task is not None:
                 task.cancel()
-            await plugin.stop()
+            if plugin is not None:
+                await plugin.stop()
         finally:
             self._removing.discard(name)
-            if self.plugins.get(name) is plugin:
+            if plugin is not None and self.plugins.get(name) is plugin:
                 del self.plugins[name]
+            self.units.pop(name, None)
+
+    async def _remove(self, name: str) -> None:
+        await self._drop(name)
         if self.scanned:
             self._check_shared_groups(self.view.inventory)
         self.metrics.forget(name)
         log.info("%s: resource removed; server stopped", name)
         self.schedule_save()
+
+    def set_held(self, held: dict[str, str]) -> None:
+        """Units the DRA front end holds (unit id -> why): device-plugin resources must not
+        offer them (see :meth:`ResourceUnits.set_held`)."""
+        if held == self._held:
+            return
+        self._held = dict(held)
+        for p in self.plugins.values():
+            if p.set_held(held) and self.scanned:
+                p.update(self.view.inventory)
 
     # ---- registration -------------------------------------------------------------------
     @property
@@ -324,12 +397,12 @@ class PluginManager:
             log.warning("cannot read devices in use from the kubelet: %s", e)
             self.metrics.errors.labels("", "pod-resources").inc()
             return
-        by_resource: dict[str, set[str]] = {name: set() for name in self.plugins}
+        by_resource: dict[str, set[str]] = {name: set() for name in self.units}
         for row in rows:
             if row.resource_name in by_resource:
                 by_resource[row.resource_name].update(row.device_ids)
         for name, ids in by_resource.items():
-            self.plugins[name].set_in_use(ids)
+            self.units[name].set_in_use(ids)
 
     async def _rescan_worker(self) -> None:
         while True:
@@ -352,8 +425,8 @@ class PluginManager:
                 continue
             self.scanned = True
             dirty = None if full else self.view.last_dirty
-            for plugin in list(self.plugins.values()):
-                plugin.update(inv, dirty)
+            for units in list(self.units.values()):
+                units.update(inv, dirty)
             self._check_shared_groups(inv)
             self.scan_count += 1
             self._scan_done.set()
@@ -362,16 +435,16 @@ class PluginManager:
     def _check_shared_groups(self, inv: Inventory) -> None:
         """Flag IOMMU groups whose functions are split across resources: each part would be
         allocatable on its own, but VFIO hands a group to one VM only."""
-        versions = {name: p.units_version for name, p in self.plugins.items()}
+        versions = {name: p.units_version for name, p in self.units.items()}
         if versions == self._units_versions:
             return
         self._units_versions = versions
         owners: dict[int, set[str]] = {}
-        for name, p in self.plugins.items():
+        for name, p in self.units.items():
             for adv in p.devices.values():
                 if adv.unit.group is not None:
                     owners.setdefault(adv.unit.group, set()).add(name)
-        for name, p in self.plugins.items():
+        for name, p in self.units.items():
             shared = {
                 g: tuple(sorted(o - {name})) for g, o in owners.items() if name in o and len(o) > 1
             }
@@ -429,10 +502,18 @@ class PluginManager:
     def health(self) -> tuple[bool, str]:
         lines = []
         ok = True
-        for name, p in sorted(self.plugins.items()):
+        for name, u in sorted(self.units.items()):
+            p = self.plugins.get(name)
+            if p is None:
+                lines.append(f"{name}: DRA, {len(u.devices)} devices")
+                continue
             ok = ok and p.serving
             state = "registered" if p.registered else "not registered"
             lines.append(
                 f"{name}: {'serving' if p.serving else 'DOWN'}, {state}, {len(p.devices)} devices"
             )
+        for check in self.health_checks:
+            more_ok, text = check()
+            ok = ok and more_ok
+            lines.append(text)
         return ok, "\n".join(lines) or "no resources configured"

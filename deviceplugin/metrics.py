@@ -54,6 +54,30 @@ class Metrics:
             registry=r,
         )
 
+        self.dra_claims = Counter(
+            "hostdev_dra_claims",
+            "ResourceClaims the DRA plugin prepared or unprepared",
+            ["operation", "result"],
+            registry=r,
+        )
+        self.dra_prepare_seconds = Histogram(
+            "hostdev_dra_prepare_seconds",
+            "Time NodePrepareResources takes (claim read, re-checks and file writes)",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+            registry=r,
+        )
+        self.dra_slice_writes = Counter(
+            "hostdev_dra_slice_writes",
+            "ResourceSlice writes (create, update, delete) of this node's pool",
+            ["verb"],
+            registry=r,
+        )
+        self.dra_slices = Gauge(
+            "hostdev_dra_published_devices",
+            "Devices this node offers in its ResourceSlices",
+            registry=r,
+        )
+
     def set_devices(self, resource: str, healthy: int, unhealthy: int) -> None:
         self.devices.labels(resource, "Healthy").set(healthy)
         self.devices.labels(resource, "Unhealthy").set(unhealthy)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hostdev.deviceplugin.atomicfile import atomic_write
-from hostdev.deviceplugin.plugin import Advertised, advertised_from_json, advertised_to_json
+from hostdev.deviceplugin.units import Advertised, advertised_from_json, advertised_to_json
 
 log = logging.getLogger(__name__)
 

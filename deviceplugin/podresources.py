@@ -11,6 +11,7 @@ import os
 import grpc
 
 from hostdev.deviceplugin.api.podresources.v1 import api_pb2, api_pb2_grpc
+from hostdev.policy.dra import DRIVER, address_of
 from hostdev.policy.nodestatus import PodDevices
 
 DEFAULT_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
@@ -52,9 +53,21 @@ class PodResourcesClient:
 
 
 def pod_devices(resp: api_pb2.ListPodResourcesResponse) -> tuple[PodDevices, ...]:
+    """Device-plugin devices per (container, resource); this driver's DRA devices per container
+    as resource ``pci.hostdev.io`` with the units' PCI addresses as IDs."""
     out = []
     for pod in resp.pod_resources:
         for c in pod.containers:
+            dra = [
+                str(a)
+                for r in c.dynamic_resources
+                for cr in r.claim_resources
+                if cr.driver_name == DRIVER
+                for a in [address_of(cr.device_name)]
+                if a is not None
+            ]
+            if dra:
+                out.append(PodDevices(pod.namespace, pod.name, c.name, DRIVER, tuple(dra)))
             for d in c.devices:
                 if d.device_ids:
                     out.append(

@@ -15,6 +15,7 @@ import yaml
 
 from hostdev.policy.allocation import Strategy
 from hostdev.policy.naming import ResourceNameError, env_collisions, validate_resource_name
+from hostdev.policy.nodeconfig import DEVICE_PLUGIN, DRA, Allocation
 from hostdev.policy.selector import DeviceSelector, SelectorError
 
 _STRATEGIES = ("spread", "pack")
@@ -29,6 +30,12 @@ class ResourceConfig:
     resource_name: str
     selector: DeviceSelector
     strategy: Strategy = "spread"
+    # Which kubelet front end serves it (DRA only in cluster mode, from the NodeState spec).
+    allocation: Allocation = DEVICE_PLUGIN
+
+    @property
+    def dra(self) -> bool:
+        return self.allocation == DRA
 
 
 def parse_resources(data: Any, source: str = "config") -> tuple[ResourceConfig, ...]:

@@ -6,6 +6,8 @@ from typing import Any
 
 from hostdev.host.model import Inventory
 from hostdev.host.pciids import PciIds
+from hostdev.policy.allocation import build_units
+from hostdev.policy.dra import DRIVER, device_name, unit_attributes
 from hostdev.policy.readiness import assignability, node_problems
 
 
@@ -67,6 +69,24 @@ def report(inv: Inventory, ids: PciIds) -> dict[str, Any]:
             for g in inv.groups.values()
         ],
         "warnings": list(inv.warnings),
+        "dra": dra_report(inv, ids),
+    }
+
+
+def dra_report(inv: Inventory, ids: PciIds) -> dict[str, Any]:
+    """What each unit would publish as a DRA device: one per IOMMU group (functions without a
+    group alone), bridges aside; the policy adds resourceName."""
+    devices = [d for d in inv.devices.values() if not d.is_bridge]
+    return {
+        "driver": DRIVER,
+        "devices": [
+            {
+                "name": device_name(u.addresses[0]),
+                "addresses": [str(a) for a in u.addresses],
+                "attributes": unit_attributes(u, None, inv, ids),
+            }
+            for u in build_units(devices)
+        ],
     }
 
 

@@ -16,6 +16,8 @@ from typing import Any, Protocol, cast
 import kopf
 
 from hostdev.operator import metrics
+from hostdev.operator.dra import CONDITION as DEVICE_CLASS_CONDITION
+from hostdev.operator.dra import not_dra_condition, reconcile_device_classes
 from hostdev.operator.kube import (
     GROUP,
     KUBEVIRT_GROUP,
@@ -26,7 +28,7 @@ from hostdev.operator.kube import (
     NotFoundError,
 )
 from hostdev.policy.conditions import Condition, merge_conditions, same_conditions
-from hostdev.policy.kubevirt import desired_entries, merge_kubevirt
+from hostdev.policy.kubevirt import desired_entries, desired_gates, merge_kubevirt
 from hostdev.policy.nodestate import (
     ENV_COLLISION,
     NodePlan,
@@ -96,8 +98,8 @@ class Cluster:
     _stale: bool = True
     kubevirt_missing: bool = False
     # Set when a pass must be repeated later (KubeVirt CR missing, API error). A kopf timer
-    # (handlers.cluster.retry_cluster) turns it into a pass: kopf stops timers while peering
-    # pauses this replica, so a paused replica never writes from stale indexes.
+    # (handlers.cluster.retry_cluster) turns it into a pass; a standby replica runs no kopf
+    # at all (Lease leader election), so it never writes from stale indexes.
     retry_needed: bool = False
 
     reconfigurer: Reconfiguring | None = None
@@ -178,8 +180,16 @@ class Cluster:
         snap = self.snapshot()
         await self._node_states(snap)
         kubevirt = await self._kubevirt(snap)
+        classes = await reconcile_device_classes(
+            self.api,
+            snap.policies,
+            {
+                str(o["metadata"]["name"]): o
+                for o in values(self.indexes.get("deviceclasses_idx", {}))
+            },
+        )
         held = await self.reconfigurer.run(snap, self.indexes) if self.reconfigurer else {}
-        await self._policy_status(snap, kubevirt, held)
+        await self._policy_status(snap, kubevirt, classes, held)
 
     # ---- PassthroughNodeStates -------------------------------------------------------------
     async def _node_states(self, snap: Snapshot) -> None:
@@ -248,6 +258,8 @@ class Cluster:
         # KubeVirt honours one CR per cluster; should there be more, each gets the same merge
         # (ownership-tracked, so harmless) rather than guessing which one virt-operator uses.
         wanted = desired_entries(snap.policies, snap.plans)
+        gates = desired_gates(snap.policies)
+        blocked: set[str] = set()
         for namespace, name in crs:
             where = f"{namespace}/{name}"
             fresh = await self.api.get(
@@ -255,7 +267,8 @@ class Cluster:
             )
             if fresh is None:
                 continue  # deleted meanwhile: its deletion event brings the next pass
-            change = merge_kubevirt(fresh, wanted)
+            change = merge_kubevirt(fresh, wanted, gates)
+            blocked.update(change.blocked)
             if change.patch is None:
                 continue
             await self.api.patch(
@@ -269,6 +282,14 @@ class Cluster:
                 message=f"hostdev added {list(change.added)}, removed {list(change.removed)}",
             )
         names = ", ".join(f"{ns}/{n}" for ns, n in crs)
+        if blocked:
+            return Condition(
+                "KubeVirtConfigured",
+                "False",
+                "FeatureGateDisabled",
+                f"KubeVirt {names} lists {', '.join(sorted(blocked))} in disabledFeatureGates: "
+                "VMs with DRA gpus/hostDevices are refused until the admin enables it",
+            )
         return Condition(
             "KubeVirtConfigured", "True", "PermittedHostDevices", f"KubeVirt {names} permits it"
         )
@@ -278,6 +299,7 @@ class Cluster:
         self,
         snap: Snapshot,
         kubevirt: Condition,
+        classes: dict[str, Condition],
         held: Mapping[str, Sequence[HolderState]] | None = None,
     ) -> None:
         outcomes = policy_outcomes(snap.policies, snap.plans)
@@ -314,6 +336,12 @@ class Cluster:
                     kubevirt,
                     multi_function_condition(out.multi_function),
                 ]
+                if name in classes:
+                    conds.append(classes[name])
+                elif any(
+                    c.get("type") == DEVICE_CLASS_CONDITION for c in old.get("conditions") or ()
+                ):
+                    conds.append(not_dra_condition())
                 blocked = (held or {}).get(name, ())
                 if blocked or old.get("blockedVMs"):
                     # Once a change was blocked, the fields stay (empty) so a patch clears them.

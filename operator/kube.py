@@ -118,6 +118,21 @@ class Api:
             )
         )
 
+    async def create_namespaced(
+        self, group: str, version: str, plural: str, namespace: str, body: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        API_WRITES.labels(plural, "create").inc()
+        return dict(
+            await self._call(
+                self.objects.create_namespaced_custom_object,
+                group,
+                version,
+                namespace,
+                plural,
+                dict(body),
+            )
+        )
+
     async def delete(
         self, group: str, version: str, plural: str, name: str, namespace: str | None = None
     ) -> bool:

@@ -47,6 +47,7 @@ INDEXES = (
     "nodes_idx",
     "nodestates_idx",
     "kubevirts_idx",
+    "deviceclasses_idx",
     "reconfigure_vmis_idx",
     "eviction_defaults_idx",
     "cordon_idx",

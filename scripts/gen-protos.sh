@@ -12,6 +12,11 @@ BIN=$(dirname "$PY")
 PROTOS=(
   hostdev/deviceplugin/api/deviceplugin/v1beta1/api.proto
   hostdev/deviceplugin/api/podresources/v1/api.proto
+  hostdev/deviceplugin/api/pluginregistration/v1/api.proto
+  hostdev/deviceplugin/api/dra/v1/api.proto
+  hostdev/deviceplugin/api/dra/v1beta1/api.proto
+  hostdev/deviceplugin/api/drahealth/v1/api.proto
+  hostdev/deviceplugin/api/drahealth/v1alpha1/api.proto
 )
 mkdir -p "$OUT"
 "$PY" -m grpc_tools.protoc -I . \

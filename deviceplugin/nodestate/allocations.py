@@ -10,6 +10,7 @@ from hostdev.deviceplugin.nodestate.kube import LauncherPods
 from hostdev.deviceplugin.podresources import PodResourcesClient, PodResourcesError
 from hostdev.host.address import PciAddress
 from hostdev.host.model import Inventory
+from hostdev.policy.dra import DRIVER
 from hostdev.policy.nodestatus import AllocationRow, allocations_from
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,6 @@ class KubeletAllocations:
                 self._last_error = str(e)
             return None
         self._last_error = None
-        ours = [p for p in listed if p.resource_name in served]
+        ours = [p for p in listed if p.resource_name in served or p.resource_name == DRIVER]
         vmis = self.pods.vmis() if ours and self.pods is not None else {}
         return allocations_from(ours, served, inventory, vmis)

@@ -11,12 +11,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
+from hostdev.deviceplugin.kubewatch import GONE, Event, WatchExpiredError, watch_events
 from hostdev.policy.nodestatus import LAUNCHER_LABEL, vmi_of_pod
 
 log = logging.getLogger(__name__)
@@ -25,17 +25,8 @@ GROUP = "hostdev.io"
 VERSION = "v1alpha1"
 PLURAL = "passthroughnodestates"
 FIELD_MANAGER = "hostdev-node"
-GONE = 410
 
-
-class WatchExpiredError(Exception):
-    """The resourceVersion we watched from is too old (HTTP 410): list again."""
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    type: str  # ADDED, MODIFIED, DELETED, BOOKMARK (only its resourceVersion counts)
-    obj: Mapping[str, Any]
+__all__ = ["Event", "LauncherPods", "NodeStateClient", "WatchExpiredError"]
 
 
 class NodeStateClient:
@@ -56,31 +47,15 @@ class NodeStateClient:
 
     def watch(self, resource_version: str, timeout_seconds: int) -> Iterator[Event]:
         """Events after ``resource_version`` until the server ends the watch (the timeout)."""
-        w = watch.Watch()  # type: ignore[no-untyped-call]
-        try:
-            for ev in w.stream(  # type: ignore[no-untyped-call]
-                self.api.list_cluster_custom_object,
-                GROUP,
-                VERSION,
-                PLURAL,
-                field_selector=f"metadata.name={self.name}",
-                resource_version=resource_version,
-                allow_watch_bookmarks=True,
-                timeout_seconds=timeout_seconds,
-                _request_timeout=timeout_seconds + 10,
-            ):
-                kind = ev.get("type")
-                obj = ev.get("object")
-                if kind in ("ADDED", "MODIFIED", "DELETED", "BOOKMARK") and isinstance(
-                    obj, Mapping
-                ):
-                    yield Event(str(kind), obj)
-        except ApiException as e:
-            if e.status == GONE:
-                raise WatchExpiredError(str(e.reason)) from e
-            raise
-        finally:
-            w.stop()  # type: ignore[no-untyped-call]
+        return watch_events(
+            self.api.list_cluster_custom_object,
+            GROUP,
+            VERSION,
+            PLURAL,
+            field_selector=f"metadata.name={self.name}",
+            resource_version=resource_version,
+            timeout_seconds=timeout_seconds,
+        )
 
     def patch_status(self, status: Mapping[str, Any]) -> Mapping[str, Any]:
         """JSON merge patch of the status subresource (keys not in ``status`` are kept)."""

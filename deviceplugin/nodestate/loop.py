@@ -40,9 +40,10 @@ Served = Mapping[str, tuple[PciAddress, ...]]
 
 
 class ResourceSink(Protocol):
-    """Where the resolved resources go (the device-plugin manager, through an adapter)."""
+    """Where the resolved resources go (the device-plugin manager, through an adapter); ``dra``
+    names the resources the kubelet gets through DRA instead of a device plugin."""
 
-    def apply(self, resources: Served) -> None: ...
+    def apply(self, resources: Served, dra: frozenset[str] = frozenset()) -> None: ...
 
 
 class AllocationSource(Protocol):
@@ -109,6 +110,7 @@ class NodeStateLoop:
         # What the plugins serve already (seeded at start-up from their saved lists), so the
         # first sync only tells them when the spec says otherwise.
         self._served: Served | None = served
+        self._dra: frozenset[str] = frozenset()
         self._inventory: Inventory | None = None
         self._outcome: SyncOutcome | None = None
         self._allocations: tuple[AllocationRow, ...] | None = None
@@ -306,10 +308,10 @@ class NodeStateLoop:
             self.writer.submit(self._render(SyncOutcome(IN_PROGRESS, generation, resources=served)))
         result = self.syncer.sync(obj)
         outcome = result.outcome
-        if result.serve is not None and result.serve != self._served:
+        if result.serve is not None and (result.serve != self._served or result.dra != self._dra):
             try:
-                self.sink.apply(result.serve)
-                self._served = result.serve
+                self.sink.apply(result.serve, result.dra)
+                self._served, self._dra = result.serve, result.dra
             except Exception as e:
                 log.exception(
                     "NodeState %s: the device plugins did not take the resources", self.name
@@ -319,7 +321,7 @@ class NodeStateLoop:
                     state=FAILED,
                     error=(outcome.error + "; " if outcome.error else "") + f"device plugins: {e}",
                 )
-        if result.serve is None or self._served != result.serve:
+        if result.serve is None or self._served != result.serve or self._dra != result.dra:
             outcome = replace(outcome, resources=_flat(self._served or {}))
         self._inventory = result.inventory
         self._outcome = outcome

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from kubernetes import client, config
 
 from hostdev.deviceplugin.config.memory import DriverMemory, StateFileError
+from hostdev.deviceplugin.dra.setup import add_dra_args, start_dra
 from hostdev.deviceplugin.manager import PluginManager
 from hostdev.deviceplugin.nodestate.allocations import KubeletAllocations
 from hostdev.deviceplugin.nodestate.kube import LauncherPods, LauncherPodWatch, NodeStateClient
@@ -28,6 +29,7 @@ from hostdev.deviceplugin.resources import ResourceConfig
 from hostdev.host.address import PciAddress
 from hostdev.host.model import Inventory
 from hostdev.host.sysfs import Sysfs
+from hostdev.policy.nodeconfig import DEVICE_PLUGIN, DRA
 from hostdev.policy.selector import DeviceSelector
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,7 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
         default=LoopSettings().resync,
         help="re-apply the NodeState spec this often even without a change",
     )
+    add_dra_args(p)
 
 
 def cluster_mode(args: argparse.Namespace) -> bool:
@@ -66,11 +69,16 @@ def cluster_mode(args: argparse.Namespace) -> bool:
 
 
 def to_resource_configs(
-    served: Mapping[str, tuple[PciAddress, ...]],
+    served: Mapping[str, tuple[PciAddress, ...]], dra: frozenset[str] = frozenset()
 ) -> tuple[ResourceConfig, ...]:
-    """The resolved devices per resource, as the manager's resource list (exact addresses)."""
+    """The resolved devices per resource, as the manager's resource list (exact addresses);
+    the resources named in ``dra`` go to the DRA front end."""
     return tuple(
-        ResourceConfig(name, DeviceSelector(pci_addresses=frozenset(addrs)))
+        ResourceConfig(
+            name,
+            DeviceSelector(pci_addresses=frozenset(addrs)),
+            allocation=DRA if name in dra else DEVICE_PLUGIN,
+        )
         for name, addrs in sorted(served.items())
         if addrs
     )
@@ -102,11 +110,16 @@ class ManagerSink:
         except (TimeoutError, RuntimeError, concurrent.futures.CancelledError):
             return None
 
-    def apply(self, resources: Mapping[str, tuple[PciAddress, ...]]) -> None:
-        configs = to_resource_configs(resources)
+    def apply(
+        self, resources: Mapping[str, tuple[PciAddress, ...]], dra: frozenset[str] = frozenset()
+    ) -> None:
+        configs = to_resource_configs(resources, dra)
         log.info(
             "serving %s",
-            ", ".join(f"{c.resource_name} ({len(c.selector.pci_addresses)})" for c in configs)
+            ", ".join(
+                f"{c.resource_name} ({len(c.selector.pci_addresses)}{', DRA' if c.dra else ''})"
+                for c in configs
+            )
             or "no resources",
         )
         asyncio.run_coroutine_threadsafe(self._apply(configs), self.loop).result(self.timeout)
@@ -150,6 +163,8 @@ async def run_cluster(args: argparse.Namespace, manager: PluginManager, stop: as
     if seed:
         log.info("serving the %d saved resources until NodeState %s is read", len(seed), node)
         await manager.apply(to_resource_configs(seed))
+    # Prepared claims are known before the first sync (units they hold stay held).
+    dra = await start_dra(args, manager, api, node)
     sink = ManagerSink(manager, asyncio.get_running_loop())
     loop = NodeStateLoop(
         NodeStateClient(api, node),
@@ -173,6 +188,8 @@ async def run_cluster(args: argparse.Namespace, manager: PluginManager, stop: as
         halt.set()
         stopper.cancel()
         await asyncio.gather(worker, return_exceptions=True)
+        if dra is not None:
+            await dra.close()
         api.close()  # type: ignore[no-untyped-call]
     if worker.exception() is not None:
         log.error("NodeState loop for %s died: %s", node, worker.exception())

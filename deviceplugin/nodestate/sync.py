@@ -43,6 +43,7 @@ class SyncResult:
     inventory: Inventory  # after the sync
     # resource -> devices the plugins should serve; None: keep serving what they serve now
     serve: Mapping[str, tuple[PciAddress, ...]] | None
+    dra: frozenset[str] = frozenset()  # resources of ``serve`` allocated through DRA
 
 
 def generation_of(obj: Mapping[str, Any]) -> int | None:
@@ -147,4 +148,5 @@ class Syncer:
             ),
             inventory,
             served_resources(serve),
+            config.dra_resources(),
         )

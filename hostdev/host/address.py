@@ -42,6 +42,16 @@ class PciAddress:
         return f"{self.domain:04x}:{self.bus:02x}:{self.device:02x}.{self.function:x}"
 
 
+def parse_or_none(text: object) -> PciAddress | None:
+    """The address ``text`` names, or None for anything that is not one."""
+    if not isinstance(text, str):
+        return None
+    try:
+        return _parse(text)
+    except PciAddressError:
+        return None
+
+
 @lru_cache(maxsize=16384)
 def _parse(text: str) -> PciAddress:
     m = _PATTERN.match(text)

@@ -42,6 +42,9 @@ class PciDevice:
     netdevs: tuple[str, ...] = ()
     vfio_cdev: str | None = None  # "vfio3" -> /dev/vfio/devices/vfio3 (iommufd cdev)
     problems: tuple[str, ...] = ()
+    # The PCIe root complex above the device, "pci<domain>:<bus>" (the first directory under
+    # /sys/devices on the way to it), as DRA's standard pcieRoot attribute names it.
+    pcie_root: str | None = None
 
     @classmethod
     def unknown(cls, address: PciAddress, problem: str) -> PciDevice:

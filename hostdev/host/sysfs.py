@@ -263,6 +263,7 @@ class Sysfs:
             netdevs=netdevs,
             vfio_cdev=cdev,
             problems=tuple(problems),
+            pcie_root=_pcie_root(path, addr),
         )
         return _Raw(dev, path, tuple(sorted(virtfns)), "physfn" in entries)
 
@@ -272,6 +273,19 @@ class Sysfs:
             return os.listdir(path)
         except OSError:
             return []
+
+
+def _pcie_root(link: str, addr: PciAddress) -> str | None:
+    """``/sys/bus/pci/devices/<addr>`` links to ``/sys/devices/pci<dom>:<bus>/.../<addr>``: the
+    first directory below /sys/devices is the root complex (None when the link says otherwise)."""
+    try:
+        target = os.readlink(link)
+    except OSError:
+        return None
+    parts = os.path.normpath(os.path.join("bus/pci/devices", target)).split(os.sep)
+    if len(parts) < 3 or parts[0] != "devices" or not parts[1].startswith("pci"):
+        return None
+    return parts[1] if parts[-1] == str(addr) else None
 
 
 def _read_all(path: str) -> str | None:

@@ -1,8 +1,11 @@
-"""KubeVirt CR configuration for policy resources: permittedHostDevices + HostDevices gate. Pure.
+"""KubeVirt CR configuration for policy resources: permittedHostDevices + HostDevices gate for
+device-plugin policies, the GPUsWithDRA/HostDevicesWithDRA gates for DRA policies. Pure.
 
-Ownership: the entries (and the feature gate) this operator added are listed in an annotation
+Ownership: the entries (and the feature gates) this operator added are listed in an annotation
 on the KubeVirt CR, so it removes only what it added and never takes over what someone else
-wrote, even when that is identical to what it wants.
+wrote, even when that is identical to what it wants. A gate the admin lists in
+``disabledFeatureGates`` is never added (explicit enables win over disables in KubeVirt): it is
+reported instead.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ from hostdev.policy.nodestate import NodePlan, Policy
 
 OWNED_ANNOTATION = "hostdev.io/owned-permitted-host-devices"
 FEATURE_GATE = "HostDevices"
+# VMs whose gpus/hostDevices entries name a DRA claim need these (beta, on by default in
+# KubeVirt 1.9; alpha before): set explicitly so admission never depends on the default.
+DRA_GATES = ("GPUsWithDRA", "HostDevicesWithDRA")
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -46,7 +52,8 @@ def desired_entries(
     the policy holds, plus every vendor x device pair a policy names outright (so VMs can be
     admitted before any agent has reported)."""
     wanted: set[PciHostDevice] = set()
-    by_name = {p.name: p for p in policies}
+    # DRA policies' devices reach VMs through claims, not permittedHostDevices.
+    by_name = {p.name: p for p in policies if not p.dra}
     for p in by_name.values():
         for v in p.selector.vendors:
             for d in p.selector.devices:
@@ -63,6 +70,11 @@ def desired_entries(
     return tuple(sorted(wanted))
 
 
+def desired_gates(policies: Iterable[Policy]) -> tuple[str, ...]:
+    """Feature gates besides HostDevices the policies need: the DRA ones for DRA policies."""
+    return DRA_GATES if any(p.dra for p in policies) else ()
+
+
 @dataclass(frozen=True, slots=True)
 class KubeVirtChange:
     """A JSON merge patch for the KubeVirt CR, or None when it is already right."""
@@ -70,38 +82,50 @@ class KubeVirtChange:
     patch: dict[str, Any] | None
     added: tuple[str, ...]
     removed: tuple[str, ...]
+    blocked: tuple[str, ...] = ()  # wanted gates the admin disabled (not added)
 
 
-def _owned(kubevirt: Mapping[str, Any]) -> tuple[set[str], bool]:
+def _owned(kubevirt: Mapping[str, Any]) -> tuple[set[str], set[str]]:
+    """Owned pciHostDevices keys and owned feature gates."""
     ann = ((kubevirt.get("metadata") or {}).get("annotations") or {}).get(OWNED_ANNOTATION)
     if not ann:
-        return set(), False
+        return set(), set()
     try:
         data = json.loads(ann)
     except ValueError:
-        return set(), False
+        return set(), set()
     if not isinstance(data, Mapping):
-        return set(), False
-    return {str(k) for k in data.get("pciHostDevices") or ()}, bool(data.get("featureGate"))
+        return set(), set()
+    gates = {str(g) for g in data.get("featureGates") or ()}
+    if data.get("featureGate"):
+        gates.add(FEATURE_GATE)
+    return {str(k) for k in data.get("pciHostDevices") or ()}, gates
 
 
 def _key(entry: Mapping[str, Any]) -> str:
     return f"{str(entry.get('pciVendorSelector', '')).upper()}={entry.get('resourceName', '')}"
 
 
-def merge_kubevirt(kubevirt: Mapping[str, Any], wanted: Iterable[PciHostDevice]) -> KubeVirtChange:
+def merge_kubevirt(
+    kubevirt: Mapping[str, Any],
+    wanted: Iterable[PciHostDevice],
+    extra_gates: Iterable[str] = (),
+) -> KubeVirtChange:
     """Merge ``wanted`` into the CR's permittedHostDevices.pciHostDevices and feature gates.
 
     Keeps every entry not owned by hostdev (in place), drops owned entries no longer wanted,
     appends wanted ones that are missing. The HostDevices gate is added (and owned) when
-    anything is wanted and it is missing; it is removed only when owned and nothing is wanted.
+    anything is wanted and it is missing, ``extra_gates`` likewise (unless disabled by the
+    admin); a gate is removed only when owned and no longer wanted.
     """
     spec = kubevirt.get("spec") or {}
     config = spec.get("configuration") or {}
     permitted = config.get("permittedHostDevices") or {}
     current = [dict(e) for e in permitted.get("pciHostDevices") or () if isinstance(e, Mapping)]
-    gates = [str(g) for g in (config.get("developerConfiguration") or {}).get("featureGates") or ()]
-    owned, owned_gate = _owned(kubevirt)
+    dev_config = config.get("developerConfiguration") or {}
+    gates = [str(g) for g in dev_config.get("featureGates") or ()]
+    disabled = {str(g) for g in dev_config.get("disabledFeatureGates") or ()}
+    owned, owned_gates = _owned(kubevirt)
     wanted_by_key = {w.key: w for w in wanted}
 
     present = {_key(e) for e in current}
@@ -115,27 +139,31 @@ def merge_kubevirt(kubevirt: Mapping[str, Any], wanted: Iterable[PciHostDevice])
     # stays foreign.
     new_owned = sorted((owned & set(wanted_by_key)) | {w.key for w in added_entries})
 
-    new_gates = list(gates)
-    new_owned_gate = owned_gate
-    if wanted_by_key and FEATURE_GATE not in gates:
-        new_gates.append(FEATURE_GATE)
-        new_owned_gate = True
-    elif not wanted_by_key and owned_gate:
-        new_gates = [g for g in gates if g != FEATURE_GATE]
-        new_owned_gate = False
-    if FEATURE_GATE not in new_gates:
-        new_owned_gate = False
+    extra = sorted(set(extra_gates) - {FEATURE_GATE})
+    wanted_gates = ([FEATURE_GATE] if wanted_by_key else []) + extra
+    blocked = tuple(g for g in extra if g in disabled and g not in gates)
+    new_gates = [g for g in gates if not (g in owned_gates and g not in wanted_gates)]
+    new_owned_gates = {g for g in owned_gates if g in wanted_gates and g in new_gates}
+    for g in wanted_gates:
+        if g not in new_gates and g not in blocked:
+            new_gates.append(g)
+            new_owned_gates.add(g)
 
-    annotation = (
-        json.dumps({"pciHostDevices": new_owned, "featureGate": new_owned_gate}, sort_keys=True)
-        if new_owned or new_owned_gate
-        else None
-    )
+    owned_doc: dict[str, Any] = {}
+    if new_owned or new_owned_gates:
+        owned_doc = {
+            "pciHostDevices": new_owned,
+            "featureGate": FEATURE_GATE in new_owned_gates,
+        }
+        others = sorted(new_owned_gates - {FEATURE_GATE})
+        if others:
+            owned_doc["featureGates"] = others
+    annotation = json.dumps(owned_doc, sort_keys=True) if owned_doc else None
     old_annotation = ((kubevirt.get("metadata") or {}).get("annotations") or {}).get(
         OWNED_ANNOTATION
     )
     if new_list == current and new_gates == gates and annotation == old_annotation:
-        return KubeVirtChange(None, (), ())
+        return KubeVirtChange(None, (), (), blocked)
     patch: dict[str, Any] = {
         "metadata": {"annotations": {OWNED_ANNOTATION: annotation}},
         "spec": {"configuration": {}},
@@ -148,4 +176,7 @@ def merge_kubevirt(kubevirt: Mapping[str, Any], wanted: Iterable[PciHostDevice])
     rv = (kubevirt.get("metadata") or {}).get("resourceVersion")
     if rv:
         patch["metadata"]["resourceVersion"] = rv  # optimistic lock: 409 if someone raced us
-    return KubeVirtChange(patch, tuple(w.key for w in added_entries), removed)
+    added = tuple(w.key for w in added_entries) + tuple(
+        g for g in new_gates if g not in gates and g != FEATURE_GATE
+    )
+    return KubeVirtChange(patch, added, removed, blocked)

@@ -16,6 +16,9 @@ body of a local ``node.yaml`` for clusterless use (``hostdev apply --config node
         - pciAddress: 0000:00:1f.6
           driver: e1000e           # pinned to a host driver: never moved, and its group
                                    # companions are never moved to vfio-pci either
+        - selector: {classes: ["0302"]}
+          resourceName: example.com/gpu
+          allocation: DRA          # served as DRA devices (ResourceSlices), not a device plugin
       # allowUnsafe: true on a pf/device entry overrides the safety guards for it (off by default)
 """
 
@@ -24,7 +27,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from hostdev.host.address import PciAddress, PciAddressError
 from hostdev.host.model import Inventory, is_vfio_driver
@@ -32,13 +35,19 @@ from hostdev.policy.naming import env_collisions
 from hostdev.policy.selector import DeviceSelector, SelectorError
 
 DEFAULT_DRIVER = "vfio-pci"
+# How the kubelet gets a resource's units: a device-plugin server, or DRA (ResourceSlices and a
+# kubelet DRA plugin). One resource is served one way on a node, never both.
+Allocation = Literal["DevicePlugin", "DRA"]
+DEVICE_PLUGIN: Allocation = "DevicePlugin"
+DRA: Allocation = "DRA"
+ALLOCATIONS: tuple[Allocation, ...] = (DEVICE_PLUGIN, DRA)
 # Kernel driver names: what /sys/bus/pci/drivers/<name> can be (no '/', no spaces).
 _DRIVER = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _RESOURCE = re.compile(
     r"^[A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
 )
 _PF_KEYS = {"pciAddress", "pfName", "numVfs", "allowUnsafe"}
-_DEV_KEYS = {"pciAddress", "selector", "driver", "resourceName", "allowUnsafe"}
+_DEV_KEYS = {"pciAddress", "selector", "driver", "resourceName", "allowUnsafe", "allocation"}
 
 
 class NodeConfigError(ValueError):
@@ -67,6 +76,7 @@ class DeviceConfig:
     driver: str = DEFAULT_DRIVER
     resource_name: str | None = None
     allow_unsafe: bool = False
+    allocation: Allocation = DEVICE_PLUGIN
 
     @property
     def wants_vfio(self) -> bool:
@@ -82,6 +92,7 @@ class DeviceRule:
     driver: str = DEFAULT_DRIVER
     resource_name: str | None = None
     allow_unsafe: bool = False
+    allocation: Allocation = DEVICE_PLUGIN
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +105,20 @@ class NodeConfig:
     def from_dict(data: Any) -> NodeConfig:
         """From a ``PassthroughNodeState`` object, its ``spec``, or a node.yaml document."""
         return parse_node_config(data)
+
+    def allocations(self) -> dict[str, Allocation]:
+        """resource -> how it is served (parsing made sure each resource has one way)."""
+        out: dict[str, Allocation] = {}
+        for e in self.devices:
+            if e.resource_name is not None:
+                out[e.resource_name] = e.allocation
+        for r in self.rules:
+            if r.resource_name is not None:
+                out[r.resource_name] = r.allocation
+        return out
+
+    def dra_resources(self) -> frozenset[str]:
+        return frozenset(r for r, a in self.allocations().items() if a == DRA)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +164,16 @@ def _resource(value: Any, where: str) -> str | None:
             f"{where}: resourceName must look like vendor.example/name, got {value!r}"
         )
     return value
+
+
+def _allocation(value: Any, resource: str | None, where: str) -> Allocation:
+    if value is None:
+        return DEVICE_PLUGIN
+    if value not in ALLOCATIONS:
+        raise NodeConfigError(f"{where}: allocation must be DevicePlugin or DRA, got {value!r}")
+    if resource is None and value == DRA:
+        raise NodeConfigError(f"{where}: allocation DRA needs a resourceName to serve")
+    return DRA if value == DRA else DEVICE_PLUGIN
 
 
 def _list(spec: Mapping[str, Any], key: str) -> list[Mapping[str, Any]]:
@@ -206,6 +241,7 @@ def parse_node_config(data: Any) -> NodeConfig:
     devices: list[DeviceConfig] = []
     rules: list[DeviceRule] = []
     seen_dev: set[PciAddress] = set()
+    modes: dict[str, tuple[Allocation, str]] = {}  # resource -> (allocation, first entry)
     named: list[tuple[int, str]] = []  # (entry index, resourceName)
     for i, item in enumerate(_list(spec, "devices")):
         where = f"devices[{i}]"
@@ -215,6 +251,14 @@ def parse_node_config(data: Any) -> NodeConfig:
         if resource is not None:
             named.append((i, resource))
         unsafe = _bool(item.get("allowUnsafe"), f"{where}.allowUnsafe")
+        mode = _allocation(item.get("allocation"), resource, f"{where}.allocation")
+        if resource is not None:
+            first = modes.setdefault(resource, (mode, where))
+            if first[0] != mode:
+                raise NodeConfigError(
+                    f"{where}: resource {resource} is allocated by {mode} here but by "
+                    f"{first[0]} in {first[1]}; a resource is served one way on a node"
+                )
         has_addr, has_sel = item.get("pciAddress") is not None, item.get("selector") is not None
         if has_addr == has_sel:
             raise NodeConfigError(f"{where}: give exactly one of pciAddress or selector")
@@ -223,7 +267,7 @@ def parse_node_config(data: Any) -> NodeConfig:
             if address in seen_dev:
                 raise NodeConfigError(f"{where}: device {address} is listed twice")
             seen_dev.add(address)
-            devices.append(DeviceConfig(address, driver, resource, unsafe))
+            devices.append(DeviceConfig(address, driver, resource, unsafe, mode))
         else:
             sel = item["selector"]
             if not isinstance(sel, Mapping):
@@ -234,7 +278,7 @@ def parse_node_config(data: Any) -> NodeConfig:
                 raise NodeConfigError(f"{where}.selector: {e}") from None
             if selector.empty:
                 raise NodeConfigError(f"{where}.selector: empty selector matches nothing")
-            rules.append(DeviceRule(selector, driver, resource, unsafe))
+            rules.append(DeviceRule(selector, driver, resource, unsafe, mode))
     for c in env_collisions(name for _, name in named):
         i = next(i for i, name in named if name == c.second)
         raise NodeConfigError(f"devices[{i}].resourceName: {c.message}")
@@ -252,7 +296,9 @@ def resolve_devices(config: NodeConfig, inventory: Inventory) -> Resolved:
         for addr, dev in inventory.devices.items():
             if addr in out or dev.is_bridge or not rule.selector.matches(dev, inventory):
                 continue
-            want = DeviceConfig(addr, rule.driver, rule.resource_name, rule.allow_unsafe)
+            want = DeviceConfig(
+                addr, rule.driver, rule.resource_name, rule.allow_unsafe, rule.allocation
+            )
             prev = by_rule.get(addr)
             if prev is not None and prev != want:
                 if addr not in bad:

@@ -16,6 +16,7 @@ from hostdev.host.model import PciDevice
 from hostdev.policy.allocation import AllocUnit, build_units, multi_function_note
 from hostdev.policy.labels import LabelSelector, LabelSelectorError
 from hostdev.policy.naming import env_collisions
+from hostdev.policy.nodeconfig import ALLOCATIONS, DEVICE_PLUGIN, DRA, Allocation
 from hostdev.policy.reported import ReportedNode
 from hostdev.policy.selector import DeviceSelector, PfRange, SelectorError
 
@@ -39,6 +40,12 @@ class Policy:
     priority: int
     created: str  # RFC 3339 creationTimestamp: sorts chronologically as a string
     generation: int = 0
+    allocation: Allocation = DEVICE_PLUGIN
+    uid: str = ""
+
+    @property
+    def dra(self) -> bool:
+        return self.allocation == DRA
 
     @property
     def precedence(self) -> tuple[int, str, str]:
@@ -66,6 +73,9 @@ class Policy:
             raise PolicyError(f"policy {name}: spec.sriov.numVfs must be an integer >= 0")
         if num_vfs is not None and not selector.pf_names:
             raise PolicyError(f"policy {name}: spec.sriov needs selector.pfNames naming the PFs")
+        allocation = spec.get("allocation") or DEVICE_PLUGIN
+        if allocation not in ALLOCATIONS:
+            raise PolicyError(f"policy {name}: spec.allocation must be DevicePlugin or DRA")
         return Policy(
             name=name,
             resource_name=resource,
@@ -77,6 +87,8 @@ class Policy:
             priority=int(spec.get("priority") or 0),
             created=str(meta.get("creationTimestamp") or ""),
             generation=int(meta.get("generation") or 0),
+            allocation=DRA if allocation == DRA else DEVICE_PLUGIN,
+            uid=str(meta.get("uid") or ""),
         )
 
 
@@ -205,8 +217,24 @@ def render_node(
                         f"from policy {owner.name}: {_why(owner)}",
                     )
                 )
+    # One resource is served one way on a node: the policy with precedence decides how.
+    mode: dict[str, Policy] = {}
+    for p in ordered:
+        first = mode.setdefault(p.resource_name, p)
+        if first.allocation != p.allocation:
+            conflicts.append(
+                Conflict(
+                    node,
+                    p.resource_name,
+                    p.name,
+                    first.name,
+                    f"resource {p.resource_name} is allocated by {first.allocation} (policy "
+                    f"{first.name}), not {p.allocation}: {_why(first)}; a resource is served "
+                    "one way on a node",
+                )
+            )
     rules = [
-        {"selector": dict(p.selector_spec), "driver": p.driver, "resourceName": p.resource_name}
+        _rule(p, {"selector": dict(p.selector_spec)}, mode[p.resource_name].allocation)
         for p in ordered
     ]
     explicit: list[dict[str, Any]] = []
@@ -241,11 +269,11 @@ def render_node(
                 (p.driver, p.resource_name) != (winner.driver, winner.resource_name) for p in losers
             ):
                 explicit.append(
-                    {
-                        "pciAddress": str(address),
-                        "driver": winner.driver,
-                        "resourceName": winner.resource_name,
-                    }
+                    _rule(
+                        winner,
+                        {"pciAddress": str(address)},
+                        mode[winner.resource_name].allocation,
+                    )
                 )
     spec = {"pfs": [pfs[k] for k in sorted(pfs)], "devices": explicit + rules}
     multi = {
@@ -261,6 +289,15 @@ def render_node(
         ids=ids,
         reported=inventory is not None,
     )
+
+
+def _rule(p: Policy, target: dict[str, Any], allocation: Allocation) -> dict[str, Any]:
+    """A NodeState devices entry for ``p``: the target, driver, resource (and allocation when
+    it is DRA: specs of device-plugin resources stay as they were before DRA existed)."""
+    out = {**target, "driver": p.driver, "resourceName": p.resource_name}
+    if allocation == DRA:
+        out["allocation"] = DRA
+    return out
 
 
 def select_nodes(policy: Policy, nodes: Mapping[str, Mapping[str, str]]) -> list[str]:

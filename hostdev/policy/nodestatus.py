@@ -19,6 +19,7 @@ from hostdev.host.address import PciAddress, PciAddressError
 from hostdev.host.model import Inventory, PciDevice
 from hostdev.policy.allocation import AllocUnit, build_units, multi_function_note
 from hostdev.policy.conditions import Condition, merge_conditions
+from hostdev.policy.dra import DRIVER
 from hostdev.policy.health import unit_health
 from hostdev.policy.plan import Refusal
 from hostdev.policy.readiness import node_problems
@@ -152,17 +153,22 @@ def allocations_from(
     units = {
         (name, u.id): u.addresses for name, us in units_of(served, inventory).items() for u in us
     }
+    resource_of = {a: name for name, addrs in served.items() for a in addrs}
     rows: set[AllocationRow] = set()
     for p in pods:
-        if p.resource_name not in served:
+        dra = p.resource_name == DRIVER  # DRA devices: the resource follows from the unit
+        if p.resource_name not in served and not dra:
             continue
         vmi = (vmis or {}).get((p.namespace, p.pod))
         for raw in p.device_ids:
             first = _parse(raw)
             if first is None:
                 continue
-            for a in units.get((p.resource_name, str(first)), (first,)):
-                rows.add(AllocationRow(a, p.resource_name, p.namespace, p.pod, p.container, vmi))
+            resource = resource_of.get(first) if dra else p.resource_name
+            if resource is None:
+                continue
+            for a in units.get((resource, str(first)), (first,)):
+                rows.add(AllocationRow(a, resource, p.namespace, p.pod, p.container, vmi))
     return tuple(sorted(rows))
 
 

@@ -4,6 +4,13 @@ Entries the operator adds to a VM are named ``<request>-<entry>-<n>`` and record
 annotation ``hostdev.io/passthrough-requests`` (request -> field, entry names, pinned node), so it
 finds exactly its own entries again and never touches anyone else's.
 
+DRA: entries whose resource a DRA policy serves become claim requests instead of deviceName
+entries (see :mod:`hostdev.policy.request_dra`): the VM gets one ``spec.template.spec.
+resourceClaims`` entry per request, naming a ResourceClaimTemplate the operator makes, and each
+hostDevices/gpus entry names that claim and its request (``claimName`` + ``requestName``, no
+``deviceName``), as KubeVirt 1.9's admission requires. The claim entry is recorded with the
+request's other entries and removed with them.
+
 Eviction: a VM with assigned host devices cannot live-migrate, and KubeVirt refuses to evict a
 VMI whose strategy is LiveMigrate but is not migratable, which blocks node drains. When the VM
 leaves ``spec.template.spec.evictionStrategy`` unset (so the cluster default, often LiveMigrate,
@@ -20,8 +27,15 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from hostdev.policy.conditions import Condition
-from hostdev.policy.nodestate import NodePlan, Policy
+from hostdev.policy.nodestate import NodePlan, Policy, order
 from hostdev.policy.reported import Allocation, ReportedNode
+from hostdev.policy.request_dra import (
+    claim_entry_conflict,
+    dra_request_name,
+    pinned_unit_address,
+    pod_claim_name,
+    template_name,
+)
 
 OWNERS_ANNOTATION = "hostdev.io/passthrough-requests"
 EVICTION_ANNOTATION = "hostdev.io/eviction-strategy-set"
@@ -110,6 +124,8 @@ class Capacity:
     resource_nodes: Mapping[str, frozenset[str]]  # resource -> nodes a policy selects for it
     reported: Mapping[str, ReportedNode]
     planned_nodes: frozenset[str]
+    # resource -> the DeviceClass (the DRA policy with precedence) for resources served by DRA
+    device_classes: Mapping[str, str] = field(default_factory=dict)
 
     @staticmethod
     def build(
@@ -123,17 +139,41 @@ class Capacity:
             for pname in plan.policies:
                 if pname in by_name:
                     nodes[by_name[pname].resource_name].add(node)
+        classes: dict[str, str] = {}
+        for p in order(by_name.values()):
+            if p.resource_name not in classes:
+                classes[p.resource_name] = p.name if p.dra else ""
         return Capacity(
             {r: frozenset(n) for r, n in nodes.items()},
             {n: r for n, r in reported.items() if r.inventory is not None},
             frozenset(plans),
+            {r: c for r, c in classes.items() if c},
         )
 
 
 @dataclass(frozen=True, slots=True)
 class VmDevice:
+    """One VM entry: a device-plugin resource (``device_name``), or with ``device_class`` one
+    request of the request's DRA claim (``pci_address``: a pinned unit's first function)."""
+
     name: str
     device_name: str
+    device_class: str | None = None
+    request_name: str | None = None
+    pci_address: str | None = None
+
+    @property
+    def dra(self) -> bool:
+        return self.device_class is not None
+
+    def as_entry(self, claim: str) -> dict[str, Any]:
+        if self.dra:
+            return {"name": self.name, "claimName": claim, "requestName": self.request_name}
+        return {"name": self.name, "deviceName": self.device_name}
+
+
+# The keys of a VM entry that say where its device comes from (replaced as a whole).
+ENTRY_SOURCE_KEYS = ("deviceName", "claimName", "requestName")
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,7 +240,16 @@ def check_request(req: Request, cap: Capacity) -> Verdict:
                     ),
                 )
             need[resource] = need.get(resource, 0) + 1
-            devices.append(VmDevice(vm_entry_name(req.name, e.name, 0), resource))
+            cls = cap.device_classes.get(resource)
+            devices.append(
+                VmDevice(
+                    vm_entry_name(req.name, e.name, 0),
+                    resource,
+                    cls,
+                    dra_request_name(e.name, 0) if cls else None,
+                    pinned_unit_address(rep, resource, e.pci_address) if cls else None,
+                )
+            )
             continue
         assert e.resource_name is not None
         if e.resource_name not in cap.resource_nodes:
@@ -211,8 +260,22 @@ def check_request(req: Request, cap: Capacity) -> Verdict:
                 f"PassthroughPolicy (known resources: {names})",
             )
         need[e.resource_name] = need.get(e.resource_name, 0) + e.count
+        cls = cap.device_classes.get(e.resource_name)
         devices.extend(
-            VmDevice(vm_entry_name(req.name, e.name, i), e.resource_name) for i in range(e.count)
+            VmDevice(
+                vm_entry_name(req.name, e.name, i),
+                e.resource_name,
+                cls,
+                dra_request_name(e.name, i) if cls else None,
+            )
+            for i in range(e.count)
+        )
+    if req.placement == "gpus" and len({d.dra for d in devices}) > 1:
+        return _refuse(
+            "MixedGpuAllocation",
+            "KubeVirt refuses a VM whose gpus mix DRA and device-plugin GPUs: put the DRA "
+            "resources and the device-plugin resources in separate requests with placement "
+            "hostDevices, or use one allocation for all GPU policies",
         )
 
     candidates: frozenset[str] = cap.planned_nodes if pin is None else frozenset({pin})
@@ -277,6 +340,7 @@ class _Vm:
     eviction: str | None
     eviction_ours: bool
     node_selector: dict[str, str] | None
+    claims: list[dict[str, Any]] | None = None  # spec.template.spec.resourceClaims
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -308,12 +372,14 @@ def _read(vm: Mapping[str, Any]) -> _Vm:
         value = devs.get(f)
         lists[f] = None if value is None else [dict(e) for e in value]
     sel = tspec.get("nodeSelector")
+    claims = tspec.get("resourceClaims")
     return _Vm(
         lists=lists,
         owners=_owners(vm),
         eviction=tspec.get("evictionStrategy"),
         eviction_ours=ann.get(EVICTION_ANNOTATION) == "true",
         node_selector=None if sel is None else dict(sel),
+        claims=None if claims is None else [dict(c) for c in claims],
     )
 
 
@@ -341,6 +407,9 @@ def _diff(vm: Mapping[str, Any], before: _Vm, after: _Vm) -> dict[str, Any] | No
             devs[f] = after.lists[f] or None
     if devs:
         tspec["domain"] = {"devices": devs}
+    if after.claims != before.claims:
+        # A list: a merge patch replaces it whole (our entry added or removed, others kept).
+        tspec["resourceClaims"] = after.claims or None
     if after.eviction != before.eviction:
         tspec["evictionStrategy"] = after.eviction
     if after.node_selector != before.node_selector:
@@ -384,7 +453,17 @@ def _copy(v: _Vm) -> _Vm:
         eviction=v.eviction,
         eviction_ours=v.eviction_ours,
         node_selector=None if v.node_selector is None else dict(v.node_selector),
+        claims=None if v.claims is None else [dict(c) for c in v.claims],
     )
+
+
+def _set_claim(v: _Vm, mine: Mapping[str, Any], claim: Mapping[str, Any] | None) -> None:
+    """Our resourceClaims entry: the old one (recorded in ``mine``) out, ``claim`` in."""
+    old = mine.get("claim")
+    kept = [c for c in v.claims or () if not (old and c.get("name") == old)]
+    if claim is not None:
+        kept.append(dict(claim))
+    v.claims = kept if (kept or v.claims is not None) else None
 
 
 def _release_pin(v: _Vm, request: str) -> None:
@@ -418,6 +497,12 @@ def apply_to_vm(
     old_field, old_names = mine.get("field"), set(mine.get("entries") or ())
     other_names = {n for k, o in v.owners.items() if k != req.name for n in o.get("entries") or ()}
     wanted = {d.name: d for d in devices}
+    dra = any(d.dra for d in devices)
+    claim = pod_claim_name(req.name) if dra else ""
+    if dra:
+        clash = claim_entry_conflict(v.claims, claim, mine.get("claim"))
+        if clash:
+            return VmChange(None, f"VM {req.vm_name} {clash}")
     for f in PLACEMENTS:
         cur = v.lists[f]
         ours = old_names if f == old_field else set()
@@ -428,7 +513,8 @@ def apply_to_vm(
             n = str(e.get("name", ""))
             if n in ours:
                 if n in target:
-                    out.append({**e, "name": n, "deviceName": target[n].device_name})
+                    rest = {k: x for k, x in e.items() if k not in ENTRY_SOURCE_KEYS}
+                    out.append({**rest, **target[n].as_entry(claim)})
                     placed.add(n)
                 continue
             if n in target:
@@ -440,14 +526,26 @@ def apply_to_vm(
                 )
             out.append(e)
         out.extend(
-            {"name": d.name, "deviceName": d.device_name}
-            for n, d in wanted.items()
-            if f == req.placement and n not in placed
+            d.as_entry(claim) for n, d in wanted.items() if f == req.placement and n not in placed
         )
         v.lists[f] = out if (out or cur is not None) else None
+    gpus = v.lists["gpus"] or []
+    if len({"deviceName" not in e and "claimName" in e for e in gpus}) > 1:
+        return VmChange(
+            None,
+            f"VM {req.vm_name} would have both DRA and device-plugin gpus, which KubeVirt "
+            "refuses: use one allocation for its GPUs (or placement hostDevices)",
+        )
+    _set_claim(
+        v,
+        mine,
+        {"name": claim, "resourceClaimTemplateName": template_name(req.name)} if dra else None,
+    )
     # pinning: the VM must run on the node holding the pinned device
     _release_pin(v, req.name)
     record: dict[str, Any] = {"field": req.placement, "entries": [d.name for d in devices]}
+    if dra:
+        record["claim"] = claim
     if pin_node is not None:
         current = (v.node_selector or {}).get(HOSTNAME_LABEL)
         if current is None:
@@ -482,6 +580,7 @@ def remove_from_vm(vm: Mapping[str, Any], request: str) -> VmChange:
     if f in PLACEMENTS and v.lists[f] is not None:
         kept = [e for e in v.lists[f] or () if e.get("name") not in names]
         v.lists[f] = kept or None
+    _set_claim(v, mine, None)
     _release_pin(v, request)
     del v.owners[request]
     _settle_eviction(v)

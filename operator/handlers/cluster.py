@@ -50,6 +50,27 @@ async def nodestates_idx(
     }
 
 
+@kopf.index("resource.k8s.io", "v1", "deviceclasses", labels=MANAGED_BY)
+async def deviceclasses_idx(
+    *, name: str, body: kopf.Body, labels: kopf.Labels, **_: Any
+) -> dict[str, Any]:
+    """The DeviceClasses this operator made (DRA policies)."""
+    return {
+        name: {
+            "metadata": {
+                "name": name,
+                "labels": dict(body.get("metadata", {}).get("labels") or {}),
+            },
+            "spec": dict(body.get("spec") or {}),
+        }
+    }
+
+
+@kopf.on.event("resource.k8s.io", "v1", "deviceclasses", labels=MANAGED_BY)
+async def deviceclass_changed(*, memo: Any, **_: Any) -> None:
+    _cluster(memo).mark()  # e.g. deleted by someone: make it again
+
+
 @kopf.index(KUBEVIRT_GROUP, KUBEVIRT_VERSION, "kubevirts")
 async def kubevirts_idx(*, name: str, namespace: str | None, **_: Any) -> dict[Any, Any]:
     return {(namespace, name): {"metadata": {"name": name, "namespace": namespace}}}

@@ -13,6 +13,7 @@ import kopf
 
 from hostdev.operator import metrics
 from hostdev.operator.cluster import Cluster, now, values
+from hostdev.operator.dra import delete_claim_template, sync_claim_template
 from hostdev.operator.kube import (
     GROUP,
     KUBEVIRT_GROUP,
@@ -223,6 +224,23 @@ async def _apply(
         return
 
     api: Api = memo["api"]
+    # DRA entries: the claim template first, so the VM never names a missing one.
+    refusal = await sync_claim_template(
+        api, req, body.get("metadata", {}).get("uid"), verdict.devices
+    )
+    if refusal is not None:
+        _set_status(
+            patch,
+            status,
+            generation,
+            {"phase": "Refused", "message": refusal},
+            [
+                Condition("Accepted", "True", verdict.reason, verdict.message),
+                Condition("Applied", "False", "ClaimTemplateConflict", refusal),
+            ],
+        )
+        kopf.warn(body, reason="Refused", message=refusal)
+        raise kopf.TemporaryError(refusal, delay=_backoff(RETRY_REFUSED_S, retry))
     vm, change = await _patch_vm(
         api,
         memo,
@@ -411,6 +429,7 @@ async def release_request(*, body: kopf.Body, memo: Any, **_: Any) -> None:
         log.info(
             "PassthroughRequest %s/%s: removed its entries from VM %s", namespace, name, vm_name
         )
+    await delete_claim_template(api, namespace, name, meta.get("uid"))
     metrics.RECONCILES.labels("request", "released").inc()
 
 

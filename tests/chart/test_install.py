@@ -21,6 +21,11 @@ import pytest
 import yaml
 from kubernetes import client as k8s
 
+from hostdev.deviceplugin.dra.kube import DraApi
+from hostdev.deviceplugin.dra.publisher import SlicePublisher
+from hostdev.host import PciAddress
+from hostdev.policy.allocation import AllocUnit
+from hostdev.policy.dra import PoolEntry, dra_device, plan_slices
 from tests.chart.helmtool import CHART, helm
 from tests.fixtures.kube import Cluster
 
@@ -175,7 +180,8 @@ def test_every_object_of_the_release_exists(kube_apiserver: Cluster, release: Re
             "Role", "RoleBinding",
             "DaemonSet", "Deployment", "PodDisruptionBudget", "Service", "Service",
             "ServiceAccount", "ServiceAccount",
-            "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding",
+            "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding",  # own NodeState
+            "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding",  # own slices (DRA)
         ]
     )  # fmt: skip
     for doc in release.manifest:
@@ -340,6 +346,109 @@ def test_pod_bound_token_carries_the_node_and_is_pinned_to_it(
         k8s.CustomObjectsApi(kube_apiserver.admin).delete_cluster_custom_object(
             GROUP, VERSION, NODESTATES, own
         )
+
+
+# ---- DRA: own-node ResourceSlices ---------------------------------------------------------------
+
+SLICES = "resourceslices"
+
+
+def _slice(name: str, node: str, driver: str = "pci.hostdev.io") -> dict[str, Any]:
+    return {
+        "apiVersion": "resource.k8s.io/v1",
+        "kind": "ResourceSlice",
+        "metadata": {"name": name},
+        "spec": {
+            "driver": driver,
+            "nodeName": node,
+            "pool": {"name": node, "generation": 1, "resourceSliceCount": 1},
+            "devices": [{"name": "pci-0000-17-00-0"}],
+        },
+    }
+
+
+def _refused(call: Callable[[], object]) -> k8s.ApiException:
+    """The write is refused; waits (bounded) for the policy to be loaded by admission."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            call()
+        except k8s.ApiException as e:
+            return e
+        if time.monotonic() > deadline:
+            pytest.fail("the write was allowed for 30 s")
+        time.sleep(0.5)
+
+
+def test_agent_may_write_only_its_own_nodes_resourceslices(
+    kube_apiserver: Cluster, release: Release
+) -> None:
+    sa = release.agent_sa
+    assert can(kube_apiserver, sa, "create", SLICES, "resource.k8s.io")
+    assert can(kube_apiserver, sa, "get", "resourceclaims", "resource.k8s.io")
+    assert not can(kube_apiserver, sa, "update", "resourceclaims", "resource.k8s.io")
+    assert not can(kube_apiserver, sa, "create", "deviceclasses", "resource.k8s.io")
+    suffix = uuid.uuid4().hex[:6]
+    node_a, node_b = f"node-a-{suffix}", f"node-b-{suffix}"
+    admin = k8s.CustomObjectsApi(kube_apiserver.admin)
+    as_a = k8s.CustomObjectsApi(impersonating(kube_apiserver, sa, {NODE_NAME_KEY: node_a}))
+    rs = ("resource.k8s.io", "v1", SLICES)
+    admin.create_cluster_custom_object(*rs, _slice(f"b-{suffix}", node_b))
+    try:
+        err = _refused(
+            lambda: as_a.create_cluster_custom_object(*rs, _slice(f"x-{suffix}", node_b))
+        )
+        assert err.status == 403
+        assert (
+            f"may write only ResourceSlices of driver pci.hostdev.io with spec.nodeName {node_a}"
+            in err.body
+        )
+        err = _refused(lambda: as_a.delete_cluster_custom_object(*rs, f"b-{suffix}"))
+        assert err.status == 403
+        foreign_driver = _slice(f"g-{suffix}", node_a, driver="gpu.example.com")
+        assert (
+            _refused(lambda: as_a.create_cluster_custom_object(*rs, foreign_driver)).status == 403
+        )
+        # Its own node's slice: create, update, delete.
+        mine = as_a.create_cluster_custom_object(*rs, _slice(f"a-{suffix}", node_a))
+        mine["spec"]["devices"].append({"name": "pci-0000-18-00-0"})
+        mine = as_a.replace_cluster_custom_object(*rs, f"a-{suffix}", mine)
+        moved = dict(
+            mine,
+            spec={
+                **mine["spec"],
+                "nodeName": node_b,
+                "pool": {**mine["spec"]["pool"], "name": node_b},
+            },
+        )
+        err = _refused(lambda: as_a.replace_cluster_custom_object(*rs, f"a-{suffix}", moved))
+        assert err.status in (403, 422)  # the API may refuse the move itself (immutable)
+        as_a.delete_cluster_custom_object(*rs, f"a-{suffix}")
+        # The agent's own publisher under exactly these permissions.
+        pub = SlicePublisher(
+            DraApi(impersonating(kube_apiserver, sa, {NODE_NAME_KEY: node_a}), node_a)
+        )
+        pub.start()
+        try:
+            unit = AllocUnit("0000:17:00.0", (PciAddress.parse("0000:17:00.0"),), 40, 0, None)
+            pub.submit(
+                plan_slices(node_a, [PoolEntry(dra_device(unit, "example.com/gpu", None), True)])
+            )
+            assert pub.wait_synced(60), pub.last_error
+        finally:
+            pub.stop()
+        got = admin.list_cluster_custom_object(*rs, field_selector=f"spec.nodeName={node_a}")
+        assert [o["spec"]["devices"][0]["name"] for o in got["items"]] == ["pci-0000-17-00-0"]
+        for o in got["items"]:
+            admin.delete_cluster_custom_object(*rs, o["metadata"]["name"])
+        # Not bound to a pod: nothing.
+        nowhere = k8s.CustomObjectsApi(impersonating(kube_apiserver, sa))
+        err = _refused(
+            lambda: nowhere.create_cluster_custom_object(*rs, _slice(f"n-{suffix}", node_a))
+        )
+        assert "only with a pod-bound service account token" in err.body
+    finally:
+        admin.delete_cluster_custom_object(*rs, f"b-{suffix}")
 
 
 # ---- uninstall ------------------------------------------------------------------------------

@@ -19,6 +19,12 @@ EXPECTED_HOST_PATHS = {
     "/var/lib/kubelet/pod-resources": ("/var/lib/kubelet/pod-resources", False),
     "/var/lib/hostdev": ("/var/lib/hostdev", False),
 }
+# The DRA front end's (agent.dra.enabled, the default): only its own plugin directory.
+DRA_HOST_PATHS = {
+    "/var/lib/kubelet/plugins_registry": ("/var/lib/kubelet/plugins_registry", False),
+    "/var/lib/kubelet/plugins/pci.hostdev.io": ("/var/lib/kubelet/plugins/pci.hostdev.io", False),
+    "/var/run/cdi": ("/var/run/cdi", False),
+}
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +87,15 @@ def test_agent_daemonset_shape(docs: list[dict[str, Any]]) -> None:
         "--plugin-dir=/var/lib/kubelet/device-plugins",
         "--pod-resources-socket=/var/lib/kubelet/pod-resources/kubelet.sock",
         "--state-dir=/var/lib/hostdev",
+        "--kubelet-registry-dir=/var/lib/kubelet/plugins_registry",
+        "--kubelet-plugins-dir=/var/lib/kubelet/plugins",
+        "--cdi-dir=/var/run/cdi",
         "--metrics-port=9101",
         "--log-level=INFO",
     ]
+    off = find(render({"agent.dra.enabled": False}), "DaemonSet", "-agent")
+    args = off["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--no-dra" in args and not any(a.startswith("--cdi-dir") for a in args)
 
 
 def test_rendered_command_lines_parse_with_the_real_entry_points(
@@ -106,15 +118,26 @@ def test_rendered_command_lines_parse_with_the_real_entry_points(
     assert (parsed.lease_duration, parsed.renew_deadline, parsed.retry_period) == (15, 10, 2)
 
 
-def test_agent_mounts_only_what_it_needs(docs: list[dict[str, Any]]) -> None:
+def _host_mounts(docs: list[dict[str, Any]]) -> dict[str, tuple[str, bool]]:
     pod = find(docs, "DaemonSet", "-agent")["spec"]["template"]["spec"]
     host = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
     mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
-    got = {
+    return {
         path: (mounts[name]["mountPath"], mounts[name].get("readOnly", False))
         for name, path in host.items()
     }
-    assert got == EXPECTED_HOST_PATHS
+
+
+def test_agent_mounts_only_what_it_needs(docs: list[dict[str, Any]]) -> None:
+    assert _host_mounts(docs) == {**EXPECTED_HOST_PATHS, **DRA_HOST_PATHS}
+    assert _host_mounts(render({"agent.dra.enabled": False})) == EXPECTED_HOST_PATHS
+    # A distribution's own kubelet directory: mounted at the same path (the kubelet dials the
+    # socket by it, the runtime bind-mounts metadata files by it).
+    k0s = render({"agent.hostPaths.kubeletPlugins": "/var/lib/k0s/kubelet/plugins"})
+    assert _host_mounts(k0s)["/var/lib/k0s/kubelet/plugins/pci.hostdev.io"] == (
+        "/var/lib/k0s/kubelet/plugins/pci.hostdev.io",
+        False,
+    )
 
 
 def test_agent_privileges_are_bounded(docs: list[dict[str, Any]]) -> None:
@@ -148,11 +171,30 @@ def test_agent_role_is_exactly_nodestates_status_and_pods(docs: list[dict[str, A
         for g in rule["apiGroups"]
         for r in rule["resources"]
     }
-    assert got == {
+    base = {
         ("hostdev.io", "passthroughnodestates", ("get", "list", "watch")),
         ("hostdev.io", "passthroughnodestates/status", ("patch", "update")),
         ("", "pods", ("get", "list", "watch")),
     }
+    assert got == base | {
+        (
+            "resource.k8s.io",
+            "resourceslices",
+            ("create", "delete", "get", "list", "update", "watch"),
+        ),
+        ("resource.k8s.io", "resourceclaims", ("get",)),
+        ("", "nodes", ("get",)),
+    }
+    off = render({"agent.dra.enabled": False})
+    assert {
+        (g, r, tuple(sorted(rule["verbs"])))
+        for rule in rules(off, "-agent")
+        for g in rule["apiGroups"]
+        for r in rule["resources"]
+    } == base
+    assert not any(
+        d["kind"] == "ValidatingAdmissionPolicy" and "slices" in d["metadata"]["name"] for d in off
+    )
 
 
 def test_operator_role_covers_its_api_calls(docs: list[dict[str, Any]]) -> None:
@@ -173,6 +215,17 @@ def test_operator_role_covers_its_api_calls(docs: list[dict[str, Any]]) -> None:
     assert {"create", "delete", "patch"} <= verbs("hostdev.io", "passthroughnodestates")
     assert verbs("coordination.k8s.io", "leases") == set()  # cluster-wide: none
     assert verbs("", "pods") == set() and verbs("", "configmaps") == set()
+    assert verbs("resource.k8s.io", "deviceclasses") == {
+        "get",
+        "list",
+        "watch",
+        "create",
+        "patch",
+        "update",
+        "delete",
+    }
+    assert verbs("resource.k8s.io", "resourceclaimtemplates") == {"get", "create", "delete"}
+    assert verbs("resource.k8s.io", "resourceslices") == set()
 
 
 def test_operator_lease_role_is_namespaced_and_minimal(docs: list[dict[str, Any]]) -> None:
@@ -189,8 +242,8 @@ def test_operator_lease_role_is_namespaced_and_minimal(docs: list[dict[str, Any]
 
 
 def test_own_nodestate_policy(docs: list[dict[str, Any]]) -> None:
-    vap = find(docs, "ValidatingAdmissionPolicy")
-    binding = find(docs, "ValidatingAdmissionPolicyBinding")
+    vap = find(docs, "ValidatingAdmissionPolicy", "-own-nodestate")
+    binding = find(docs, "ValidatingAdmissionPolicyBinding", "-own-nodestate")
     assert binding["spec"]["policyName"] == vap["metadata"]["name"]
     assert binding["spec"]["validationActions"] == ["Deny"]
     (cond,) = vap["spec"]["matchConditions"]
@@ -231,3 +284,14 @@ def test_disabled_agent_renders_no_agent_objects() -> None:
     names = [d["metadata"]["name"] for d in docs]
     assert not [n for n in names if "agent" in n]
     find(docs, "Deployment", "-operator")
+
+
+def test_own_resourceslices_policy(docs: list[dict[str, Any]]) -> None:
+    vap = find(docs, "ValidatingAdmissionPolicy", "-own-resourceslices")
+    binding = find(docs, "ValidatingAdmissionPolicyBinding", "-own-resourceslices")
+    assert binding["spec"]["policyName"] == vap["metadata"]["name"]
+    assert binding["spec"]["validationActions"] == ["Deny"]
+    (rule,) = vap["spec"]["matchConstraints"]["resourceRules"]
+    assert rule["resources"] == ["resourceslices"] and rule["apiGroups"] == ["resource.k8s.io"]
+    assert set(rule["operations"]) == {"CREATE", "UPDATE", "DELETE"}
+    assert "hd-hostdev-agent" in vap["spec"]["matchConditions"][0]["expression"]

@@ -4,6 +4,7 @@ becomes a served device-plugin resource and a Succeeded status; SIGTERM stops it
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,6 +49,10 @@ class AgentProcess:
                 str(kubeconfig),
                 "--pod-resources-socket",
                 str(tmp_path / "no-kubelet.sock"),
+                # The DRA front end's kubelet and CDI directories, never the machine's own.
+                f"--kubelet-registry-dir={plugin_dir}/reg",
+                f"--kubelet-plugins-dir={plugin_dir}/plugins",
+                f"--cdi-dir={tmp_path}/cdi",
             ],
             env={**os.environ, "NODE_NAME": name},
             stdout=subprocess.PIPE,
@@ -153,6 +158,4 @@ def test_agent_process_in_cluster_mode(kube_apiserver: Cluster, tmp_path: Path) 
     finally:
         agent.stop()
         crd.delete_cluster_custom_object(GROUP, VERSION, PLURAL, name)
-        for p in plugin_dir.iterdir():
-            p.unlink()
-        plugin_dir.rmdir()
+        shutil.rmtree(plugin_dir)

@@ -55,7 +55,9 @@ class RecordingManager:
     def __init__(self) -> None:
         self.applies: list[dict[str, tuple[PciAddress, ...]]] = []
 
-    def apply(self, resources: Mapping[str, tuple[PciAddress, ...]]) -> None:
+    def apply(
+        self, resources: Mapping[str, tuple[PciAddress, ...]], dra: frozenset[str] = frozenset()
+    ) -> None:
         self.applies.append(dict(resources))
 
 

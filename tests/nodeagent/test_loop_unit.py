@@ -32,7 +32,9 @@ class Manager:
         self.applies: list[dict[str, tuple[PciAddress, ...]]] = []
         self.fail: str | None = None
 
-    def apply(self, resources: Mapping[str, tuple[PciAddress, ...]]) -> None:
+    def apply(
+        self, resources: Mapping[str, tuple[PciAddress, ...]], dra: frozenset[str] = frozenset()
+    ) -> None:
         if self.fail:
             raise RuntimeError(self.fail)
         self.applies.append(dict(resources))

@@ -132,3 +132,53 @@ def test_allocation_report(kubelet: tuple[FakeKubelet, str], tmp_path: Path) -> 
     # The kubelet going away makes allocations unknown (None), not empty.
     fake.fail = grpc.StatusCode.UNAVAILABLE
     assert reader.read(served, inv) is None
+
+
+def test_dra_claims_of_this_driver_are_reported_under_their_resource(
+    kubelet: tuple[FakeKubelet, str], tmp_path: Path
+) -> None:
+    """A pod holding a unit through a DRA claim: PodResources lists it among the container's
+    dynamic resources (driver, pool, device); it counts as held under the unit's resource."""
+    fake, sock = kubelet
+    scenarios.gpu_with_audio(tmp_path)
+    inv = Sysfs(str(tmp_path)).discover()
+    served = {GPU: (A("0000:17:00.0"), A("0000:17:00.1"))}
+    container = api_pb2.ContainerResources(
+        name="compute",
+        dynamic_resources=[
+            api_pb2.DynamicResource(
+                claim_name="vm-a-gpus-x7k2",
+                claim_namespace="vms",
+                claim_resources=[
+                    api_pb2.ClaimResource(
+                        driver_name="pci.hostdev.io", pool_name="node-1", device_name=name
+                    )
+                    for name in ("pci-0000-17-00-0", "pci-0000-99-00-0")
+                ]
+                + [
+                    api_pb2.ClaimResource(
+                        driver_name="gpu.example.com", pool_name="p", device_name="pci-0000-17-00-0"
+                    )
+                ],
+            )
+        ],
+    )
+    fake.pods = [
+        api_pb2.PodResources(namespace="vms", name="virt-launcher-a-x", containers=[container])
+    ]
+    listed = PodResourcesClient(sock).list()
+    assert listed == (
+        PodDevices(
+            "vms",
+            "virt-launcher-a-x",
+            "compute",
+            "pci.hostdev.io",
+            ("0000:17:00.0", "0000:99:00.0"),
+        ),
+    )
+    reader = KubeletAllocations(PodResourcesClient(sock), FakePods())  # type: ignore[arg-type]
+    # The unknown unit (not served here) is skipped; the served one expands to its functions.
+    assert reader.read(served, inv) == (
+        AllocationRow(A("0000:17:00.0"), GPU, "vms", "virt-launcher-a-x", "compute", "a"),
+        AllocationRow(A("0000:17:00.1"), GPU, "vms", "virt-launcher-a-x", "compute", "a"),
+    )

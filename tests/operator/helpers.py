@@ -15,6 +15,7 @@ def policy(
     node_selector: dict[str, Any] | None = None,
     num_vfs: int | None = None,
     driver: str | None = None,
+    allocation: str | None = None,
 ) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "resourceName": resource,
@@ -27,8 +28,15 @@ def policy(
         spec["sriov"] = {"numVfs": num_vfs}
     if driver is not None:
         spec["driver"] = driver
+    if allocation is not None:
+        spec["allocation"] = allocation
     return {
-        "metadata": {"name": name, "creationTimestamp": created, "generation": 1},
+        "metadata": {
+            "name": name,
+            "creationTimestamp": created,
+            "generation": 1,
+            "uid": f"uid-{name}",
+        },
         "spec": spec,
     }
 

@@ -19,6 +19,8 @@ pytestmark = pytest.mark.kube
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 POLICY = yaml.safe_load((EXAMPLES / "1-policy.yaml").read_text())
+DRA_POLICY = yaml.safe_load((EXAMPLES / "4-dra-policy.yaml").read_text())
+DRA_REQUEST = yaml.safe_load((EXAMPLES / "6-dra-request.yaml").read_text())
 REQUEST = yaml.safe_load((EXAMPLES / "3-request.yaml").read_text())
 NODESTATE = {
     "apiVersion": "hostdev.io/v1alpha1",
@@ -57,7 +59,11 @@ def causes(cluster: Cluster, obj: dict[str, Any], namespace: str) -> list[tuple[
     return [(c.get("field", ""), c["message"]) for c in body["details"]["causes"]]
 
 
-@pytest.mark.parametrize("obj", [POLICY, REQUEST, NODESTATE], ids=lambda o: o["kind"])
+@pytest.mark.parametrize(
+    "obj",
+    [POLICY, REQUEST, NODESTATE, DRA_POLICY, DRA_REQUEST],
+    ids=lambda o: f"{o['kind']}-{o['metadata']['name']}",
+)
 def test_examples_are_valid(kube_apiserver: Cluster, kube_namespace: str, obj: dict) -> None:
     create(kube_apiserver, obj, kube_namespace)  # raises on rejection
 
@@ -114,6 +120,13 @@ RULES = [
      "numaNodes (an empty selector would claim nothing)"),
     ("numvfs-negative", POLICY, pspec(sriov={"numVfs": -1}, selector={"pfNames": ["ens1f0"]}),
      "spec.sriov.numVfs", "spec.sriov.numVfs in body should be greater than or equal to 0"),
+    ("dra-resourceName-length", POLICY,
+     pspec(allocation="DRA", resourceName="vendor.example/" + "x" * 50), "spec",
+     "with allocation DRA the resourceName is published as a device attribute, whose values hold "
+     "at most 64 characters: shorten resourceName"),
+    ("nodestate-dra-needs-resource", NODESTATE,
+     lambda o: o["spec"]["devices"][1].update(allocation="DRA", resourceName=None),
+     "spec.devices[1]", "allocation DRA needs a resourceName to serve"),
     ("driver", POLICY, pspec(driver="ixgbevf"), "spec.driver",
      "driver must be vfio-pci or a vfio-pci variant driver whose name ends in _vfio_pci (e.g. "
      "mlx5_vfio_pci)"),
@@ -200,7 +213,9 @@ def test_printer_columns_and_short_names(kube_apiserver: Cluster) -> None:
     assert crd.spec.names.short_names == ["ptp"]
     assert crd.spec.names.categories == ["hostdev"]
     cols = [c.name for c in crd.spec.versions[0].additional_printer_columns]
-    assert cols == ["Resource", "Priority", "Nodes", "Devices", "Conflicts", "Ready", "Age"]
+    assert cols == [
+        "Resource", "Allocation", "Priority", "Nodes", "Devices", "Conflicts", "Ready", "Age"
+    ]  # fmt: skip
     for name, short in (("passthroughnodestates", "ptns"), ("passthroughrequests", "ptr")):
         assert ext.read_custom_resource_definition(f"{name}.hostdev.io").spec.names.short_names == [
             short

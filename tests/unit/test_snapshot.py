@@ -52,7 +52,14 @@ def test_saved_real_kernel_with_iommu_and_sriov(capsys: pytest.CaptureFixture[st
     live = json.loads((DATA / "qemu-q35-vtd-sriov.scan.json").read_text())
     assert main(["scan", "--host-root", str(root), "--json", "--pci-ids", "/dev/null"]) == 0
     saved = json.loads(capsys.readouterr().out)
+    dra = {d["name"]: d for d in saved.pop("dra")["devices"]}  # added after the capture
     assert saved == live
+    # The DRA devices the tree would publish: one per IOMMU group, VFs with their PF.
+    vf = dra["pci-0000-41-00-1"]["attributes"]
+    assert vf["pfPciBusID"] == {"string": "0000:41:00.0"} and vf["vfIndex"] == {"int": 0}
+    assert vf["resource.kubernetes.io/pcieRoot"] == {"string": "pci0000:40"}
+    assert dra["pci-0000-02-00-0"]["addresses"] == ["0000:02:00.0", "0000:02:00.1"]
+    assert dra["pci-0000-04-01-0"]["attributes"]["functions"] == {"int": 2}  # bridge aside
     # What the real kernel showed, in the host model's terms.
     assert saved["node"]["iommuVendor"] == "intel" and saved["node"]["interruptRemapping"]
     groups = {g["number"]: g for g in saved["groups"]}
