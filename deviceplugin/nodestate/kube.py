@@ -8,14 +8,15 @@ client. Objects are plain dicts (the CRD has no generated model).
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from kubernetes import client
+from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
-from hostdev.deviceplugin.kubewatch import Event, WatchExpiredError, watch_events
+from hostdev.deviceplugin.kubewatch import GONE, Event, WatchExpiredError, watch_events
 from hostdev.policy.nodestatus import LAUNCHER_LABEL, vmi_of_pod
 
 log = logging.getLogger(__name__)
@@ -118,3 +119,87 @@ class LauncherPods:
             if vmi:
                 out[(str(pod.metadata.namespace), str(pod.metadata.name))] = vmi
         return out
+
+
+class LauncherPodWatch:
+    """Watches the virt-launcher pods on this node and calls ``gone(namespace, pod)`` when one
+    is deleted or has finished (its VM let go of its devices). Without RBAC for it (an older
+    chart) it says so once and tries again every ``denied_retry`` seconds."""
+
+    def __init__(
+        self,
+        api_client: client.ApiClient,
+        node_name: str,
+        *,
+        timeout_seconds: int = 300,
+        backoff: float = 5.0,
+        denied_retry: float = 300.0,
+    ) -> None:
+        self.core = client.CoreV1Api(api_client)
+        self.node_name = node_name
+        self.timeout_seconds = timeout_seconds
+        self.backoff = backoff
+        self.denied_retry = denied_retry
+        self._selectors: dict[str, Any] = {
+            "field_selector": f"spec.nodeName={node_name}",
+            "label_selector": f"{LAUNCHER_LABEL[0]}={LAUNCHER_LABEL[1]}",
+        }
+
+    def run(self, stop: threading.Event, gone: Callable[[str, str], None]) -> None:
+        rv: str | None = None
+        warned = False
+        while not stop.is_set():
+            try:
+                if rv is None:
+                    listed = self.core.list_pod_for_all_namespaces(limit=1, **self._selectors)
+                    rv = str(listed.metadata.resource_version if listed.metadata else "")
+                rv = self._watch(rv, stop, gone)
+            except ApiException as e:
+                if e.status == GONE:
+                    rv = None
+                    continue
+                denied = e.status in (401, 403)
+                if not (denied and warned):
+                    log.warning(
+                        "cannot watch pods on node %s (%s %s): a VM letting go of devices a "
+                        "change waits for is noticed at the next allocation read instead",
+                        self.node_name,
+                        e.status,
+                        e.reason,
+                    )
+                warned = warned or denied
+                rv = None
+                stop.wait(self.denied_retry if denied else self.backoff)
+            except Exception as e:  # network errors: urllib3 raises many kinds
+                if stop.is_set():
+                    return
+                log.warning("pod watch on node %s failed: %s", self.node_name, e)
+                rv = None
+                stop.wait(self.backoff)
+
+    def _watch(self, rv: str, stop: threading.Event, gone: Callable[[str, str], None]) -> str:
+        w = watch.Watch()  # type: ignore[no-untyped-call]
+        try:
+            for ev in w.stream(  # type: ignore[no-untyped-call]
+                self.core.list_pod_for_all_namespaces,
+                resource_version=rv,
+                allow_watch_bookmarks=True,
+                timeout_seconds=self.timeout_seconds,
+                _request_timeout=self.timeout_seconds + 10,
+                **self._selectors,
+            ):
+                pod = ev.get("object")
+                meta = getattr(pod, "metadata", None)
+                if meta is None:
+                    continue
+                rv = str(meta.resource_version or rv)
+                phase = getattr(getattr(pod, "status", None), "phase", None)
+                if ev.get("type") == "DELETED" or (
+                    ev.get("type") == "MODIFIED" and phase in ("Succeeded", "Failed")
+                ):
+                    gone(str(meta.namespace), str(meta.name))
+                if stop.is_set():
+                    break
+        finally:
+            w.stop()  # type: ignore[no-untyped-call]
+        return rv

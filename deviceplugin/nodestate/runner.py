@@ -21,7 +21,7 @@ from hostdev.deviceplugin.config.memory import DriverMemory, StateFileError
 from hostdev.deviceplugin.dra.setup import add_dra_args, start_dra
 from hostdev.deviceplugin.manager import PluginManager
 from hostdev.deviceplugin.nodestate.allocations import KubeletAllocations
-from hostdev.deviceplugin.nodestate.kube import LauncherPods, NodeStateClient
+from hostdev.deviceplugin.nodestate.kube import LauncherPods, LauncherPodWatch, NodeStateClient
 from hostdev.deviceplugin.nodestate.loop import LoopSettings, NodeStateLoop
 from hostdev.deviceplugin.nodestate.sync import Syncer
 from hostdev.deviceplugin.persist import saved_allocations
@@ -192,6 +192,7 @@ async def run_cluster(args: argparse.Namespace, manager: PluginManager, stop: as
         settings=LoopSettings(resync=args.nodestate_resync_seconds),
         live_inventory=sink.inventory,
         served=seed or None,
+        pods_gone=LauncherPodWatch(api, node),
     )
     log.info("cluster mode: applying PassthroughNodeState %s", node)
     halt = threading.Event()
