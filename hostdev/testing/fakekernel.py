@@ -73,6 +73,13 @@ class FakeKernel:
                         self._driver(vfs[0].resolve().name) if vfs else None
                     )
         self.vf_drivers.update(vf_drivers or {})
+        for pf, drv in (vf_drivers or {}).items():
+            # The driver the kernel binds to a new VF is the one its modalias matches: keep
+            # modules.alias saying so, as the agent reads it to learn a VF's host driver.
+            if drv is not None and drv != "vfio-pci":
+                vendor = (self._dev(pf) / "vendor").read_text().strip().removeprefix("0x")
+                vf_dev = (self._dev(pf) / "sriov_vf_device").read_text().strip()
+                host.add_module_alias(vendor, vf_dev, drv)
         groups = [int(g.name) for g in (self.root / "sys/kernel/iommu_groups").iterdir()]
         host._next_group = max([host._next_group, *groups])
         self._save()
@@ -185,6 +192,10 @@ class FakeKernel:
         autoprobe = (d / "sriov_drivers_autoprobe").read_text().strip() == "1"
         vf_driver = self.vf_drivers.get(a)
         self.host.set_numvfs(a, n, vf_driver=vf_driver if autoprobe else None)
+        if n and vf_driver is not None:
+            # udev loads the VF driver's module on the VFs' add events even when autoprobe is
+            # off (it only stops the binding), so a later drivers_probe can bind them.
+            (self.root / "sys/bus/pci/drivers" / vf_driver).mkdir(parents=True, exist_ok=True)
         for link in d.glob("virtfn*"):
             self.defaults[link.resolve().name] = vf_driver
         self._save()

@@ -102,10 +102,11 @@ class FakeHost:
         """A ``modules.alias`` line: ``module`` drives ``vendor:device`` (as depmod writes it)."""
         path = self.root / "lib/modules" / self.release / "modules.alias"
         path.parent.mkdir(parents=True, exist_ok=True)
+        line = f"alias pci:v0000{vendor.upper()}d0000{device.upper()}sv*sd*bc*sc*i* {module}\n"
+        if path.exists() and line in path.read_text():
+            return
         with path.open("a") as f:
-            f.write(
-                f"alias pci:v0000{vendor.upper()}d0000{device.upper()}sv*sd*bc*sc*i* {module}\n"
-            )
+            f.write(line)
 
     def new_group(self) -> int:
         self._next_group += 1
