@@ -184,22 +184,28 @@ def test_failed_sync_is_retried_with_backoff_without_a_spec_change(tmp_path: Pat
 
 
 def test_periodic_resync_writes_nothing_when_nothing_changed(tmp_path: Path) -> None:
+    """Steady state: re-syncs that find the node as the spec wants it write no status. (How
+    many writes the first sync takes depends on timing: InProgress is coalesced away with
+    Succeeded when the sync is quick, written when it is not, e.g. on a loaded machine.)"""
     h = Harness(tmp_path, resync=0.1)
     h.api.put(GOOD, generation=1)
     h.thread.start()
     try:
         h.synced(1, "Succeeded")
         wait_for("three re-syncs", lambda: h.loop.syncs >= 4)
-        writes = len(h.api.patches)
+        writes, settled = len(h.api.patches), h.api.status()
         wait_for("three more", lambda: h.loop.syncs >= 7)
-        assert len(h.api.patches) == writes == 1
+        assert len(h.api.patches) == writes >= 1
         # Something changes on the host behind the agent's back: the next re-sync repairs it
-        # and the status does not change (the node is back where the spec wants it).
+        # and the status ends as it was (the node is back where the spec wants it).
         h.kernel.host.bind("0000:17:00.0", None)
         syncs = h.loop.syncs
         wait_for("the repair", lambda: h.loop.syncs > syncs + 1)
         assert h.sysfs.discover().devices[A("0000:17:00.0")].driver == "vfio-pci"
-        assert len(h.api.patches) == 1
+        wait_for("the status as before the repair", lambda: h.api.status() == settled)
+        writes, syncs = len(h.api.patches), h.loop.syncs
+        wait_for("three more after the repair", lambda: h.loop.syncs >= syncs + 3)
+        assert len(h.api.patches) == writes
     finally:
         h.stop.set()
         h.thread.join(10)
