@@ -120,7 +120,7 @@ def test_applies_when_the_blocking_pod_goes_and_not_before(
 def test_a_pf_dropped_from_the_node_state_goes_to_zero_vfs_once_its_vm_goes(
     agent: tuple[NodeStateLoop, FakeApi, Kubelet, PodEvents, Path],
 ) -> None:
-    loop, api, kubelet, pods, root = agent
+    _, api, kubelet, pods, root = agent
     api.put(spec("0-1"), generation=1)
     wait_for("first sync", lambda: api.status().get("syncStatus") == "Succeeded")
     sysfs = Sysfs(str(root))
