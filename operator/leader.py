@@ -7,7 +7,10 @@ Only the leader runs kopf (its handlers, timers, daemons and watches); the other
   resourceVersion read): of two processes racing for it, the API server lets exactly one win.
 - A lease held by someone else (any holder, ours or foreign) is respected until it expires:
   ``leaseDurationSeconds`` after this process *observed* its last change. Local observation
-  time, not the holder's ``renewTime``, so clock skew between nodes cannot shorten it.
+  time, not the holder's ``renewTime``, so clock skew between nodes cannot shorten it. A
+  standby looks every ``retry`` seconds, and once more exactly when the lease it saw expires
+  (not at the next retry tick after it): a kill -9'd leader is replaced ``leaseDuration``
+  after the standby saw its last renewal, which is at most one retry period after it was made.
 - The leader renews every ``retry`` seconds from a thread of its own (kopf's event loop can be
   busy for seconds, e.g. at start-up on a loaded node; renewals must not wait for it). If it
   has not renewed for ``renew_deadline`` seconds (counted from the start of its last
@@ -84,6 +87,7 @@ class Elector:
         self._seen: tuple[Any, ...] | None = None  # the lease record last observed
         self._seen_at = 0.0
         self.holder: str | None = None  # who held it at the last look
+        self.expires: float | None = None  # when the lease someone else holds expires (clock)
         self.last_seen = clock()  # last attempt that reached the API server (liveness)
 
     # ---- one attempt (blocking) --------------------------------------------------------------
@@ -107,9 +111,11 @@ class Elector:
             self._seen, self._seen_at = record, self.clock()
         holder = spec.holder_identity or ""
         self.holder = holder or None
+        self.expires = None
         if holder and holder != s.identity:
             expires = self._seen_at + float(spec.lease_duration_seconds or s.duration)
             if self.clock() < expires:
+                self.expires = expires
                 return False
             log.info("Lease %s/%s of %s expired: taking it", s.namespace, s.name, holder)
         if holder != s.identity:
@@ -171,6 +177,13 @@ class Elector:
             raise
         return True
 
+    def next_look(self) -> float:
+        """Seconds until the next attempt is worth making: the retry period, or less when the
+        lease someone else holds expires sooner (taking it then, not up to a period later)."""
+        if self.expires is None:
+            return self.s.retry
+        return max(0.0, min(self.s.retry, self.expires - self.clock()))
+
     # ---- loops (async) -----------------------------------------------------------------------
     async def _attempt(self) -> bool:
         try:
@@ -194,7 +207,7 @@ class Elector:
                     said or "nobody reachable",
                 )
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.s.retry)
+                await asyncio.wait_for(stop.wait(), self.next_look())
         return False
 
     def hold(self, stop: threading.Event) -> str | None:
