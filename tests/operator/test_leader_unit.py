@@ -66,7 +66,7 @@ class Clock:
 
 def elector(api: FakeLeases, who: str, clock: Clock) -> Elector:
     s = LeaseSettings("l", "ns", who, duration=15, renew_deadline=10, retry=2)
-    return Elector(api, s, clock=clock)  # type: ignore[arg-type]
+    return Elector(api, s, clock=clock, watch=False)  # type: ignore[arg-type]
 
 
 def test_first_creates_second_waits_for_expiry_from_its_own_observation() -> None:
