@@ -19,7 +19,7 @@ Only the leader runs kopf (its handlers, timers, daemons and watches); the other
   process exits at once, before any follower can take over (``renew_deadline`` plus one
   request timeout < ``duration``), so two leaders never write at the same time.
 - A graceful stop (SIGTERM) stops kopf first, then releases the lease (holder cleared,
-  duration 1 s), so a standby takes over within one retry period instead of a full lease.
+  duration 1 s), so a standby (watching it) takes over at once instead of after a full lease.
 """
 
 from __future__ import annotations
