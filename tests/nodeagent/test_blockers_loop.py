@@ -132,7 +132,7 @@ def test_a_pf_dropped_from_the_node_state_goes_to_zero_vfs_once_its_vm_goes(
     agent: tuple[NodeStateLoop, FakeApi, Kubelet, PodEvents, Path],
 ) -> None:
     _, api, kubelet, pods, root = agent
-    # the policy is gone: the PF's VFs would go, VM a holds one
+    # the PF's policy is gone (another keeps the NodeState): its VFs would go, VM a holds one
     sysfs, (vf0, _) = vm_a_blocks(agent, 778, {})
     st = api.status()
     assert st["syncStatus"] == "Failed"
