@@ -736,6 +736,12 @@ CASES = [
         managed=(PF,),
     ),
     Case(
+        "a-remembered-pf-that-is-gone-is-forgotten",
+        {},
+        ["forget-numvfs 0000:99:00.0"],
+        managed=("0000:99:00.0",),
+    ),
+    Case(
         "unlisted-pfs-wait-while-a-listed-name-is-not-found",
         {"pfs": [{"pfName": "ens9", "numVfs": 2}]},
         refused=["no PCI function has a netdev named ens9"],
