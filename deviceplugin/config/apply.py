@@ -69,7 +69,7 @@ def converge(
     for rnd in range(1, MAX_ROUNDS + 1):
         inv = sysfs.discover()
         facts = gather_facts(sysfs, inv, addresses=addresses, allocated=allocations())
-        p = plan(config, inv, facts, memory.originals, memory.autoprobe)
+        p = plan(config, inv, facts, memory.originals, memory.autoprobe, managed=memory.numvfs)
         plans.append(p)
         say(f"round {rnd}: " + p.render())
         if dry_run or not p.steps:

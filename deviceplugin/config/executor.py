@@ -174,6 +174,12 @@ class Executor:
         if step.kind == "forget-autoprobe":
             self.memory.forget_autoprobe(a)
             return
+        if step.kind == "remember-numvfs":
+            self.memory.remember_numvfs(a)
+            return
+        if step.kind == "forget-numvfs":
+            self.memory.forget_numvfs(a)
+            return
         self.memory.begin(step.to_dict())
         if step.kind == "set-autoprobe":
             self._write(step, self._dev(a, "sriov_drivers_autoprobe"), step.value)

@@ -1,5 +1,6 @@
 """Persistent memory of the drivers hostdev took devices away from (and of the PFs whose
-``sriov_drivers_autoprobe`` it turned off), plus a one-step journal.
+``sriov_drivers_autoprobe`` it turned off, and whose ``sriov_numvfs`` it manages), plus a
+one-step journal.
 
 One small JSON file in the state directory (``/var/lib/hostdev`` on a node), rewritten
 atomically (write to a temp file, fsync, rename, fsync the directory) on every change, so an
@@ -40,6 +41,7 @@ class DriverMemory:
         self.journal_path = os.path.join(state_dir, JOURNAL)
         self._originals: dict[PciAddress, str | None] = {}
         self._autoprobe: dict[PciAddress, bool] = {}
+        self._numvfs: set[PciAddress] = set()
         self._in_progress: dict[str, Any] | None = None
         self._load()
 
@@ -51,6 +53,11 @@ class DriverMemory:
     def autoprobe(self) -> Mapping[PciAddress, bool]:
         """PF -> its ``sriov_drivers_autoprobe`` before hostdev turned it off."""
         return dict(self._autoprobe)
+
+    @property
+    def numvfs(self) -> frozenset[PciAddress]:
+        """PFs whose ``sriov_numvfs`` the desired state set: back to 0 once no longer listed."""
+        return frozenset(self._numvfs)
 
     @property
     def interrupted_step(self) -> dict[str, Any] | None:
@@ -80,6 +87,9 @@ class DriverMemory:
         for addr, flag in self._entries(data, "pfs", "sriovDriversAutoprobe"):
             if isinstance(flag, bool):
                 self._autoprobe[addr] = flag
+        for addr, flag in self._entries(data, "pfs", "numVfsManaged"):
+            if flag is True:
+                self._numvfs.add(addr)
 
     def _entries(self, data: dict[str, Any], key: str, field: str) -> list[tuple[PciAddress, Any]]:
         """(address, entry[field]) of the mapping ``data[key]`` (address -> {field: value})."""
@@ -109,11 +119,17 @@ class DriverMemory:
         body = {
             "version": VERSION,
             "devices": {str(a): {"originalDriver": d} for a, d in sorted(self._originals.items())},
-            "pfs": {
-                str(a): {"sriovDriversAutoprobe": v} for a, v in sorted(self._autoprobe.items())
-            },
+            "pfs": {str(a): self._pf_entry(a) for a in sorted({*self._autoprobe, *self._numvfs})},
         }
         self._replace(self.path, body, durable=True)
+
+    def _pf_entry(self, a: PciAddress) -> dict[str, bool]:
+        out: dict[str, bool] = {}
+        if a in self._autoprobe:
+            out["sriovDriversAutoprobe"] = self._autoprobe[a]
+        if a in self._numvfs:
+            out["numVfsManaged"] = True
+        return out
 
     def _replace(self, path: str, body: object, *, durable: bool) -> None:
         text = json.dumps(body, indent=1, sort_keys=True) + "\n"
@@ -138,6 +154,16 @@ class DriverMemory:
     def forget_autoprobe(self, pf: PciAddress) -> None:
         if pf in self._autoprobe:
             del self._autoprobe[pf]
+            self._save()
+
+    def remember_numvfs(self, pf: PciAddress) -> None:
+        if pf not in self._numvfs:
+            self._numvfs.add(pf)
+            self._save()
+
+    def forget_numvfs(self, pf: PciAddress) -> None:
+        if pf in self._numvfs:
+            self._numvfs.discard(pf)
             self._save()
 
     def begin(self, step: Mapping[str, Any]) -> None:

@@ -17,6 +17,13 @@ keeps every member, and a device whose kernel state cannot be read now (``busy``
 touched. So a refusal leaves the refused PF or device, and everything that only served its
 change, exactly as it was.
 
+A PF whose ``sriov_numvfs`` the desired state set and that is no longer listed goes back to 0
+VFs, under the same guards as a count change (no VF held open through VFIO, allocated to a pod
+or wanted in the desired state; the host's own use of a VF or the PF's route also refuses, as a
+removed entry carries no ``allowUnsafe``); while refused it keeps its VFs and says who holds
+them, and the change happens at the first plan after they are released. Its
+``sriov_drivers_autoprobe`` gets its remembered value back with it.
+
 PF driver changes destroy the PF's VFs (the PF driver's remove disables SR-IOV). They are
 refused while any VF is in use by a VM or the host, allocated to a pod or wanted in the desired
 state, and otherwise only done with ``allowUnsafe``, saying how many VFs go.
@@ -24,7 +31,7 @@ state, and otherwise only done with ``allowUnsafe``, saying how many VFs go.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -56,6 +63,8 @@ StepKind = Literal[
     "remember-autoprobe",
     "set-autoprobe",
     "forget-autoprobe",
+    "remember-numvfs",
+    "forget-numvfs",
 ]
 
 OVERRIDE_HINT = "set allowUnsafe: true on this entry to override"
@@ -89,6 +98,8 @@ class Step:
             "remember-autoprobe": f"remember sriov_drivers_autoprobe {self.value}",
             "set-autoprobe": f"sriov_drivers_autoprobe := {self.value}",
             "forget-autoprobe": "forget sriov_drivers_autoprobe",
+            "remember-numvfs": "remember: numVfs set by the desired state",
+            "forget-numvfs": "forget numVfs",
         }[self.kind]
         return f"{a}  {text}" + (f"  [{self.why}]" if self.why else "")
 
@@ -239,12 +250,15 @@ class _Planner:
         facts: GuardFacts,
         originals: Mapping[PciAddress, str | None],
         autoprobe: Mapping[PciAddress, bool],
+        *,
+        managed: Set[PciAddress],
     ) -> None:
         self.config = config
         self.inv = inv
         self.facts = facts
         self.originals = originals
         self.autoprobe = autoprobe  # PF -> its autoprobe before hostdev turned it off
+        self.managed = managed  # PFs whose numVfs the desired state set
         self.refusals: list[Refusal] = []
         self.pending: list[str] = []
         self.restore_steps: list[Step] = []
@@ -328,6 +342,7 @@ class _Planner:
         for pfc in self.config.pfs:
             if pfc not in self.contradicted:
                 self.numvfs_of(pfc)
+        self.unlisted()
         if self.changing:
             self.pending.append(
                 "VFs of "
@@ -411,8 +426,60 @@ class _Planner:
                 Step("forget", v, why="VF removed") for v in pf.virtfns if v in self.originals
             ]
         if pfc.num_vfs:
+            if a not in self.managed:
+                self.pf_steps.append(Step("remember-numvfs", a, why=why))
             self.pf_steps.append(Step("set-numvfs", a, str(pfc.num_vfs), why=why))
         self.changing.add(a)
+
+    def unlisted(self) -> None:
+        """PFs whose numVfs the desired state set and no longer lists: back to 0 VFs."""
+        listed: set[PciAddress] = set()
+        for pfc in self.config.pfs:
+            pf = _find_pf(pfc, self.inv)
+            if pf is None:
+                # an entry that names no PF now (a renamed or unbound netdev) may be one of them
+                if self.managed:
+                    self.pending.append(
+                        f"PFs no longer listed keep their VFs while {pfc.label} is not found"
+                    )
+                return
+            listed.add(pf.address)
+        why = "PF removed from the desired state"
+        for a in sorted(self.managed - listed):
+            pf = self.inv.devices.get(a)
+            if pf is None or not pf.is_pf:
+                self.pf_steps.append(Step("forget-numvfs", a, why="PF is gone"))
+                continue
+            cur = pf.sriov_numvfs or 0
+            if cur and not self.unlisted_to_zero(pf, cur, why):
+                continue
+            self.pf_steps.append(Step("forget-numvfs", a, why=why))
+
+    def unlisted_to_zero(self, pf: PciDevice, cur: int, why: str) -> bool:
+        a = pf.address
+        action = f"set numVfs 0 ({why})"
+        reasons: list[str] = []
+        if pf.busy is not None:
+            reasons.append(pf.busy)
+        elif pf.driver is None or pf.on_vfio:
+            reasons.append(
+                f"the PF is on {pf.driver or 'no driver'}: give it back to its host driver"
+            )
+        else:
+            held, host = vf_users(pf, self.inv, self.facts, set(self.desired))
+            r = default_route(pf, self.facts)
+            reasons += held + host + ([r + "; changing VFs resets the PF's link"] if r else [])
+            if host or r:
+                reasons.append("to do it anyway, list the PF with numVfs: 0 and allowUnsafe: true")
+        if reasons:
+            self.refuse(Refusal(str(a), action, tuple(reasons)), (a, *_vf_range(pf)))
+            return False
+        self.pf_steps.append(Step("set-numvfs", a, "0", why=f"{why}: numVfs {cur} -> 0"))
+        self.vanishing.update(pf.virtfns)
+        self.pf_steps += [
+            Step("forget", v, why="VF removed") for v in pf.virtfns if v in self.originals
+        ]
+        return True
 
     # ---- 2. devices that must be on vfio-pci, group by group -----------------------------
     def binds(self) -> None:
@@ -686,6 +753,7 @@ class _Planner:
                 if (
                     old
                     and host is not None
+                    and v.address not in self.vanishing
                     and v.driver is None
                     and v.address not in self.desired
                     and v.address not in self.originals
@@ -719,11 +787,14 @@ def plan(
     facts: GuardFacts,
     originals: Mapping[PciAddress, str | None],
     autoprobe: Mapping[PciAddress, bool] | None = None,
+    *,
+    managed: Set[PciAddress] = frozenset(),
 ) -> Plan:
     """Compute the steps that take the node from ``inv`` to ``config``, or say why not.
     ``autoprobe``: the PFs whose ``sriov_drivers_autoprobe`` hostdev turned off, with the value
-    to give back."""
-    return _Planner(config, inv, facts, originals, autoprobe or {}).run()
+    to give back; ``managed``: the PFs whose numVfs the desired state set (back to 0 when no
+    longer listed)."""
+    return _Planner(config, inv, facts, originals, autoprobe or {}, managed=managed).run()
 
 
 def touched(steps: Iterable[Step]) -> tuple[PciAddress, ...]:

@@ -536,6 +536,9 @@ def apply_to_vm(
             f"VM {req.vm_name} would have both DRA and device-plugin gpus, which KubeVirt "
             "refuses: use one allocation for its GPUs (or placement hostDevices)",
         )
+    twice = _listed_twice(v.lists)
+    if twice:
+        return VmChange(None, f"VM {req.vm_name} {twice}")
     _set_claim(
         v,
         mine,
@@ -567,6 +570,37 @@ def apply_to_vm(
         tuple(d.name for d in devices),
         _eviction_condition(v.eviction),
     )
+
+
+def _source(entry: Mapping[str, Any]) -> str | None:
+    """What a hostDevices/gpus entry takes its devices from: a device-plugin resource, or a
+    DRA claim's request."""
+    if entry.get("deviceName"):
+        return f"resource {entry['deviceName']}"
+    if entry.get("claimName"):
+        return f"claim {entry['claimName']} request {entry.get('requestName', '')}"
+    return None
+
+
+def _listed_twice(lists: Mapping[str, list[dict[str, Any]] | None]) -> str | None:
+    """The same resource (or claim request) in both ``gpus`` and ``hostDevices``: KubeVirt
+    takes each list's devices from it separately (the same ``PCI_RESOURCE_*`` variable, or the
+    same claim), so both lists would get the same devices and the VM would not start."""
+    seen: dict[str, dict[str, list[str]]] = {}
+    for f in PLACEMENTS:
+        for e in lists.get(f) or ():
+            src = _source(e)
+            if src is not None:
+                seen.setdefault(src, {}).setdefault(f, []).append(str(e.get("name", "")))
+    for src, where in seen.items():
+        if len(where) > 1:
+            names = "; ".join(f"{f}: {', '.join(n)}" for f, n in where.items())
+            return (
+                f"would take {src} in both gpus and hostDevices ({names}): KubeVirt hands "
+                "each list its own devices from it, so the same device would be attached "
+                "twice; use one placement for every entry of it"
+            )
+    return None
 
 
 def remove_from_vm(vm: Mapping[str, Any], request: str) -> VmChange:

@@ -216,7 +216,7 @@ def test_operator_cannot_read_secrets(kube_apiserver: Cluster, release: Release)
     # install): the review does see the operator's grants ...
     wait_can(kube_apiserver, sa, "patch", "virtualmachines", "kubevirt.io", namespace="default")
     lease = {"namespace": release.namespace, "name": "hostdev-operator"}
-    for verb in ("get", "update"):
+    for verb in ("get", "update", "watch"):
         wait_can(kube_apiserver, sa, verb, "leases", "coordination.k8s.io", **lease)
     wait_can(kube_apiserver, sa, "create", "leases", "coordination.k8s.io",
              namespace=release.namespace)  # fmt: skip

@@ -235,7 +235,7 @@ def test_operator_lease_role_is_namespaced_and_minimal(docs: list[dict[str, Any]
     assert role["rules"] == [
         {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
         {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
-         "resourceNames": ["hostdev-operator"], "verbs": ["get", "update"]},
+         "resourceNames": ["hostdev-operator"], "verbs": ["get", "update", "watch"]},
     ]  # fmt: skip
     binding = find(docs, "RoleBinding", "-operator-lease")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]

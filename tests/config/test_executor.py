@@ -22,6 +22,7 @@ from hostdev.host.sysfs import Sysfs
 from hostdev.policy.nodeconfig import parse_node_config
 from hostdev.policy.plan import Step
 from hostdev.testing.fakekernel import AgentKilled, FakeKernel
+from hostdev.testing.fakeprocs import hold_open, let_go
 from hostdev.testing.fakesysfs import FakeHost
 
 A = PciAddress.parse
@@ -408,3 +409,53 @@ def test_state_file_from_before_autoprobe_memory_still_loads(tmp_path: Path) -> 
     (state / "original-drivers.json").write_text(json.dumps({**body, "pfs": []}))
     with pytest.raises(StateFileError, match="'pfs' must be a mapping"):
         DriverMemory(str(state))
+
+
+def test_a_pf_no_longer_listed_goes_back_to_zero_vfs_once_no_vm_holds_them(
+    tmp_path: Path,
+) -> None:
+    h = build(tmp_path / "root")
+    state = tmp_path / "state"
+    k = FakeKernel(h, vf_drivers={PF: "iavf"})
+    assert run(h, state, SPEC, k).exit_code == 0
+    saved = json.loads((state / "original-drivers.json").read_text())
+    assert saved["pfs"] == {PF: {"numVfsManaged": True}}
+    vf0 = "0000:3b:02.0"
+    assert drivers(h)[vf0] == "vfio-pci"
+    hold_open(
+        h.root, 4242, f"/dev/vfio/{Sysfs(str(h.root)).discover().devices[A(vf0)].iommu_group}"
+    )
+    # the PF is dropped (GPU and NIC stay): VF 0 is held by a VM, so the PF keeps its VFs
+    keep = {"devices": SPEC["devices"][:2]}
+    res = run(h, state, keep, k)
+    assert res.exit_code == 1 and res.executed == ()
+    assert (
+        "refused to set numVfs 0 (PF removed from the desired state)" in res.refusals[0].describe()
+    )
+    assert "held open by pid 4242 (qemu-kvm)" in res.refusals[0].describe()
+    assert drivers(h)[vf0] == "vfio-pci"
+    assert Sysfs(str(h.root)).discover().devices[A(PF)].sriov_numvfs == 3
+    let_go(h.root, 4242)
+    res = run(h, state, keep, k)
+    assert res.exit_code == 0 and res.converged
+    inv = Sysfs(str(h.root)).discover()
+    assert inv.devices[A(PF)].sriov_numvfs == 0 and not inv.devices[A(PF)].virtfns
+    assert (inv.devices[A(GPU)].driver, inv.devices[A(NIC)].driver) == ("vfio-pci", "vfio-pci")
+    mem = DriverMemory(str(state))
+    assert mem.numvfs == frozenset() and mem.autoprobe == {}
+    assert set(mem.originals) == {A(GPU), A(AUDIO), A(NIC)}
+    assert (h.device_dir(PF) / "sriov_drivers_autoprobe").read_text() == "1\n"
+    assert run(h, state, keep, k).plans[0].converged  # and it stays there
+
+
+def test_state_file_keeps_numvfs_and_autoprobe_of_one_pf_apart(tmp_path: Path) -> None:
+    mem = DriverMemory(str(tmp_path))
+    mem.remember_numvfs(A(PF))
+    mem.remember_autoprobe(A(PF), True)
+    saved = json.loads((tmp_path / "original-drivers.json").read_text())
+    assert saved["pfs"] == {PF: {"numVfsManaged": True, "sriovDriversAutoprobe": True}}
+    mem.forget_autoprobe(A(PF))
+    again = DriverMemory(str(tmp_path))
+    assert again.numvfs == {A(PF)} and again.autoprobe == {}
+    again.forget_numvfs(A(PF))
+    assert json.loads((tmp_path / "original-drivers.json").read_text())["pfs"] == {}

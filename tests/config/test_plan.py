@@ -58,6 +58,7 @@ class Case:
     autoprobe: Mapping[str, bool] = field(default_factory=dict)  # remembered by hostdev
     busy: tuple[str, ...] = ()  # devices whose reads time out (the device lock is held)
     held: int | None = None  # steps the (first) refusal holds back
+    managed: tuple[str, ...] = ()  # PFs whose numVfs the desired state set (remembered)
 
 
 def steps_of(p: Any) -> list[str]:
@@ -125,14 +126,14 @@ CASES = [
     Case(
         "numvfs-from-zero",
         {"pfs": [{"pciAddress": PF, "numVfs": 4}]},
-        [f"set-numvfs {PF} 4"],
+        [f"remember-numvfs {PF}", f"set-numvfs {PF} 4"],
         pending=True,
         build={"numvfs": 0},
     ),
     Case(
         "numvfs-change-goes-through-zero-and-forgets-vfs",
         {"pfs": [{"pfName": "ens1f0", "numVfs": 4}]},
-        [f"set-numvfs {PF} 0", f"forget {VF0}", f"set-numvfs {PF} 4"],
+        [f"set-numvfs {PF} 0", f"forget {VF0}", f"remember-numvfs {PF}", f"set-numvfs {PF} 4"],
         pending=True,
         originals={VF0: "iavf"},
         tree=lambda h: h.bind(VF0, "vfio-pci"),
@@ -540,28 +541,38 @@ CASES = [
     Case(
         "autoprobe-off-before-creating-vfs-for-vfio",
         {"pfs": [{"pciAddress": PF, "numVfs": 2}], "devices": [VF_RULE]},
-        [f"remember-autoprobe {PF} 1", f"set-autoprobe {PF} 0", f"set-numvfs {PF} 2"],
+        [
+            f"remember-autoprobe {PF} 1",
+            f"set-autoprobe {PF} 0",
+            f"remember-numvfs {PF}",
+            f"set-numvfs {PF} 2",
+        ],
         pending=True,
         build={"numvfs": 0},
     ),
     Case(
         "autoprobe-off-when-an-explicit-address-is-a-future-vf",
         {"pfs": [{"pciAddress": PF, "numVfs": 2}], "devices": [{"pciAddress": VF1}]},
-        [f"remember-autoprobe {PF} 1", f"set-autoprobe {PF} 0", f"set-numvfs {PF} 2"],
+        [
+            f"remember-autoprobe {PF} 1",
+            f"set-autoprobe {PF} 0",
+            f"remember-numvfs {PF}",
+            f"set-numvfs {PF} 2",
+        ],
         pending=True,
         build={"numvfs": 0},
     ),
     Case(
         "autoprobe-untouched-for-host-vfs",
         {"pfs": [{"pciAddress": PF, "numVfs": 2}]},
-        [f"set-numvfs {PF} 2"],
+        [f"remember-numvfs {PF}", f"set-numvfs {PF} 2"],
         pending=True,
         build={"numvfs": 0},
     ),
     Case(
         "autoprobe-already-off-by-the-admin",
         {"pfs": [{"pciAddress": PF, "numVfs": 2}], "devices": [VF_RULE]},
-        [f"set-numvfs {PF} 2"],
+        [f"remember-numvfs {PF}", f"set-numvfs {PF} 2"],
         pending=True,
         build={"numvfs": 0},
         tree=autoprobe_off,
@@ -643,6 +654,100 @@ CASES = [
         },
         refused=["selected by two rules with different wishes"] * 2,
     ),
+    # ---- a PF no longer listed goes back to 0 VFs (issue 14) ---------------------------------
+    Case(
+        "listed-pf-stays-remembered",
+        {"pfs": [{"pciAddress": PF, "numVfs": 2}]},
+        managed=(PF,),
+    ),
+    Case(
+        "unlisted-pf-goes-back-to-zero",
+        {},
+        [f"set-numvfs {PF} 0", f"forget-numvfs {PF}"],
+        managed=(PF,),
+    ),
+    Case("pf-never-set-by-hostdev-keeps-its-vfs", {}, []),
+    Case(
+        "unlisted-pf-at-zero-is-forgotten",
+        {},
+        [f"forget-numvfs {PF}"],
+        build={"numvfs": 0},
+        managed=(PF,),
+    ),
+    Case(
+        "unlisted-pf-forgets-its-vfs-original-drivers",
+        {},
+        [f"set-numvfs {PF} 0", f"forget {VF0}", f"forget {VF1}", f"forget-numvfs {PF}"],
+        tree=vfs_on_vfio,
+        originals={VF0: "iavf", VF1: "iavf"},
+        facts={"driver_overrides": ON_VFIO},
+        managed=(PF,),
+    ),
+    Case(
+        "unlisted-pf-keeps-its-vfs-while-a-vm-holds-one",
+        {},
+        refused=[
+            f"{PF}: refused to set numVfs 0 (PF removed from the desired state): VF {VF0} is in "
+            "use: /dev/vfio/6 is held open by pid 9 (qemu-kvm) (a running VM owns the group)",
+            f"{VF0}: refused to restore iavf: /dev/vfio/6 is held open",
+        ],
+        tree=vfs_on_vfio,
+        originals={VF0: "iavf", VF1: "iavf"},
+        facts={"driver_overrides": ON_VFIO, "open_nodes": HELD},
+        managed=(PF,),
+        held=4,  # VF1's restore (override, unbind, probe, forget): the PF keeps its VFs as they are
+    ),
+    Case(
+        "unlisted-pf-keeps-its-vfs-while-one-is-allocated",
+        {},
+        refused=[f"VF {VF1} is allocated to pod vms/virt-launcher-a-x (example.com/vf)"],
+        facts={"allocated": {A(VF1): "pod vms/virt-launcher-a-x (example.com/vf)"}},
+        managed=(PF,),
+    ),
+    Case(
+        "unlisted-pf-keeps-vfs-the-desired-state-still-wants",
+        {"devices": [VF_RULE]},
+        refused=[f"VF {VF0} is wanted in the desired state"],
+        managed=(PF,),
+        held=8,  # the binds of both VFs
+    ),
+    Case(
+        "unlisted-pf-on-the-default-route-needs-an-explicit-entry",
+        {},
+        refused=[
+            "carries the default route (via ens1f0); changing VFs resets the PF's link; to do it "
+            "anyway, list the PF with numVfs: 0 and allowUnsafe: true"
+        ],
+        facts={"default_route_ifaces": frozenset({"ens1f0"})},
+        managed=(PF,),
+    ),
+    Case(
+        "unlisted-pf-gets-its-autoprobe-back",
+        {},
+        [
+            f"set-numvfs {PF} 0",
+            f"forget-numvfs {PF}",
+            f"set-autoprobe {PF} 1",
+            f"forget-autoprobe {PF}",
+        ],
+        tree=vfs_unbound,
+        autoprobe={PF: True},
+        facts={"would_bind": {A(VF0): "iavf", A(VF1): "iavf"}},
+        managed=(PF,),
+    ),
+    Case(
+        "a-remembered-pf-that-is-gone-is-forgotten",
+        {},
+        ["forget-numvfs 0000:99:00.0"],
+        managed=("0000:99:00.0",),
+    ),
+    Case(
+        "unlisted-pfs-wait-while-a-listed-name-is-not-found",
+        {"pfs": [{"pfName": "ens9", "numVfs": 2}]},
+        refused=["no PCI function has a netdev named ens9"],
+        pending=True,
+        managed=(PF,),
+    ),
 ]
 
 
@@ -660,7 +765,8 @@ def test_plan(case: Case, tmp_path: Path) -> None:
     facts = GuardFacts(**case.facts)
     originals = {A(k): v for k, v in case.originals.items()}
     autoprobe = {A(k): v for k, v in case.autoprobe.items()}
-    p = plan(parse_node_config(case.spec), inv, facts, originals, autoprobe)
+    managed = frozenset(A(a) for a in case.managed)
+    p = plan(parse_node_config(case.spec), inv, facts, originals, autoprobe, managed=managed)
     print(p.render())
     assert steps_of(p) == case.expect
     assert len(p.refusals) == len(case.refused), p.refusals
@@ -687,6 +793,7 @@ def test_vfs_of_a_changing_pf_wait_for_the_next_round(tmp_path: Path) -> None:
         "remember-autoprobe",
         "set-autoprobe",
         "set-numvfs",
+        "remember-numvfs",
         "set-numvfs",
     ]
     assert not p.refusals and p.pending

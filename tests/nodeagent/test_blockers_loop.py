@@ -77,19 +77,30 @@ def agent(tmp_path: Path) -> Iterator[tuple[NodeStateLoop, FakeApi, Kubelet, Pod
     assert not thread.is_alive()
 
 
+def vm_a_blocks(
+    agent: tuple[NodeStateLoop, FakeApi, Kubelet, PodEvents, Path], pid: int, change: Any
+) -> tuple[Sysfs, tuple[PciAddress, ...]]:
+    """Both VFs on vfio-pci, VM a (process ``pid``, pod virt-launcher-a-1) holds VF 0, then the
+    spec becomes ``change``: returns once the status lists blockers."""
+    _, api, kubelet, _, root = agent
+    api.put(spec("0-1"), generation=1)
+    wait_for("first sync", lambda: api.status().get("syncStatus") == "Succeeded")
+    sysfs = Sysfs(str(root))
+    vfs = sysfs.discover().devices[A(PF)].virtfns
+    hold_open(root, pid, f"/dev/vfio/{sysfs.discover().devices[vfs[0]].iommu_group}")
+    kubelet.rows = (AllocationRow(vfs[0], RES, "ns", "virt-launcher-a-1", "compute", "a"),)
+    api.put(change, generation=2)
+    wait_for("blocked", lambda: api.status().get("observedGeneration") == 2
+             and api.status().get("blockers"))  # fmt: skip
+    return sysfs, vfs
+
+
 def test_applies_when_the_blocking_pod_goes_and_not_before(
     agent: tuple[NodeStateLoop, FakeApi, Kubelet, PodEvents, Path],
 ) -> None:
     loop, api, kubelet, pods, root = agent
-    api.put(spec("0-1"), generation=1)
-    wait_for("first sync", lambda: api.status().get("syncStatus") == "Succeeded")
-    sysfs = Sysfs(str(root))
-    vf0, vf1 = sysfs.discover().devices[A(PF)].virtfns
-    hold_open(root, 777, f"/dev/vfio/{sysfs.discover().devices[vf0].iommu_group}")
-    kubelet.rows = (AllocationRow(vf0, RES, "ns", "virt-launcher-a-1", "compute", "a"),)
-    api.put(spec("1"), generation=2)  # VF 0 goes back to iavf: VM a is in the way
-    wait_for("blocked", lambda: api.status().get("observedGeneration") == 2
-             and api.status().get("blockers"))  # fmt: skip
+    # VF 0 goes back to iavf: VM a is in the way
+    sysfs, (vf0, vf1) = vm_a_blocks(agent, 777, spec("1"))
     st = api.status()
     assert st["syncStatus"] == "Failed"
     assert [(b["vmi"], b["pciAddress"], b["action"]) for b in st["blockers"]] == [
@@ -115,3 +126,28 @@ def test_applies_when_the_blocking_pod_goes_and_not_before(
     final = api.status()
     assert final["blockers"] == []
     assert {c["type"]: c["status"] for c in final["conditions"]}["Blocked"] == "False"
+
+
+def test_a_pf_dropped_from_the_node_state_goes_to_zero_vfs_once_its_vm_goes(
+    agent: tuple[NodeStateLoop, FakeApi, Kubelet, PodEvents, Path],
+) -> None:
+    _, api, kubelet, pods, root = agent
+    # the PF's policy is gone (another keeps the NodeState): its VFs would go, VM a holds one
+    sysfs, (vf0, _) = vm_a_blocks(agent, 778, {})
+    st = api.status()
+    assert st["syncStatus"] == "Failed"
+    assert sysfs.discover().devices[A(PF)].sriov_numvfs == 2  # kept while held
+    assert ("a", str(vf0), f"set numVfs 0 (PF removed from the desired state) ({PF})") in {
+        (b["vmi"], b["pciAddress"], b["action"]) for b in st["blockers"]
+    }
+    pf_row = next(d for d in st["devices"] if d["pciAddress"] == PF)
+    said = "refused to set numVfs 0 (PF removed from the desired state): VF "
+    assert pf_row["message"].startswith(f"{said}{vf0} is in use: /dev/vfio/")
+    assert "held open by pid 778 (qemu-kvm)" in pf_row["message"]
+    assert f"{PF}: {said}{vf0}" in st["lastError"]
+    let_go(root, 778)
+    kubelet.rows = ()
+    pods.gone("ns", "virt-launcher-a-1")
+    wait_for("applied", lambda: api.status().get("syncStatus") == "Succeeded")
+    assert sysfs.discover().devices[A(PF)].sriov_numvfs == 0
+    assert api.status()["blockers"] == []

@@ -66,7 +66,7 @@ class Clock:
 
 def elector(api: FakeLeases, who: str, clock: Clock) -> Elector:
     s = LeaseSettings("l", "ns", who, duration=15, renew_deadline=10, retry=2)
-    return Elector(api, s, clock=clock)  # type: ignore[arg-type]
+    return Elector(api, s, clock=clock, watch=False)  # type: ignore[arg-type]
 
 
 def test_first_creates_second_waits_for_expiry_from_its_own_observation() -> None:
@@ -151,3 +151,21 @@ def test_hold_returns_when_renewals_fail_past_the_deadline() -> None:
 def test_settings_must_let_the_leader_give_up_first() -> None:
     with pytest.raises(ValueError, match=r"retry period .* < renew deadline .* < lease duration"):
         LeaseSettings("l", "ns", "a", duration=10, renew_deadline=10, retry=2).check()
+
+
+def test_a_standby_looks_again_exactly_when_the_lease_it_saw_expires() -> None:
+    api, clock = FakeLeases(), Clock()
+    a, b = elector(api, "a", clock), elector(api, "b", clock)
+    assert b.next_look() == 2  # nothing seen yet: the retry period
+    a.try_take()
+    assert not b.try_take() and b.next_look() == 2
+    clock.t += 13  # a is gone (kill -9): no more renewals
+    assert not b.try_take()
+    assert b.next_look() == pytest.approx(2.0)  # expires in 2 s
+    clock.t += 1.5
+    assert not b.try_take()
+    assert b.next_look() == pytest.approx(0.5)  # not the next retry tick, 1.5 s late
+    clock.t += b.next_look()
+    assert b.try_take() and api.holder() == "b"
+    assert b.next_look() == 2  # its own lease: renewals every retry period
+    assert not a.try_take() and a.next_look() == 2  # b's fresh lease: 15 s off, look in 2

@@ -346,6 +346,34 @@ def test_request_refusals_say_why(
         wait_for(f"{name} gone", lambda n=name: o.request(ns, n) is None)
 
 
+def test_one_resource_in_both_gpus_and_host_devices_is_refused(
+    hostdev_operator: OperatorProcess, kube_objects: Objects, kube_namespace: str
+) -> None:
+    o, ns, sfx = kube_objects, kube_namespace, suffix(kube_namespace)
+    _, resource = setup_pool(o, sfx)
+    body = vm_body("vm1")
+    body["spec"]["template"]["spec"]["domain"]["devices"]["gpus"] = [
+        {"name": "user-vf", "deviceName": resource}
+    ]
+    o.create(KV_GROUP, "virtualmachines", ns, body)
+    before = comparable(o.vm(ns, "vm1"))
+    o.create(GROUP, "passthroughrequests", ns, request_body(
+        "nics", "vm1", {"name": "nic", "resourceName": resource}))  # fmt: skip
+    req = wait_for("Refused", lambda: phase(o, ns, "nics") == "Refused" and o.request(ns, "nics"))
+    said = (
+        f"VM vm1 would take resource {resource} in both gpus and hostDevices (hostDevices: "
+        "nics-nic-0; gpus: user-vf): KubeVirt hands each list its own devices from it"
+    )
+    assert said in req["status"]["message"]
+    applied = condition(req, "Applied")
+    assert applied is not None and applied["reason"] == "VmConflict"
+    assert said in applied["message"]
+    assert comparable(o.vm(ns, "vm1")) == before  # nothing written to the VM
+    o.delete(GROUP, "passthroughrequests", ns, "nics")
+    wait_for("request gone", lambda: o.request(ns, "nics") is None)
+    assert comparable(o.vm(ns, "vm1")) == before
+
+
 def test_restart_now_and_pinned_device(
     hostdev_operator: OperatorProcess, kube_objects: Objects, kube_namespace: str
 ) -> None:

@@ -340,3 +340,36 @@ def test_status_from_vmi_and_allocations() -> None:
     assert needs_restart(req, old_vmi, names, None)
     assert not needs_restart(req, old_vmi, names, "u0")
     assert not needs_restart(req, vmi, names, None)
+
+
+def test_a_resource_in_both_gpus_and_host_devices_is_refused() -> None:
+    # KubeVirt reads PCI_RESOURCE_<resource> for each list on its own: both would get the GPU
+    start = vm()
+    start["spec"]["template"]["spec"]["domain"]["devices"]["gpus"] = [
+        {"name": "own-gpu", "deviceName": NIC}
+    ]
+    change = apply_to_vm(start, Request.from_object(request()), devs(1), None)
+    assert change.patch is None
+    assert change.refusal == (
+        f"VM vm would take resource {NIC} in both gpus and hostDevices (hostDevices: r-nic-0; "
+        "gpus: own-gpu): KubeVirt hands each list its own devices from it, so the same device "
+        "would be attached twice; use one placement for every entry of it"
+    )
+    # two requests for one VM, one per list: the second is refused, the first stays
+    a = apply(vm(), apply_to_vm(vm(), Request.from_object(request()), devs(1), None).patch)
+    s = Request.from_object(request("s", placement="gpus"))
+    second = apply_to_vm(a, s, devs(1, "s"), None)
+    assert second.patch is None and second.refusal is not None
+    assert "hostDevices: r-nic-0; gpus: s-nic-0" in second.refusal
+    # another resource in gpus is fine
+    ok = apply_to_vm(a, s, [VmDevice("s-gpu-0", GPU)], None)
+    assert ok.refusal is None and ok.patch is not None
+
+
+def test_a_claim_request_in_both_lists_is_refused() -> None:
+    entry = {"claimName": "c", "requestName": "gpu"}
+    start = vm([{"name": "h", **entry}])
+    start["spec"]["template"]["spec"]["domain"]["devices"]["gpus"] = [{"name": "g", **entry}]
+    change = apply_to_vm(start, Request.from_object(request()), devs(1), None)
+    assert change.refusal is not None
+    assert "would take claim c request gpu in both gpus and hostDevices" in change.refusal

@@ -45,6 +45,7 @@ from hostdev.deviceplugin.config.executor import Executor, StepError
 from hostdev.deviceplugin.config.memory import DriverMemory
 from hostdev.deviceplugin.plugin import advertised_from_json
 from hostdev.host.model import PciDevice
+from hostdev.policy.blockers import find_blockers
 from hostdev.policy.nodeconfig import NodeConfigError, parse_node_config
 from hostdev.policy.plan import Step
 
@@ -175,9 +176,12 @@ def test_pf_driver_change_refused_while_a_vf_is_allocated(state: Path) -> None:
 
 def test_pf_driver_change_needs_allow_unsafe_and_says_what_it_destroys(state: Path) -> None:
     pf = igb_pf()
-    assert apply(spec(pf, 2), state).exit_code == 0  # host VFs on igbvf, nobody uses them
+    # host VFs on igbvf, nobody uses them, made by the admin (VFs hostdev made would go back
+    # to 0 first, guarded, once the PF leaves pfs: nothing left for the move to destroy)
+    write(SYS.path("sys/bus/pci/devices", str(pf.address), "sriov_numvfs"), "2")
+    settle()
+    wait_for(lambda: [v.driver for v in vfs_of(pf)] == ["igbvf"] * 2, "VFs on igbvf", 120)
     vfs = vfs_of(pf)
-    assert [v.driver for v in vfs] == ["igbvf", "igbvf"]
     move: dict[str, Any] = {"devices": [{"pciAddress": str(pf.address)}]}
     res = apply(move, state)
     text = text_of(res)
@@ -388,3 +392,38 @@ def test_discovery_of_the_nic(state: Path) -> None:
     assert [v.address for v in vfs] == [pf.vf_address(i) for i in range(3)]
     assert all(v.device == IGB_VF and v.physfn == pf.address and v.numa_node == 1 for v in vfs)
     assert len({v.iommu_group for v in vfs}) == 3
+
+
+# ---- 5. a PF dropped from the desired state goes back to 0 VFs (issue 14) -----------------
+def test_pf_dropped_from_the_desired_state_goes_to_zero_vfs_once_no_vm_holds_them(
+    state: Path,
+) -> None:
+    pf = igb_pf()
+    assert apply(spec(pf, 2, "0"), state).exit_code == 0
+    vf0, vf1 = vfs_of(pf)
+    assert (vf0.driver, vf1.driver) == ("vfio-pci", "igbvf")
+    assert DriverMemory(str(state)).numvfs == {pf.address}
+    with vfio_holder(vf0) as holder:
+        res = apply({}, state)  # the policy is gone: nothing lists the PF or its VFs
+        text = text_of(res)
+        print(text)
+        assert res.exit_code == 1 and res.executed == ()
+        g = vf0.iommu_group
+        assert (
+            f"{pf.address}: refused to set numVfs 0 (PF removed from the desired state): "
+            f"VF {vf0.address} is in use: /dev/vfio/{g} is held open by pid {holder.pid}"
+        ) in text
+        # what the agent puts in the NodeState's status.blockers: the VF and who holds it
+        blockers = find_blockers(res.refusals, ())
+        assert {(b.pci_address, b.action) for b in blockers} >= {
+            (vf0.address, f"set numVfs 0 (PF removed from the desired state) ({pf.address})")
+        }
+        assert igb_pf().sriov_numvfs == 2 and holder.poll() is None
+        assert (driver(vf0.address), driver(vf1.address)) == ("vfio-pci", "igbvf")
+    res = apply({}, state)  # released: the same desired state now applies
+    assert res.exit_code == 0 and res.converged, text_of(res)
+    after = igb_pf()
+    assert after.driver == "igb" and after.sriov_numvfs == 0 and after.virtfns == ()
+    assert after.sriov_autoprobe is True
+    memory = DriverMemory(str(state))
+    assert memory.numvfs == frozenset() and memory.originals == {} and memory.autoprobe == {}
