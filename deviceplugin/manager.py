@@ -62,6 +62,10 @@ class PluginManager:
         self.sysfs = sysfs
         # The mediated-device instances this agent made (created/removed to match resources)
         self.mdev = MdevOwner(sysfs, state_dir, mdev_write)
+        self._mdev_lock = asyncio.Lock()  # one reconcile pass at a time (apply, resync)
+        # Instances pods hold of mdev resources since removed: never removed while held
+        # (dropped when the kubelet's PodResources list no longer shows them).
+        self._mdev_orphans: dict[str, str] = {}
         self.view = HostView(sysfs)
         self.plugin_dir = os.path.abspath(plugin_dir)
         self.state_dir = state_dir
@@ -189,13 +193,12 @@ class PluginManager:
         wants = {n: u.config.mdev for n, u in self.units.items() if u.config.mdev is not None}
         if not wants and not self.mdev.owned:
             return None
-        allocated = {
-            uuid: f"allocated to a pod ({name})"
-            for name, p in self.mdev_plugins.items()
-            for uuid in p.allocated
-        }
-        result = await asyncio.to_thread(self.mdev.reconcile, wants, allocated)
-        inv = await asyncio.to_thread(self.mdev.inventory)
+        allocated = dict(self._mdev_orphans)
+        for name, p in self.mdev_plugins.items():
+            allocated.update((uuid, f"allocated to a pod ({name})") for uuid in p.allocated)
+        async with self._mdev_lock:
+            result = await asyncio.to_thread(self.mdev.reconcile, wants, allocated)
+            inv = await asyncio.to_thread(self.mdev.inventory)
         for p in self.mdev_plugins.values():
             p.update_mdev(inv)
         return result
@@ -281,6 +284,10 @@ class PluginManager:
             self.units.pop(name, None)
 
     async def _remove(self, name: str) -> None:
+        plugin = self.plugins.get(name)
+        if isinstance(plugin, MdevPlugin):
+            for uuid in plugin.allocated:
+                self._mdev_orphans[uuid] = f"allocated to a pod ({name}, since removed)"
         await self._drop(name)
         if self.scanned:
             self._check_shared_groups(self.view.inventory)
@@ -442,6 +449,9 @@ class PluginManager:
                 by_resource[row.resource_name].update(row.device_ids)
         for name, ids in by_resource.items():
             self.units[name].set_in_use(ids)
+        if self._mdev_orphans:
+            held = {d for row in rows for d in row.device_ids}
+            self._mdev_orphans = {u: w for u, w in self._mdev_orphans.items() if u in held}
 
     async def _rescan_worker(self) -> None:
         while True:

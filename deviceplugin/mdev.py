@@ -207,7 +207,7 @@ class MdevOwner:
                 result.kept[uuid] = f"remove failed: {e.strerror or e}"
                 log.error("%s: removing mdev instance %s failed: %s", resource, uuid, e)
                 return
-        del self.owned[uuid]
+        self.owned.pop(uuid, None)
         self._save()
         result.removed.append((resource, uuid))
         log.info("%s: removed mdev instance %s (%s)", resource, uuid, why)
