@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import errno
+import json
 from pathlib import Path
 
 import pytest
 
+from hostdev.cli import main
 from hostdev.host.mdev import MdevInventory, discover_mdev
 from hostdev.policy.mdev import (
     MdevSpec,
@@ -174,3 +176,52 @@ def test_allocation_env_is_uuids_in_request_order(tmp_path: Path) -> None:
     env, paths = mdev_allocation("example.com/mtty.1", [inv.instances[U2], inv.instances[U1]])
     assert env == {"MDEV_PCI_RESOURCE_EXAMPLE_COM_MTTY_1": f"{U2},{U1}"}
     assert paths == ["/dev/vfio/vfio", f"/dev/vfio/{g2}", f"/dev/vfio/{g1}"]
+
+
+def test_scan_shows_parents_types_and_instances(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    m = _gpu_host(tmp_path, parents=1)
+    m.add_parent("mtty", MTTY, 24)
+    group = m.add_instance("mtty", "mtty-2", U1)
+    assert main(["scan", "--host-root", str(tmp_path), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)["mdev"]
+    gpu, mtty = rep["parents"]
+    assert (gpu["name"], gpu["pciAddress"], mtty["pciAddress"]) == (
+        "0000:17:00.0",
+        "0000:17:00.0",
+        None,
+    )
+    assert gpu["types"][0] == {
+        "id": "nvidia-35",
+        "name": "GRID M60-2Q",
+        "description": "num_heads=4",
+        "deviceApi": "vfio-pci",
+        "availableInstances": 4,
+        "instances": 0,
+    }
+    assert [(t["id"], t["availableInstances"], t["instances"]) for t in mtty["types"]] == [
+        ("mtty-1", 22, 0),
+        ("mtty-2", 11, 1),
+    ]
+    assert rep["instances"] == [
+        {
+            "uuid": U1,
+            "type": "mtty-2",
+            "parent": "mtty",
+            "iommuGroup": group,
+            "vfioNode": True,
+            "driver": "vfio_mdev",
+        }
+    ]
+    assert main(["scan", "--host-root", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "Mediated devices (mdev)" in text
+    assert any(
+        line.split() == ["0000:17:00.0", "nvidia-35", "GRID", "M60-2Q", "vfio-pci", "4", "0"]
+        for line in text.splitlines()
+    )
+    assert any(
+        line.split() == [U1, "mtty", "mtty-2", str(group), "vfio_mdev"]
+        for line in text.splitlines()
+    )
