@@ -16,6 +16,7 @@ from hostdev.testing.fakemdev import FakeMdev, FakeType
 from hostdev.testing.fakesysfs import FakeHost
 from tests.deviceplugin.conftest import AgentFactory, resources
 from tests.fixtures.kubeletsim import KubeletSim
+from tests.fixtures.kubevirt import KubeVirtLauncher, vmi
 
 NAME = "example.com/mtty"
 MTTY = [FakeType("mtty-1"), FakeType("mtty-2", cost=2)]
@@ -121,6 +122,7 @@ async def test_parent_gone_turns_allocated_instances_unhealthy_and_refuses_alloc
 ) -> None:
     m = _mtty(host_root)
     async with agent(resources(_entry(2)), mdev_write=m.write) as mgr:
+        await kubelet.wait_registered(NAME)
         client = kubelet.client(NAME)
         devs = await client.wait_for(lambda d: len(d) == 2)
         held, free = sorted(devs)
@@ -137,3 +139,36 @@ async def test_parent_gone_turns_allocated_instances_unhealthy_and_refuses_alloc
         await mgr.rescan()
         devs = await client.wait_for(lambda d: sum(x.health == "Healthy" for x in d.values()) == 2)
         assert free not in devs
+
+
+@pytest.mark.kubevirt
+async def test_kubevirt_launcher_accepts_the_allocate_env(
+    host_root: Path,
+    kubelet: KubeletSim,
+    agent: AgentFactory,
+    kubevirt_launcher: KubeVirtLauncher,
+) -> None:
+    """The env the agent's Allocate returns for three instances, read by KubeVirt v1.9.0's own
+    virt-launcher code: one UUID per VM entry, in the order of the device IDs, gpus and
+    hostDevices each from the front of the list."""
+    m = _mtty(host_root, capacity=8)
+    async with agent(resources(_entry(3, "mtty-1")), mdev_write=m.write):
+        await kubelet.wait_registered(NAME)
+        client = kubelet.client(NAME)
+        devs = await client.wait_for(lambda d: len(d) == 3)
+        order = sorted(devs, reverse=True)
+        (resp,) = (await client.allocate(order)).container_responses
+        env = dict(resp.envs)
+        gpus = [{"name": f"g{i}", "deviceName": NAME} for i in range(2)]
+        hostdevs = [{"name": f"h{i}", "deviceName": NAME} for i in range(3)]
+        out = kubevirt_launcher.run(vmi(gpus=gpus, host_devices=hostdevs), env)
+        assert out["error"] is None, out
+        assert [(d["type"], d["mdevUUID"]) for d in out["gpus"]] == [
+            ("mdev", u) for u in order[:2]
+        ]
+        assert [d["display"] for d in out["gpus"]] == ["on", ""]  # the first GPU's display
+        assert [d["mdevUUID"] for d in out["hostDevices"]] == order
+        # one instance fewer than entries: KubeVirt refuses (the agent never hands out fewer)
+        (short,) = (await client.allocate(order[:2])).container_responses
+        out = kubevirt_launcher.run(vmi(host_devices=hostdevs), dict(short.envs))
+        assert out["error"] is not None and "do not match" in out["error"]["message"]
