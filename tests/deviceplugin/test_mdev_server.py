@@ -163,9 +163,7 @@ async def test_kubevirt_launcher_accepts_the_allocate_env(
         hostdevs = [{"name": f"h{i}", "deviceName": NAME} for i in range(3)]
         out = kubevirt_launcher.run(vmi(gpus=gpus, host_devices=hostdevs), env)
         assert out["error"] is None, out
-        assert [(d["type"], d["mdevUUID"]) for d in out["gpus"]] == [
-            ("mdev", u) for u in order[:2]
-        ]
+        assert [(d["type"], d["mdevUUID"]) for d in out["gpus"]] == [("mdev", u) for u in order[:2]]
         assert [d["display"] for d in out["gpus"]] == ["on", ""]  # the first GPU's display
         assert [d["mdevUUID"] for d in out["hostDevices"]] == order
         # one instance fewer than entries: KubeVirt refuses (the agent never hands out fewer)
