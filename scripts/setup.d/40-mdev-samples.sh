@@ -22,9 +22,14 @@ if [ ${#todo[@]} -eq 0 ]; then
   echo "mdev-samples: $(cd "$M" && ls -d */ | tr -d / | tr '\n' ' ')built in $M"
   exit 0
 fi
-for tool in apt-get dpkg-deb make gcc xz; do
-  command -v "$tool" >/dev/null || { echo "mdev-samples: $tool not found" >&2; exit 1; }
-done
+missing=()
+command -v gcc >/dev/null || missing+=(gcc)
+command -v make >/dev/null || missing+=(make)
+command -v xz >/dev/null || missing+=(xz-utils)
+if [ ${#missing[@]} -gt 0 ]; then
+  . "$(dirname "$0")/../lib/apt.sh"
+  apt_install mdev-samples "${missing[@]}"
+fi
 # The private apt configuration of 35-bpo-kernel.sh (base suites + backports): run it first.
 [ -s "$A/sources.list" ] || { echo "mdev-samples: $A/sources.list missing: run 35-bpo-kernel.sh first" >&2; exit 1; }
 AO=(-o Dir::Etc::SourceList="$A/sources.list" -o Dir::Etc::SourceParts="$A/parts"
