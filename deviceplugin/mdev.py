@@ -47,7 +47,14 @@ from hostdev.host.model import Inventory
 from hostdev.host.sysfs import Sysfs
 from hostdev.policy.allocation import AllocUnit
 from hostdev.policy.health import Verdict
-from hostdev.policy.mdev import MdevSpec, instance_health, mdev_allocation, mdev_env_var, plan_mdevs
+from hostdev.policy.mdev import (
+    MdevSpec,
+    instance_health,
+    mdev_allocation,
+    mdev_env_var,
+    mdev_status,
+    plan_mdevs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +120,11 @@ class MdevOwner:
 
     def inventory(self) -> MdevInventory:
         return discover_mdev(self.root)
+
+    def status(self) -> dict[str, Any] | None:
+        """The NodeState ``status.mdev`` section (see :func:`hostdev.policy.mdev.mdev_status`)."""
+        last = self.last
+        return mdev_status(self.inventory(), dict(self.owned), last.refusals, last.kept)
 
     def of(self, resource: str) -> list[str]:
         return sorted(u for u, r in self.owned.items() if r == resource)

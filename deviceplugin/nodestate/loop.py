@@ -95,8 +95,10 @@ class NodeStateLoop:
         live_inventory: Callable[[], Inventory | None] | None = None,
         served: Served | None = None,
         pods_gone: PodsGone | None = None,
+        mdev_status: Callable[[], Mapping[str, Any] | None] | None = None,
     ) -> None:
         self.client = client
+        self.mdev_status = mdev_status  # the status.mdev section (None: the node has none)
         self.syncer = syncer
         self.sink = sink
         self.allocation_source = allocations
@@ -270,6 +272,9 @@ class NodeStateLoop:
         status = render_status(
             self._inventory, outcome, self._allocations, previous=previous, now=now
         )
+        mdev = self.mdev_status() if self.mdev_status is not None else None
+        if mdev is not None:
+            status["mdev"] = mdev
         return with_blockers(
             status, self._blockers, previous=previous, generation=outcome.generation, now=now
         )

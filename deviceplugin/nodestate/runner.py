@@ -201,6 +201,7 @@ async def run_cluster(args: argparse.Namespace, manager: PluginManager, stop: as
         live_inventory=sink.inventory,
         served=seed or None,
         pods_gone=LauncherPodWatch(api, node),
+        mdev_status=manager.mdev.status,
     )
     log.info("cluster mode: applying PassthroughNodeState %s", node)
     halt = threading.Event()

@@ -260,3 +260,47 @@ def mdev_allocation(
     env = {mdev_env_var(resource): ",".join(i.uuid for i in instances)}
     paths = ["/dev/vfio/vfio", *dict.fromkeys(f"/dev/vfio/{i.iommu_group}" for i in instances)]
     return env, paths
+
+
+def mdev_status(
+    inv: MdevInventory,
+    owned: Mapping[str, str],
+    refusals: Mapping[str, str],
+    kept: Mapping[str, str],
+) -> dict[str, Any] | None:
+    """The NodeState ``status.mdev`` section: parents with their types, every instance (with the
+    resource that owns it, when this agent made it), and why wishes were refused or instances
+    kept. None on a node without mediated devices (the status then has no such section)."""
+    if not inv.parents and not inv.instances and not owned and not refusals:
+        return None
+    return {
+        "parents": [
+            {
+                "name": p.name,
+                **({"pciAddress": str(p.pci)} if p.pci is not None else {}),
+                "types": [
+                    {
+                        "id": t.id,
+                        **({"name": t.name} if t.name else {}),
+                        **({"deviceApi": t.device_api} if t.device_api else {}),
+                        "availableInstances": t.available_instances or 0,
+                    }
+                    for t in p.types
+                ],
+            }
+            for p in inv.parents.values()
+        ],
+        "instances": [
+            {
+                "uuid": i.uuid,
+                "parent": i.parent or "",
+                "type": i.type_id or "",
+                **({"iommuGroup": i.iommu_group} if i.iommu_group is not None else {}),
+                **({"resourceName": owned[i.uuid]} if i.uuid in owned else {}),
+                "health": "Healthy" if instance_health(i.uuid, inv).healthy else "Unhealthy",
+                **({"kept": kept[i.uuid]} if i.uuid in kept else {}),
+            }
+            for i in inv.instances.values()
+        ],
+        "refusals": [{"resourceName": r, "message": m} for r, m in sorted(refusals.items())],
+    }
