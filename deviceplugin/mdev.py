@@ -41,6 +41,7 @@ from hostdev.host.mdev import (
     MdevInventory,
     discover_mdev,
     instance_dir,
+    read_instance,
     type_dir,
 )
 from hostdev.host.model import Inventory
@@ -204,7 +205,7 @@ class MdevOwner:
     def _remove(self, uuid: str, resource: str, why: str, result: MdevResult) -> None:
         # A last look right before the write: a VM may have opened the group since the plan.
         inv = MdevInventory({}, {})
-        inst_now = self.inventory().instances.get(uuid)
+        inst_now = read_instance(self.root, uuid)
         if inst_now is not None:
             inv = MdevInventory({}, {uuid: inst_now})
         held = self.in_use(inv, {})
