@@ -18,7 +18,9 @@ from hostdev.policy.kubevirt import (
 )
 from hostdev.policy.mdev import MdevSpec
 from hostdev.policy.nodeconfig import NodeConfigError, parse_node_config
-from hostdev.policy.nodestate import Policy, PolicyError, render_node
+from hostdev.policy.nodestate import Policy, PolicyError, render_cluster, render_node
+from hostdev.policy.reported import read_node_state
+from hostdev.policy.request import Capacity, Request, check_request
 from tests.operator.helpers import policy
 from tests.operator.test_kubevirt_unit import apply, kubevirt
 
@@ -144,3 +146,35 @@ def test_pci_and_mdev_entries_side_by_side() -> None:
     change = merge_kubevirt(cr, (nic,))
     assert change.patch is not None
     assert change.patch["spec"]["configuration"]["permittedHostDevices"] == {"mediatedDevices": []}
+
+
+def test_passthrough_request_counts_healthy_mdev_instances_and_places_them_as_gpus() -> None:
+    ps = [Policy.from_object(mdev_policy("vgpu"))]
+    nodes: dict[str, dict[str, str]] = {"n1": {}}
+
+    def status(*health: str) -> dict[str, Any]:
+        instances = [
+            {"uuid": f"{i:08x}-0000-4000-8000-000000000000", "parent": "0000:3b:00.0",
+             "type": "nvidia-35", "resourceName": VGPU, "health": h}
+            for i, h in enumerate(health)
+        ]  # fmt: skip
+        return {"syncStatus": "Succeeded", "devices": [], "mdev": {"instances": instances}}
+
+    def verdict(*health: str, count: int = 2) -> Any:
+        reported = {"n1": read_node_state("n1", status(*health))}
+        cap = Capacity.build(ps, render_cluster(ps, nodes, reported), reported)
+        req = {
+            "metadata": {"name": "r", "namespace": "ns", "generation": 1},
+            "spec": {
+                "vmName": "vm",
+                "placement": "gpus",
+                "devices": [{"name": "vgpu", "resourceName": VGPU, "count": count}],
+            },
+        }
+        return check_request(Request.from_object(req), cap)
+
+    ok = verdict("Healthy", "Healthy")
+    assert ok.accepted and [d.device_name for d in ok.devices] == [VGPU, VGPU]
+    short = verdict("Healthy", "Unhealthy")
+    assert not short.accepted
+    assert f"{VGPU}: needs 2, at most 1 on one node (n1)" in short.message
