@@ -180,3 +180,36 @@ async def test_parent_unloaded_turns_allocated_instance_unhealthy_and_comes_back
         lambda d: sum(x.health == "Healthy" for x in d.values()) == 2, within=60
     )
     assert len(discover_mdev("/").instances) == 2
+
+
+@pytest.fixture
+def mdpy() -> Iterator[None]:
+    assert (MODULES / "mdpy.ko").exists(), f"{MODULES}/mdpy.ko missing"
+    subprocess.run(["modprobe", "-a", "mdev", "vfio_iommu_type1"], check=True)
+    subprocess.run(["insmod", str(MODULES / "mdpy.ko")], check=True)
+    wait_for(lambda: "mdpy" in discover_mdev("/").parents, "the mdpy parent")
+    yield
+    subprocess.run(["rmmod", "mdpy"], check=False)  # its instances go with it
+    assert "mdpy" not in discover_mdev("/").parents
+
+
+async def test_mdpy_display_instance_is_created_handed_out_and_kept_while_allocated(
+    mdpy: None, kubelet: KubeletSim, agent: PluginManager
+) -> None:
+    """The kernel's mdpy sample (a display device): its first type made, allocated, and kept
+    (allocated) when the resource goes away."""
+    t = discover_mdev("/").parents["mdpy"].types[0]
+    assert t.device_api == "vfio-pci" and t.available_instances
+    res = "example.com/mdpy"
+    await agent.apply(parse_resources([{"resourceName": res, "mdev": {"type": t.id, "count": 1}}]))
+    await kubelet.wait_registered(res, within=60)
+    client = kubelet.client(res)
+    devs = await client.wait_for(lambda d: len(d) == 1, within=60)
+    (uuid,) = devs
+    (resp,) = (await client.allocate([uuid])).container_responses
+    assert dict(resp.envs) == {"MDEV_PCI_RESOURCE_EXAMPLE_COM_MDPY": uuid}
+    group = discover_mdev("/").instances[uuid].iommu_group
+    assert [d.host_path for d in resp.devices] == ["/dev/vfio/vfio", f"/dev/vfio/{group}"]
+    await agent.apply(())
+    assert "allocated to a pod" in agent.mdev.last.kept[uuid]
+    assert uuid in discover_mdev("/").instances
