@@ -126,14 +126,17 @@ def read_parent(root: str, name: str) -> MdevParent | None:
 
 def read_instance(root: str, uuid: str) -> MdevInstance | None:
     base = os.path.join(root, MDEV_DEVICES, uuid)
-    if not os.path.isdir(base):
+    try:
+        # The bus entry links to the instance's directory, which sits below its parent's:
+        # one readlink instead of resolving the whole path.
+        target = os.readlink(base)
+    except OSError:
         return None
-    real = os.path.realpath(base)
     group = _int(_link_name(os.path.join(base, "iommu_group")))
     return MdevInstance(
         uuid=uuid,
         type_id=_link_name(os.path.join(base, "mdev_type")),
-        parent=os.path.basename(os.path.dirname(real)) if real != base else None,
+        parent=os.path.basename(os.path.dirname(target)) or None,
         iommu_group=group,
         vfio_node=group is not None and os.path.exists(os.path.join(root, "dev/vfio", str(group))),
         driver=_link_name(os.path.join(base, "driver")),
