@@ -28,6 +28,7 @@ import grpc
 from hostdev.deviceplugin import persist
 from hostdev.deviceplugin.events import DirWatcher, PciEvent, UeventSource
 from hostdev.deviceplugin.hostview import HostView
+from hostdev.deviceplugin.mdev import MdevOwner, MdevPlugin, MdevResult, Writer, sysfs_write
 from hostdev.deviceplugin.metrics import Metrics
 from hostdev.deviceplugin.plugin import KUBELET_SOCKET, ResourcePlugin
 from hostdev.deviceplugin.resources import ResourceConfig, by_name
@@ -56,8 +57,15 @@ class PluginManager:
         uevents: bool = True,
         save_delay: float = 0.2,
         in_use_source: Callable[[], Iterable[PodDevices]] | None = None,
+        mdev_write: Writer = sysfs_write,
     ) -> None:
         self.sysfs = sysfs
+        # The mediated-device instances this agent made (created/removed to match resources)
+        self.mdev = MdevOwner(sysfs, state_dir, mdev_write)
+        self._mdev_lock = asyncio.Lock()  # one reconcile pass at a time (apply, resync)
+        # Instances pods hold of mdev resources since removed: never removed while held
+        # (dropped when the kubelet's PodResources list no longer shows them).
+        self._mdev_orphans: dict[str, str] = {}
         self.view = HostView(sysfs)
         self.plugin_dir = os.path.abspath(plugin_dir)
         self.state_dir = state_dir
@@ -172,6 +180,28 @@ class PluginManager:
         if before != {n: u.config for n, u in self.units.items() if u.config.dra}:
             for listener in list(self._resource_listeners):
                 listener()
+        await self.reconcile_mdev()
+
+    # ---- mediated devices ---------------------------------------------------------------
+    @property
+    def mdev_plugins(self) -> dict[str, MdevPlugin]:
+        return {n: p for n, p in self.plugins.items() if isinstance(p, MdevPlugin)}
+
+    async def reconcile_mdev(self) -> MdevResult | None:
+        """Create/remove this agent's mdev instances to match the mdev resources (never one a
+        pod was allocated or whose group is open), then show the servers the result."""
+        wants = {n: u.config.mdev for n, u in self.units.items() if u.config.mdev is not None}
+        if not wants and not self.mdev.owned:
+            return None
+        allocated = dict(self._mdev_orphans)
+        for name, p in self.mdev_plugins.items():
+            allocated.update((uuid, f"allocated to a pod ({name})") for uuid in p.allocated)
+        async with self._mdev_lock:
+            result = await asyncio.to_thread(self.mdev.reconcile, wants, allocated)
+            inv = await asyncio.to_thread(self.mdev.inventory)
+        for p in self.mdev_plugins.values():
+            p.update_mdev(inv)
+        return result
 
     async def _add(self, cfg: ResourceConfig, previous: ResourceUnits | None = None) -> None:
         name = cfg.resource_name
@@ -179,14 +209,26 @@ class PluginManager:
         if cfg.dra:
             units = ResourceUnits(cfg, self.sysfs, self.metrics)
         else:
-            units = plugin = ResourcePlugin(
-                cfg,
-                self.sysfs,
-                self.plugin_dir,
-                self.metrics,
-                on_change=self.schedule_save,
-                on_stale=self._rescan_soon,
-            )
+            plugin: ResourcePlugin
+            if cfg.mdev is not None:
+                plugin = MdevPlugin(
+                    cfg,
+                    self.sysfs,
+                    self.plugin_dir,
+                    self.metrics,
+                    self.mdev,
+                    on_change=self.schedule_save,
+                )
+            else:
+                plugin = ResourcePlugin(
+                    cfg,
+                    self.sysfs,
+                    self.plugin_dir,
+                    self.metrics,
+                    on_change=self.schedule_save,
+                    on_stale=self._rescan_soon,
+                )
+            units = plugin
             saved = self.saved.get(name)
             if previous is None and saved is not None and not self.scanned:
                 plugin.seed(saved.devices, saved.allocated)
@@ -242,6 +284,10 @@ class PluginManager:
             self.units.pop(name, None)
 
     async def _remove(self, name: str) -> None:
+        plugin = self.plugins.get(name)
+        if isinstance(plugin, MdevPlugin):
+            for uuid in plugin.allocated:
+                self._mdev_orphans[uuid] = f"allocated to a pod ({name}, since removed)"
         await self._drop(name)
         if self.scanned:
             self._check_shared_groups(self.view.inventory)
@@ -403,6 +449,9 @@ class PluginManager:
                 by_resource[row.resource_name].update(row.device_ids)
         for name, ids in by_resource.items():
             self.units[name].set_in_use(ids)
+        if self._mdev_orphans:
+            held = {d for row in rows for d in row.device_ids}
+            self._mdev_orphans = {u: w for u, w in self._mdev_orphans.items() if u in held}
 
     async def _rescan_worker(self) -> None:
         while True:
@@ -428,6 +477,12 @@ class PluginManager:
             for units in list(self.units.values()):
                 units.update(inv, dirty)
             self._check_shared_groups(inv)
+            if full:
+                try:
+                    await self.reconcile_mdev()  # e.g. a parent that came back
+                except OSError as e:
+                    log.error("mdev reconcile failed: %s; retrying on the next resync", e)
+                    self.metrics.errors.labels("", "mdev").inc()
             self.scan_count += 1
             self._scan_done.set()
             self._scan_done = asyncio.Event()

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from hostdev.policy.allocation import Strategy
+from hostdev.policy.mdev import MdevSpec, MdevSpecError
 from hostdev.policy.naming import ResourceNameError, env_collisions, validate_resource_name
 from hostdev.policy.nodeconfig import DEVICE_PLUGIN, DRA, Allocation
 from hostdev.policy.selector import DeviceSelector, SelectorError
@@ -32,6 +33,8 @@ class ResourceConfig:
     strategy: Strategy = "spread"
     # Which kubelet front end serves it (DRA only in cluster mode, from the NodeState spec).
     allocation: Allocation = DEVICE_PLUGIN
+    # Mediated devices: instances the agent creates and serves (the selector is then unused).
+    mdev: MdevSpec | None = None
 
     @property
     def dra(self) -> bool:
@@ -39,7 +42,9 @@ class ResourceConfig:
 
 
 def parse_resources(data: Any, source: str = "config") -> tuple[ResourceConfig, ...]:
-    """``[{resourceName, selector: {...}, strategy?}]`` (or ``{resources: [...]}``)."""
+    """``[{resourceName, selector: {...}, strategy?}]`` (or ``{resources: [...]}``); a
+    mediated-device resource has ``mdev: {type, count, parents?, placement?}`` instead of a
+    selector."""
     if isinstance(data, dict) and "resources" in data:
         data = data["resources"]
     if data is None:
@@ -52,18 +57,26 @@ def parse_resources(data: Any, source: str = "config") -> tuple[ResourceConfig, 
         where = f"{source}: resources[{i}]"
         if not isinstance(entry, dict):
             raise ConfigError(f"{where}: expected a mapping with resourceName and selector")
-        unknown = set(entry) - {"resourceName", "selector", "strategy"}
+        unknown = set(entry) - {"resourceName", "selector", "strategy", "mdev"}
         if unknown:
             raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)}")
         name = entry.get("resourceName")
         if not isinstance(name, str):
             raise ConfigError(f"{where}: resourceName (string) is required")
+        mdev = None
         try:
             validate_resource_name(name)
             selector = DeviceSelector.from_dict(entry.get("selector") or {})
-        except (ResourceNameError, SelectorError) as e:
+            if "mdev" in entry:
+                mdev = MdevSpec.from_dict(entry["mdev"])
+        except (ResourceNameError, SelectorError, MdevSpecError) as e:
             raise ConfigError(f"{where} ({name}): {e}") from None
-        if selector.empty:
+        if mdev is not None and not selector.empty:
+            raise ConfigError(
+                f"{where} ({name}): give either selector (PCI functions) or mdev (mediated "
+                "devices), not both"
+            )
+        if mdev is None and selector.empty:
             raise ConfigError(f"{where} ({name}): the selector is empty and would match nothing")
         strategy = entry.get("strategy", "spread")
         if strategy not in _STRATEGIES:
@@ -71,7 +84,9 @@ def parse_resources(data: Any, source: str = "config") -> tuple[ResourceConfig, 
         if name in seen:
             raise ConfigError(f"{where}: resource {name} is listed twice")
         seen.add(name)
-        out.append(ResourceConfig(name, selector, "pack" if strategy == "pack" else "spread"))
+        out.append(
+            ResourceConfig(name, selector, "pack" if strategy == "pack" else "spread", mdev=mdev)
+        )
     for c in env_collisions(r.resource_name for r in out):
         i = next(i for i, r in enumerate(out) if r.resource_name == c.second)
         raise ConfigError(f"{source}: resources[{i}]: {c.message}")

@@ -27,6 +27,7 @@ from hostdev.deviceplugin.metrics import Metrics
 from hostdev.deviceplugin.recheck import recheck
 from hostdev.deviceplugin.resources import ResourceConfig
 from hostdev.host.address import PciAddress, PciAddressError
+from hostdev.host.mdev import UUID_RE
 from hostdev.host.model import Inventory, IommuGroup, PciDevice
 from hostdev.host.sysfs import Sysfs
 from hostdev.policy.allocation import AllocUnit, build_units
@@ -422,7 +423,9 @@ def advertised_from_json(data: Mapping[str, Any]) -> Advertised:
         pf = None if data.get("pf") is None else PciAddress.parse(data["pf"])
     except PciAddressError as e:
         raise ValueError(str(e)) from None
-    if not addrs or str(addrs[0]) != data["id"]:
+    if not addrs and isinstance(data["id"], str) and UUID_RE.match(data["id"]):
+        pass  # a mediated device instance: its UUID is its ID (hostdev.deviceplugin.mdev)
+    elif not addrs or str(addrs[0]) != data["id"]:
         raise ValueError(f"entry {data.get('id')!r}: id must be its first address")
     group, numa = data.get("group"), data.get("numa")
     if not (group is None or isinstance(group, int)) or not (numa is None or isinstance(numa, int)):

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from hostdev import __version__
 from hostdev.cli_apply import add_apply_parser
 from hostdev.cli_detach import run_detached
+from hostdev.host.mdev import discover_mdev
 from hostdev.host.pciids import PciIds
 from hostdev.host.snapshot import snapshot
 from hostdev.host.sysfs import HostRootError, Sysfs
@@ -23,7 +24,7 @@ def _scan(args: argparse.Namespace) -> int:
     except HostRootError as e:
         print(f"hostdev scan: {e.strerror}", file=sys.stderr)
         return 1
-    rep = report(inv, PciIds.find(args.host_root, args.pci_ids))
+    rep = report(inv, PciIds.find(args.host_root, args.pci_ids), discover_mdev(sysfs.root))
     if args.json:
         json.dump(rep, sys.stdout, indent=2)
         sys.stdout.write("\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from hostdev.host.mdev import MdevInventory
 from hostdev.host.model import Inventory
 from hostdev.host.pciids import PciIds
 from hostdev.policy.allocation import build_units
@@ -11,7 +12,7 @@ from hostdev.policy.dra import DRIVER, device_name, unit_attributes
 from hostdev.policy.readiness import assignability, node_problems
 
 
-def report(inv: Inventory, ids: PciIds) -> dict[str, Any]:
+def report(inv: Inventory, ids: PciIds, mdev: MdevInventory | None = None) -> dict[str, Any]:
     """A JSON-ready report (stable keys, camelCase like the CRDs)."""
     problems = node_problems(inv.node)
     n = inv.node
@@ -71,6 +72,43 @@ def report(inv: Inventory, ids: PciIds) -> dict[str, Any]:
         ],
         "warnings": list(inv.warnings),
         "dra": dra_report(inv, ids),
+        "mdev": mdev_report(mdev or MdevInventory({}, {})),
+    }
+
+
+def mdev_report(mdev: MdevInventory) -> dict[str, Any]:
+    """Mediated-device parents with their types, and the instances (any owner)."""
+    return {
+        "parents": [
+            {
+                "name": p.name,
+                "pciAddress": None if p.pci is None else str(p.pci),
+                "numaNode": p.numa_node,
+                "types": [
+                    {
+                        "id": t.id,
+                        "name": t.name,
+                        "description": t.description,
+                        "deviceApi": t.device_api,
+                        "availableInstances": t.available_instances,
+                        "instances": sum(i.type_id == t.id for i in mdev.instances_of(p.name)),
+                    }
+                    for t in p.types
+                ],
+            }
+            for p in mdev.parents.values()
+        ],
+        "instances": [
+            {
+                "uuid": i.uuid,
+                "type": i.type_id,
+                "parent": i.parent,
+                "iommuGroup": i.iommu_group,
+                "vfioNode": i.vfio_node,
+                "driver": i.driver,
+            }
+            for i in mdev.instances.values()
+        ],
     }
 
 
@@ -144,7 +182,49 @@ def render_text(rep: dict[str, Any]) -> str:
         lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
     if not rep["devices"]:
         lines.append("(no PCI devices found)")
+    lines += _mdev_text(rep["mdev"])
     if rep["pciIds"] is None:
         lines.append("\nnote: no pci.ids found (install hwdata or pciutils); names are ids only")
     lines += [f"warning: {w}" for w in rep["warnings"]]
     return "\n".join(lines)
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    return [
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1] for r in rows
+    ]
+
+
+def _mdev_text(m: dict[str, Any]) -> list[str]:
+    """The mediated-device part of the text report (nothing when the node has no parent)."""
+    if not m["parents"] and not m["instances"]:
+        return []
+    lines = ["", "Mediated devices (mdev)"]
+    rows: list[tuple[str, ...]] = [("PARENT", "TYPE", "NAME", "API", "AVAILABLE", "INSTANCES")]
+    for p in m["parents"]:
+        for t in p["types"]:
+            avail = t["availableInstances"]
+            rows.append(
+                (
+                    p["name"],
+                    t["id"],
+                    (t["name"] or "-")[:32],
+                    t["deviceApi"] or "-",
+                    "?" if avail is None else str(avail),
+                    str(t["instances"]),
+                )
+            )
+    lines += _table(rows)
+    if m["instances"]:
+        lines.append("")
+        rows = [("UUID", "PARENT", "TYPE", "GROUP", "DRIVER")]
+        for i in m["instances"]:
+            group = "-" if i["iommuGroup"] is None else str(i["iommuGroup"])
+            if i["iommuGroup"] is not None and not i["vfioNode"]:
+                group += " (no /dev/vfio node)"
+            rows.append(
+                (i["uuid"], i["parent"] or "-", i["type"] or "-", group, i["driver"] or "-")
+            )
+        lines += _table(rows)
+    return lines

@@ -220,7 +220,7 @@ def _device_nodes(sysfs: Sysfs) -> dict[PciAddress, list[str]]:
     return out
 
 
-def _open_nodes(sysfs: Sysfs, interesting: set[str] | None) -> dict[str, list[str]]:
+def open_nodes(sysfs: Sysfs, interesting: set[str] | None) -> dict[str, list[str]]:
     """/dev path -> ["pid N (comm)"] for every process holding it open (``/proc/*/fd``)."""
     out: dict[str, list[str]] = {}
     proc = sysfs.path("proc")
@@ -323,7 +323,7 @@ def gather_facts(
         unverified_ifaces=unverified,
         mounts={a: tuple(v) for a, v in _block_usage(sysfs).items()},
         device_nodes={a: tuple(sorted(v)) for a, v in nodes.items()},
-        open_nodes={k: tuple(v) for k, v in _open_nodes(sysfs, interesting).items()},
+        open_nodes={k: tuple(v) for k, v in open_nodes(sysfs, interesting).items()},
         driver_overrides=overrides,
         allocated=dict(allocated or {}),
         would_bind=_would_bind(sysfs, inv),

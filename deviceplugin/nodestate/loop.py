@@ -26,6 +26,7 @@ from hostdev.deviceplugin.nodestate.sync import Syncer, generation_of, utc_now
 from hostdev.host.address import PciAddress
 from hostdev.host.model import Inventory
 from hostdev.policy.blockers import Blocker, blocking_pods, find_blockers, with_blockers
+from hostdev.policy.mdev import MdevSpec
 from hostdev.policy.nodestatus import (
     FAILED,
     IN_PROGRESS,
@@ -43,7 +44,12 @@ class ResourceSink(Protocol):
     """Where the resolved resources go (the device-plugin manager, through an adapter); ``dra``
     names the resources the kubelet gets through DRA instead of a device plugin."""
 
-    def apply(self, resources: Served, dra: frozenset[str] = frozenset()) -> None: ...
+    def apply(
+        self,
+        resources: Served,
+        dra: frozenset[str] = frozenset(),
+        mdevs: tuple[tuple[str, MdevSpec], ...] = (),
+    ) -> None: ...
 
 
 class AllocationSource(Protocol):
@@ -89,8 +95,10 @@ class NodeStateLoop:
         live_inventory: Callable[[], Inventory | None] | None = None,
         served: Served | None = None,
         pods_gone: PodsGone | None = None,
+        mdev_status: Callable[[], Mapping[str, Any] | None] | None = None,
     ) -> None:
         self.client = client
+        self.mdev_status = mdev_status  # the status.mdev section (None: the node has none)
         self.syncer = syncer
         self.sink = sink
         self.allocation_source = allocations
@@ -111,6 +119,7 @@ class NodeStateLoop:
         # first sync only tells them when the spec says otherwise.
         self._served: Served | None = served
         self._dra: frozenset[str] = frozenset()
+        self._mdevs: tuple[tuple[str, MdevSpec], ...] = ()
         self._inventory: Inventory | None = None
         self._outcome: SyncOutcome | None = None
         self._allocations: tuple[AllocationRow, ...] | None = None
@@ -263,6 +272,9 @@ class NodeStateLoop:
         status = render_status(
             self._inventory, outcome, self._allocations, previous=previous, now=now
         )
+        mdev = self.mdev_status() if self.mdev_status is not None else None
+        if mdev is not None:
+            status["mdev"] = mdev
         return with_blockers(
             status, self._blockers, previous=previous, generation=outcome.generation, now=now
         )
@@ -308,10 +320,16 @@ class NodeStateLoop:
             self.writer.submit(self._render(SyncOutcome(IN_PROGRESS, generation, resources=served)))
         result = self.syncer.sync(obj)
         outcome = result.outcome
-        if result.serve is not None and (result.serve != self._served or result.dra != self._dra):
+        if result.serve is not None and (
+            result.serve != self._served or result.dra != self._dra or result.mdevs != self._mdevs
+        ):
             try:
-                self.sink.apply(result.serve, result.dra)
+                if result.mdevs:
+                    self.sink.apply(result.serve, result.dra, mdevs=result.mdevs)
+                else:
+                    self.sink.apply(result.serve, result.dra)
                 self._served, self._dra = result.serve, result.dra
+                self._mdevs = result.mdevs
             except Exception as e:
                 log.exception(
                     "NodeState %s: the device plugins did not take the resources", self.name

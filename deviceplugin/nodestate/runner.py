@@ -13,7 +13,7 @@ import concurrent.futures
 import logging
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from kubernetes import client, config
 
@@ -30,6 +30,7 @@ from hostdev.deviceplugin.resources import ResourceConfig
 from hostdev.host.address import PciAddress
 from hostdev.host.model import Inventory
 from hostdev.host.sysfs import Sysfs
+from hostdev.policy.mdev import MdevSpec
 from hostdev.policy.nodeconfig import DEVICE_PLUGIN, DRA
 from hostdev.policy.selector import DeviceSelector
 
@@ -70,11 +71,14 @@ def cluster_mode(args: argparse.Namespace) -> bool:
 
 
 def to_resource_configs(
-    served: Mapping[str, tuple[PciAddress, ...]], dra: frozenset[str] = frozenset()
+    served: Mapping[str, tuple[PciAddress, ...]],
+    dra: frozenset[str] = frozenset(),
+    mdevs: Sequence[tuple[str, MdevSpec]] = (),
 ) -> tuple[ResourceConfig, ...]:
     """The resolved devices per resource, as the manager's resource list (exact addresses);
-    the resources named in ``dra`` go to the DRA front end."""
-    return tuple(
+    the resources named in ``dra`` go to the DRA front end; ``mdevs``: mediated-device
+    resources (instances the agent keeps)."""
+    pci = tuple(
         ResourceConfig(
             name,
             DeviceSelector(pci_addresses=frozenset(addrs)),
@@ -83,6 +87,7 @@ def to_resource_configs(
         for name, addrs in sorted(served.items())
         if addrs
     )
+    return pci + tuple(ResourceConfig(name, DeviceSelector(), mdev=spec) for name, spec in mdevs)
 
 
 class ManagerSink:
@@ -122,9 +127,12 @@ class ManagerSink:
             return None
 
     def apply(
-        self, resources: Mapping[str, tuple[PciAddress, ...]], dra: frozenset[str] = frozenset()
+        self,
+        resources: Mapping[str, tuple[PciAddress, ...]],
+        dra: frozenset[str] = frozenset(),
+        mdevs: tuple[tuple[str, MdevSpec], ...] = (),
     ) -> None:
-        configs = to_resource_configs(resources, dra)
+        configs = to_resource_configs(resources, dra, mdevs)
         log.info(
             "serving %s",
             ", ".join(
@@ -193,6 +201,7 @@ async def run_cluster(args: argparse.Namespace, manager: PluginManager, stop: as
         live_inventory=sink.inventory,
         served=seed or None,
         pods_gone=LauncherPodWatch(api, node),
+        mdev_status=manager.mdev.status,
     )
     log.info("cluster mode: applying PassthroughNodeState %s", node)
     halt = threading.Event()

@@ -20,6 +20,7 @@ from hostdev.deviceplugin.persist import saved_allocations
 from hostdev.host.address import PciAddress
 from hostdev.host.model import Inventory
 from hostdev.host.sysfs import Sysfs
+from hostdev.policy.mdev import MdevSpec
 from hostdev.policy.nodeconfig import NodeConfigError, parse_node_config
 from hostdev.policy.nodestatus import (
     FAILED,
@@ -45,6 +46,7 @@ class SyncResult:
     # resource -> devices the plugins should serve; None: keep serving what they serve now
     serve: Mapping[str, tuple[PciAddress, ...]] | None
     dra: frozenset[str] = frozenset()  # resources of ``serve`` allocated through DRA
+    mdevs: tuple[tuple[str, MdevSpec], ...] = ()  # mediated-device resources (spec.mdevs)
 
 
 def generation_of(obj: Mapping[str, Any]) -> int | None:
@@ -154,4 +156,5 @@ class Syncer:
             inventory,
             served_resources(serve),
             config.dra_resources(),
+            config.mdevs,
         )

@@ -56,8 +56,11 @@ class AllocUnit:
 
     @property
     def pf_key(self) -> str:
-        # Non-VFs are their own "PF" for spreading purposes.
-        return str(self.pf if self.pf is not None else self.addresses[0])
+        # Non-VFs are their own "PF" for spreading purposes (mdev instances, no address: their
+        # UUID).
+        if self.pf is not None:
+            return str(self.pf)
+        return str(self.addresses[0]) if self.addresses else self.id
 
 
 def build_units(devices: Iterable[PciDevice]) -> tuple[AllocUnit, ...]:

@@ -1,5 +1,6 @@
-"""KubeVirt CR configuration for policy resources: permittedHostDevices + HostDevices gate for
-device-plugin policies, the GPUsWithDRA/HostDevicesWithDRA gates for DRA policies. Pure.
+"""KubeVirt CR configuration for policy resources: permittedHostDevices (pciHostDevices, and
+mediatedDevices for mdev policies) + HostDevices gate for device-plugin policies, the
+GPUsWithDRA/HostDevicesWithDRA gates for DRA policies. Pure.
 
 Ownership: the entries (and the feature gates) this operator added are listed in an annotation
 on the KubeVirt CR, so it removes only what it added and never takes over what someone else
@@ -33,6 +34,8 @@ class PciHostDevice:
     def key(self) -> str:
         return f"{self.pci_vendor_selector}={self.resource_name}"
 
+    list_name = "pciHostDevices"
+
     def as_entry(self) -> dict[str, Any]:
         return {
             "pciVendorSelector": self.pci_vendor_selector,
@@ -41,19 +44,48 @@ class PciHostDevice:
         }
 
 
+@dataclass(frozen=True, slots=True, order=True)
+class MediatedDevice:
+    """A ``mediatedDevices`` entry: the mdev type's name as the policy gives it (KubeVirt matches
+    ``mdevNameSelector`` against the type's ``name`` file; with ``externalResourceProvider``
+    it only permits the resource, hostdev's agent serves it)."""
+
+    mdev_name_selector: str
+    resource_name: str
+    list_name = "mediatedDevices"
+
+    @property
+    def key(self) -> str:
+        return f"{self.mdev_name_selector}={self.resource_name}"
+
+    def as_entry(self) -> dict[str, Any]:
+        return {
+            "mdevNameSelector": self.mdev_name_selector,
+            "resourceName": self.resource_name,
+            "externalResourceProvider": True,
+        }
+
+
+Permitted = PciHostDevice | MediatedDevice
+_LISTS = ("pciHostDevices", "mediatedDevices")
+
+
 def _selector(vendor: str, device: str) -> str:
     return f"{vendor.upper()}:{device.upper()}"
 
 
 def desired_entries(
     policies: Iterable[Policy], plans: Mapping[str, NodePlan]
-) -> tuple[PciHostDevice, ...]:
+) -> tuple[Permitted, ...]:
     """One entry per (vendor:device, resource): ids seen in the agents' inventories for devices
     the policy holds, plus every vendor x device pair a policy names outright (so VMs can be
     admitted before any agent has reported)."""
-    wanted: set[PciHostDevice] = set()
+    wanted: set[Permitted] = set()
     # DRA policies' devices reach VMs through claims, not permittedHostDevices.
     by_name = {p.name: p for p in policies if not p.dra}
+    mdevs = {
+        MediatedDevice(p.mdev.type, p.resource_name) for p in by_name.values() if p.mdev is not None
+    }
     for p in by_name.values():
         for v in p.selector.vendors:
             for d in p.selector.devices:
@@ -67,7 +99,8 @@ def desired_entries(
             for a in addresses:
                 if a in plan.ids:
                     wanted.add(PciHostDevice(_selector(*plan.ids[a]), holder.resource_name))
-    return tuple(sorted(wanted))
+    pci = sorted(w for w in wanted if isinstance(w, PciHostDevice))
+    return (*pci, *sorted(mdevs))
 
 
 def desired_gates(policies: Iterable[Policy]) -> tuple[str, ...]:
@@ -85,30 +118,33 @@ class KubeVirtChange:
     blocked: tuple[str, ...] = ()  # wanted gates the admin disabled (not added)
 
 
-def _owned(kubevirt: Mapping[str, Any]) -> tuple[set[str], set[str]]:
-    """Owned pciHostDevices keys and owned feature gates."""
+def _owned(kubevirt: Mapping[str, Any]) -> tuple[dict[str, set[str]], set[str]]:
+    """Owned keys per permittedHostDevices list, and owned feature gates."""
+    none: dict[str, set[str]] = {n: set() for n in _LISTS}
     ann = ((kubevirt.get("metadata") or {}).get("annotations") or {}).get(OWNED_ANNOTATION)
     if not ann:
-        return set(), set()
+        return none, set()
     try:
         data = json.loads(ann)
     except ValueError:
-        return set(), set()
+        return none, set()
     if not isinstance(data, Mapping):
-        return set(), set()
+        return none, set()
     gates = {str(g) for g in data.get("featureGates") or ()}
     if data.get("featureGate"):
         gates.add(FEATURE_GATE)
-    return {str(k) for k in data.get("pciHostDevices") or ()}, gates
+    return {n: {str(k) for k in data.get(n) or ()} for n in _LISTS}, gates
 
 
-def _key(entry: Mapping[str, Any]) -> str:
+def _key(list_name: str, entry: Mapping[str, Any]) -> str:
+    if list_name == "mediatedDevices":
+        return f"{entry.get('mdevNameSelector', '')}={entry.get('resourceName', '')}"
     return f"{str(entry.get('pciVendorSelector', '')).upper()}={entry.get('resourceName', '')}"
 
 
 def merge_kubevirt(
     kubevirt: Mapping[str, Any],
-    wanted: Iterable[PciHostDevice],
+    wanted: Iterable[Permitted],
     extra_gates: Iterable[str] = (),
 ) -> KubeVirtChange:
     """Merge ``wanted`` into the CR's permittedHostDevices.pciHostDevices and feature gates.
@@ -121,26 +157,43 @@ def merge_kubevirt(
     spec = kubevirt.get("spec") or {}
     config = spec.get("configuration") or {}
     permitted = config.get("permittedHostDevices") or {}
-    current = [dict(e) for e in permitted.get("pciHostDevices") or () if isinstance(e, Mapping)]
     dev_config = config.get("developerConfiguration") or {}
     gates = [str(g) for g in dev_config.get("featureGates") or ()]
     disabled = {str(g) for g in dev_config.get("disabledFeatureGates") or ()}
-    owned, owned_gates = _owned(kubevirt)
-    wanted_by_key = {w.key: w for w in wanted}
-
-    present = {_key(e) for e in current}
-    kept = [e for e in current if _key(e) not in owned or _key(e) in wanted_by_key]
-    removed = tuple(
-        sorted(_key(e) for e in current if _key(e) in owned and _key(e) not in wanted_by_key)
-    )
-    added_entries = [w for k, w in sorted(wanted_by_key.items()) if k not in present]
-    new_list = kept + [w.as_entry() for w in added_entries]
-    # Ownership: what we owned and still want, plus what we add now. A foreign identical entry
-    # stays foreign.
-    new_owned = sorted((owned & set(wanted_by_key)) | {w.key for w in added_entries})
+    owned_lists, owned_gates = _owned(kubevirt)
+    wanted = tuple(wanted)
+    any_wanted = bool(wanted)
+    list_patch: dict[str, list[dict[str, Any]]] = {}
+    new_owned_lists: dict[str, list[str]] = {}
+    all_added: list[str] = []
+    all_removed: list[str] = []
+    for list_name in _LISTS:
+        current = [dict(e) for e in permitted.get(list_name) or () if isinstance(e, Mapping)]
+        owned = owned_lists[list_name]
+        wanted_by_key = {w.key: w for w in wanted if w.list_name == list_name}
+        keys = [_key(list_name, e) for e in current]
+        present = set(keys)
+        kept = [
+            e for e, k in zip(current, keys, strict=True) if k not in owned or k in wanted_by_key
+        ]
+        all_removed += sorted(k for k in keys if k in owned and k not in wanted_by_key)
+        added_entries = [w for k, w in sorted(wanted_by_key.items()) if k not in present]
+        all_added += [w.key for w in added_entries]
+        new_list = kept + [w.as_entry() for w in added_entries]
+        if new_list != current:
+            # Atomic lists in KubeVirt's schema: a merge patch replaces them.
+            list_patch[list_name] = new_list
+        # Ownership: what we owned and still want, plus what we add now. A foreign identical
+        # entry stays foreign.
+        new_owned_lists[list_name] = sorted(
+            (owned & set(wanted_by_key)) | {w.key for w in added_entries}
+        )
+    removed = tuple(all_removed)
+    new_owned = new_owned_lists["pciHostDevices"]
+    new_mdev_owned = new_owned_lists["mediatedDevices"]
 
     extra = sorted(set(extra_gates) - {FEATURE_GATE})
-    wanted_gates = ([FEATURE_GATE] if wanted_by_key else []) + extra
+    wanted_gates = ([FEATURE_GATE] if any_wanted else []) + extra
     blocked = tuple(g for g in extra if g in disabled and g not in gates)
     new_gates = [g for g in gates if not (g in owned_gates and g not in wanted_gates)]
     new_owned_gates = {g for g in owned_gates if g in wanted_gates and g in new_gates}
@@ -150,11 +203,13 @@ def merge_kubevirt(
             new_owned_gates.add(g)
 
     owned_doc: dict[str, Any] = {}
-    if new_owned or new_owned_gates:
+    if new_owned or new_mdev_owned or new_owned_gates:
         owned_doc = {
             "pciHostDevices": new_owned,
             "featureGate": FEATURE_GATE in new_owned_gates,
         }
+        if new_mdev_owned:  # absent otherwise: annotations of PCI-only clusters stay as they were
+            owned_doc["mediatedDevices"] = new_mdev_owned
         others = sorted(new_owned_gates - {FEATURE_GATE})
         if others:
             owned_doc["featureGates"] = others
@@ -162,21 +217,18 @@ def merge_kubevirt(
     old_annotation = ((kubevirt.get("metadata") or {}).get("annotations") or {}).get(
         OWNED_ANNOTATION
     )
-    if new_list == current and new_gates == gates and annotation == old_annotation:
+    if not list_patch and new_gates == gates and annotation == old_annotation:
         return KubeVirtChange(None, (), (), blocked)
     patch: dict[str, Any] = {
         "metadata": {"annotations": {OWNED_ANNOTATION: annotation}},
         "spec": {"configuration": {}},
     }
-    if new_list != current:
-        # pciHostDevices is an atomic list in KubeVirt's schema: a merge patch replaces it.
-        patch["spec"]["configuration"]["permittedHostDevices"] = {"pciHostDevices": new_list}
+    if list_patch:
+        patch["spec"]["configuration"]["permittedHostDevices"] = list_patch
     if new_gates != gates:
         patch["spec"]["configuration"]["developerConfiguration"] = {"featureGates": new_gates}
     rv = (kubevirt.get("metadata") or {}).get("resourceVersion")
     if rv:
         patch["metadata"]["resourceVersion"] = rv  # optimistic lock: 409 if someone raced us
-    added = tuple(w.key for w in added_entries) + tuple(
-        g for g in new_gates if g not in gates and g != FEATURE_GATE
-    )
+    added = tuple(all_added) + tuple(g for g in new_gates if g not in gates and g != FEATURE_GATE)
     return KubeVirtChange(patch, added, removed, blocked)

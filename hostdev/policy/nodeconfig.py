@@ -20,6 +20,12 @@ body of a local ``node.yaml`` for clusterless use (``hostdev apply --config node
           resourceName: example.com/gpu
           allocation: DRA          # served as DRA devices (ResourceSlices), not a device plugin
       # allowUnsafe: true on a pf/device entry overrides the safety guards for it (off by default)
+      mdevs:                       # mediated devices: instances the agent creates and serves
+        - resourceName: example.com/mtty
+          type: mtty-2             # type id, or the type's name
+          count: 4
+          parents: ["mtty"]        # optional: parent names or shell patterns
+          placement: spread        # or pack
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from typing import Any, Literal
 
 from hostdev.host.address import PciAddress, PciAddressError
 from hostdev.host.model import Inventory, is_vfio_driver
+from hostdev.policy.mdev import MdevSpec, MdevSpecError
 from hostdev.policy.naming import env_collisions
 from hostdev.policy.selector import DeviceSelector, SelectorError
 
@@ -100,6 +107,7 @@ class NodeConfig:
     pfs: tuple[PfConfig, ...] = ()
     devices: tuple[DeviceConfig, ...] = ()
     rules: tuple[DeviceRule, ...] = ()
+    mdevs: tuple[tuple[str, MdevSpec], ...] = ()  # (resourceName, what to keep of it)
 
     @staticmethod
     def from_dict(data: Any) -> NodeConfig:
@@ -211,7 +219,7 @@ def parse_node_config(data: Any) -> NodeConfig:
         raise NodeConfigError("spec: must be a mapping")
     _unknown(
         {k: v for k, v in spec.items() if k not in {"apiVersion", "kind", "metadata"}},
-        {"pfs", "devices"},
+        {"pfs", "devices", "mdevs"},
         "spec",
     )
 
@@ -279,16 +287,45 @@ def parse_node_config(data: Any) -> NodeConfig:
             if selector.empty:
                 raise NodeConfigError(f"{where}.selector: empty selector matches nothing")
             rules.append(DeviceRule(selector, driver, resource, unsafe, mode))
-    for c in env_collisions(name for _, name in named):
-        i = next(i for i, name in named if name == c.second)
-        raise NodeConfigError(f"devices[{i}].resourceName: {c.message}")
+    mdevs = _mdevs(spec, {name for _, name in named})
+    for c in env_collisions([*(name for _, name in named), *(name for name, _ in mdevs)]):
+        at = next((f"devices[{i}]" for i, name in named if name == c.second), None)
+        if at is None:
+            at = next(f"mdevs[{i}]" for i, (name, _) in enumerate(mdevs) if name == c.second)
+        raise NodeConfigError(f"{at}.resourceName: {c.message}")
     by_address = {d.address: (i, d) for i, d in enumerate(devices)}
     for i, pf in enumerate(pfs):
         hit = by_address.get(pf.address) if pf.address is not None else None
         why = contradiction(pf, hit[1]) if hit is not None else None
         if hit is not None and why is not None:
             raise NodeConfigError(f"pfs[{i}] and devices[{hit[0]}] ({pf.address}): {why}")
-    return NodeConfig(tuple(pfs), tuple(devices), tuple(rules))
+    return NodeConfig(tuple(pfs), tuple(devices), tuple(rules), mdevs)
+
+
+def _mdevs(spec: Mapping[str, Any], pci_resources: set[str]) -> tuple[tuple[str, MdevSpec], ...]:
+    out: list[tuple[str, MdevSpec]] = []
+    for i, item in enumerate(_list(spec, "mdevs")):
+        where = f"mdevs[{i}]"
+        resource = _resource(item.get("resourceName"), f"{where}.resourceName")
+        if resource is None:
+            raise NodeConfigError(f"{where}.resourceName: required")
+        if resource in pci_resources:
+            raise NodeConfigError(
+                f"{where}: resource {resource} also serves PCI functions (devices); a resource "
+                "is either PCI functions or mediated-device instances"
+            )
+        if any(resource == name for name, _ in out):
+            raise NodeConfigError(f"{where}: resource {resource} is listed twice")
+        try:
+            out.append(
+                (
+                    resource,
+                    MdevSpec.from_dict({k: v for k, v in item.items() if k != "resourceName"}),
+                )
+            )
+        except MdevSpecError as e:
+            raise NodeConfigError(f"{where}: {e}") from None
+    return tuple(out)
 
 
 def contradiction(pf: PfConfig, wish: DeviceConfig) -> str | None:

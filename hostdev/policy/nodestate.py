@@ -15,6 +15,7 @@ from hostdev.host.address import PciAddress, PciAddressError
 from hostdev.host.model import Inventory, PciDevice, is_vfio_driver
 from hostdev.policy.allocation import AllocUnit, build_units, multi_function_note
 from hostdev.policy.labels import LabelSelector, LabelSelectorError
+from hostdev.policy.mdev import MdevSpec, MdevSpecError
 from hostdev.policy.naming import env_collisions
 from hostdev.policy.nodeconfig import ALLOCATIONS, DEVICE_PLUGIN, DRA, Allocation
 from hostdev.policy.reported import ReportedNode
@@ -44,6 +45,8 @@ class Policy:
     generation: int = 0
     allocation: Allocation = DEVICE_PLUGIN
     uid: str = ""
+    mdev: MdevSpec | None = None  # mediated-device instances instead of PCI functions
+    mdev_spec: Mapping[str, Any] | None = None  # its camelCase form, for NodeState specs
 
     @property
     def dra(self) -> bool:
@@ -62,12 +65,22 @@ class Policy:
         if not isinstance(resource, str) or "/" not in resource:
             raise PolicyError(f"policy {name}: spec.resourceName must be domain/name")
         raw_selector = spec.get("selector") or {}
+        raw_mdev = spec.get("mdev")
         try:
             selector = DeviceSelector.from_dict(raw_selector)
             node_selector = LabelSelector.from_dict(spec.get("nodeSelector"))
-        except (SelectorError, LabelSelectorError) as e:
+            mdev = None if raw_mdev is None else MdevSpec.from_dict(raw_mdev)
+        except (SelectorError, LabelSelectorError, MdevSpecError) as e:
             raise PolicyError(f"policy {name}: {e}") from None
-        if selector.empty:
+        if mdev is not None:
+            if not selector.empty or spec.get("sriov") is not None:
+                raise PolicyError(
+                    f"policy {name}: set exactly one of selector (PCI functions) or mdev "
+                    "(mediated-device instances); sriov does not go with mdev"
+                )
+            if (spec.get("allocation") or DEVICE_PLUGIN) != DEVICE_PLUGIN:
+                raise PolicyError(f"policy {name}: mdev resources are served by DevicePlugin")
+        elif selector.empty:
             raise PolicyError(f"policy {name}: spec.selector is empty and would claim nothing")
         sriov = spec.get("sriov")
         num_vfs = None if not isinstance(sriov, Mapping) else sriov.get("numVfs")
@@ -91,6 +104,8 @@ class Policy:
             generation=int(meta.get("generation") or 0),
             allocation=DRA if allocation == DRA else DEVICE_PLUGIN,
             uid=str(meta.get("uid") or ""),
+            mdev=mdev,
+            mdev_spec=None if raw_mdev is None else dict(raw_mdev),
         )
 
 
@@ -196,7 +211,32 @@ def render_node(
     the policy with precedence (explicit entries win over selector rules in nodeconfig).
     """
     matched = order(policies)
-    ordered, conflicts = _without_env_collisions(node, matched)
+    with_mdev, conflicts = _without_env_collisions(node, matched)
+    # A resource is PCI functions or mdev instances on a node, and one policy's mdev wish: the
+    # policy with precedence decides.
+    decides: dict[str, Policy] = {}
+    for p in with_mdev:
+        decides.setdefault(p.resource_name, p)
+    mdevs: list[dict[str, Any]] = []
+    ordered: list[Policy] = []
+    for p in with_mdev:
+        winner = decides[p.resource_name]
+        if (p.mdev is None) != (winner.mdev is None) or (p.mdev is not None and winner is not p):
+            what = "mediated-device instances" if winner.mdev is not None else "PCI functions"
+            conflicts.append(
+                Conflict(
+                    node,
+                    p.resource_name,
+                    p.name,
+                    winner.name,
+                    f"resource {p.resource_name} is {what} of policy {winner.name} on this node: "
+                    f"{_why(winner)}",
+                )
+            )
+        elif p.mdev_spec is not None:
+            mdevs.append({"resourceName": p.resource_name, **p.mdev_spec})
+        else:
+            ordered.append(p)
     pfs: dict[str, dict[str, Any]] = {}
     pf_owner: dict[str, Policy] = {}
     for p in ordered:
@@ -279,7 +319,9 @@ def render_node(
                 )
     if inventory is not None:
         conflicts += _contradictions(node, ordered, pfs, pf_owner, inventory)
-    spec = {"pfs": [pfs[k] for k in sorted(pfs)], "devices": explicit + rules}
+    spec: dict[str, Any] = {"pfs": [pfs[k] for k in sorted(pfs)], "devices": explicit + rules}
+    if mdevs:
+        spec["mdevs"] = mdevs
     multi = {
         name: tuple(u for u in build_units(devs) if u.companions) for name, devs in held.items()
     }

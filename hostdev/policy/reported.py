@@ -36,7 +36,8 @@ class ReportedNode:
 
     name: str
     inventory: Inventory | None
-    resources: Mapping[str, tuple[str, ...]]  # resourceName -> PCI addresses advertised
+    # resourceName -> PCI addresses advertised (mdev resources: the UUIDs of their instances)
+    resources: Mapping[str, tuple[str, ...]]
     allocations: tuple[Allocation, ...]
 
     def count(self, resource_name: str) -> int:
@@ -106,6 +107,14 @@ def read_node_state(name: str, status: Mapping[str, Any] | None) -> ReportedNode
         resource = raw.get("resourceName")
         if isinstance(resource, str) and resource:
             resources.setdefault(resource, []).append(str(address))
+    mdev = status.get("mdev")
+    for inst in (mdev.get("instances") or ()) if isinstance(mdev, Mapping) else ():
+        # A mediated-device resource's capacity: its healthy instances (status.mdev)
+        if not isinstance(inst, Mapping) or inst.get("health") != "Healthy":
+            continue
+        resource, uuid = inst.get("resourceName"), inst.get("uuid")
+        if isinstance(resource, str) and resource and isinstance(uuid, str):
+            resources.setdefault(resource, []).append(uuid)
     for pf, vfs in virtfns.items():
         if pf in devices:
             devices[pf] = replace(devices[pf], virtfns=tuple(a for _, a in sorted(vfs)))

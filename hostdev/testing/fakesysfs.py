@@ -201,6 +201,8 @@ class FakeHost:
         for gdir in gdirs:
             node = self.root / "dev/vfio" / gdir.name
             members = gdir / "devices"
+            if (gdir / "name").exists():
+                continue  # an mdev instance's group ("vfio-noiommu"): hostdev.testing.fakemdev
             on_vfio = members.is_dir() and any(
                 (m / "driver").is_symlink()
                 and os.path.basename(os.readlink(m / "driver")) == "vfio-pci"

@@ -22,6 +22,7 @@ POLICY = yaml.safe_load((EXAMPLES / "1-policy.yaml").read_text())
 DRA_POLICY = yaml.safe_load((EXAMPLES / "4-dra-policy.yaml").read_text())
 DRA_REQUEST = yaml.safe_load((EXAMPLES / "6-dra-request.yaml").read_text())
 REQUEST = yaml.safe_load((EXAMPLES / "3-request.yaml").read_text())
+MDEV_POLICY = yaml.safe_load((EXAMPLES / "7-mdev-policy.yaml").read_text())
 NODESTATE = {
     "apiVersion": "hostdev.io/v1alpha1",
     "kind": "PassthroughNodeState",
@@ -61,7 +62,7 @@ def causes(cluster: Cluster, obj: dict[str, Any], namespace: str) -> list[tuple[
 
 @pytest.mark.parametrize(
     "obj",
-    [POLICY, REQUEST, NODESTATE, DRA_POLICY, DRA_REQUEST],
+    [POLICY, REQUEST, NODESTATE, DRA_POLICY, DRA_REQUEST, MDEV_POLICY],
     ids=lambda o: f"{o['kind']}-{o['metadata']['name']}",
 )
 def test_examples_are_valid(kube_apiserver: Cluster, kube_namespace: str, obj: dict) -> None:
@@ -162,6 +163,15 @@ RULES = [
      "VirtualMachine"),
     ("request-entry-name", REQUEST, dev(name="NIC"), "spec.devices[0].name",
      "device name must be a DNS label (lower-case letters, digits, '-'), e.g. gpu"),
+    ("mdev-and-selector", MDEV_POLICY, pspec(selector={"vendors": ["10de"]}), "spec",
+     "set exactly one of selector (PCI functions) or mdev (mediated-device instances)"),
+    ("mdev-no-sriov", MDEV_POLICY, pspec(sriov={"numVfs": 2}), "spec",
+     "sriov creates VFs of PCI functions; it does not go with mdev"),
+    ("mdev-no-dra", MDEV_POLICY, pspec(allocation="DRA"), "spec",
+     "mdev resources are served through the device plugin (allocation DevicePlugin); DRA for "
+     "mediated devices is not supported yet"),
+    ("mdev-count", MDEV_POLICY, lambda o: o["spec"]["mdev"].update(count=-1), "spec.mdev.count",
+     "spec.mdev.count in body should be greater than or equal to 0"),
     ("nodestate-pf-one-name", NODESTATE,
      lambda o: o["spec"]["pfs"][0].update(pciAddress="0000:3b:00.0"), "spec.pfs[0]",
      "a pfs entry names its PF by exactly one of pciAddress or pfName"),

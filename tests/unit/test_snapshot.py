@@ -53,6 +53,7 @@ def test_saved_real_kernel_with_iommu_and_sriov(capsys: pytest.CaptureFixture[st
     assert main(["scan", "--host-root", str(root), "--json", "--pci-ids", "/dev/null"]) == 0
     saved = json.loads(capsys.readouterr().out)
     dra = {d["name"]: d for d in saved.pop("dra")["devices"]}  # added after the capture
+    assert saved.pop("mdev") == {"parents": [], "instances": []}  # likewise; none in that guest
     assert saved == live
     # The DRA devices the tree would publish: one per IOMMU group, VFs with their PF.
     vf = dra["pci-0000-41-00-1"]["attributes"]

@@ -102,16 +102,24 @@ def vfio_holder(dev: PciDevice) -> Iterator[subprocess.Popen[str]]:
     """A process holding ``dev`` through VFIO as QEMU does: container, group, device fd
     (VFIO_GROUP_GET_DEVICE_FD). Killed on exit."""
     assert dev.iommu_group is not None and dev.on_vfio, dev
-    wait_for(lambda: os.path.exists(f"/dev/vfio/{dev.iommu_group}"), "the group node")
+    with vfio_group_holder(dev.iommu_group, str(dev.address)) as p:
+        yield p
+
+
+@contextmanager
+def vfio_group_holder(group: int, name: str) -> Iterator[subprocess.Popen[str]]:
+    """A process holding device ``name`` (a PCI address, an mdev UUID) of IOMMU ``group``
+    through VFIO as QEMU does. Killed on exit."""
+    wait_for(lambda: os.path.exists(f"/dev/vfio/{group}"), "the group node")
     p = subprocess.Popen(
-        [sys.executable, "-I", "-c", _HOLDER, str(dev.iommu_group), str(dev.address)],
+        [sys.executable, "-I", "-c", _HOLDER, str(group), name],
         stdout=subprocess.PIPE,
         text=True,
     )
     try:
         assert p.stdout is not None
         line = p.stdout.readline()
-        assert line.startswith("holding"), f"the VFIO holder did not get {dev.address}: {line!r}"
+        assert line.startswith("holding"), f"the VFIO holder did not get {name}: {line!r}"
         yield p
     finally:
         p.kill()
