@@ -14,8 +14,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from kubernetes.client.exceptions import ApiException
-
+from hostdev.deviceplugin.kubeapi import ApiError
 from hostdev.policy.nodestatus import status_changed
 
 log = logging.getLogger(__name__)
@@ -120,13 +119,13 @@ class StatusWriter:
     def _write(self, body: dict[str, Any]) -> bool:
         try:
             self._patch(body)
-        except ApiException as e:
+        except ApiError as e:
             if e.status == NOT_FOUND:
                 log.warning("NodeState %s is gone: status not written", self.name)
                 return True  # nothing to retry until the object comes back (reset)
-            log.warning("NodeState %s: status write failed (%s %s)", self.name, e.status, e.reason)
+            log.warning("NodeState %s: status write failed (%s)", self.name, e)
             return False
-        except Exception as e:  # network errors: urllib3 raises many kinds
+        except Exception as e:  # whatever the injected patch call raised: retried later
             log.warning("NodeState %s: status write failed: %s", self.name, e)
             return False
         self.writes += 1

@@ -32,13 +32,6 @@ SUCCEEDED: SyncState = "Succeeded"
 IN_PROGRESS: SyncState = "InProgress"
 FAILED: SyncState = "Failed"
 
-# KubeVirt's virt-launcher pods: label kubevirt.io=virt-launcher, controller ownerReference to
-# the VirtualMachineInstance, annotation kubevirt.io/domain=<vmi name>. vm.kubevirt.io/name is
-# only a convention of VM templates (not set by KubeVirt itself): last resort.
-LAUNCHER_LABEL = ("kubevirt.io", "virt-launcher")
-DOMAIN_ANNOTATION = "kubevirt.io/domain"
-TEMPLATE_VM_LABEL = "vm.kubevirt.io/name"
-
 _ADDRESS_IN_TEXT = re.compile(r"\b[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]\b")
 _PF_NAME = re.compile(r"^pf (\S+)$")
 
@@ -100,26 +93,6 @@ def served_resources(
     for addr, name in resources.items():
         out.setdefault(name, []).append(addr)
     return {name: tuple(sorted(addrs)) for name, addrs in sorted(out.items())}
-
-
-def vmi_of_pod(meta: Mapping[str, Any]) -> str | None:
-    """The VirtualMachineInstance a pod runs, from its metadata (None: not a VM's pod)."""
-    for ref in meta.get("ownerReferences") or meta.get("owner_references") or ():
-        if not isinstance(ref, Mapping):
-            continue
-        api = str(ref.get("apiVersion") or ref.get("api_version") or "")
-        if ref.get("kind") == "VirtualMachineInstance" and api.startswith("kubevirt.io/"):
-            name = ref.get("name")
-            if isinstance(name, str) and name:
-                return name
-    labels = meta.get("labels") or {}
-    annotations = meta.get("annotations") or {}
-    if labels.get(LAUNCHER_LABEL[0]) == LAUNCHER_LABEL[1]:
-        domain = annotations.get(DOMAIN_ANNOTATION)
-        if isinstance(domain, str) and domain:
-            return domain
-    name = labels.get(TEMPLATE_VM_LABEL)
-    return name if isinstance(name, str) and name else None
 
 
 def _parse(addr: str) -> PciAddress | None:

@@ -30,7 +30,7 @@ from hostdev.host import PciAddress, Sysfs
 from hostdev.testing import scenarios
 from hostdev.testing.fakekernel import FakeKernel
 from tests.chart.helmtool import find, render
-from tests.fixtures.kube import Cluster, wait_allowed
+from tests.fixtures.kube import Cluster, light_client, wait_allowed
 
 pytestmark = pytest.mark.kube
 
@@ -217,13 +217,14 @@ def agent(
     server.add_insecure_port(f"unix://{sock}")
     server.start()
 
-    client = CountingClient(agent_api, name)
+    light = light_client(agent_api)
+    client = CountingClient(light, name)
     manager = RecordingManager()
     loop = NodeStateLoop(
         client,
         Syncer(sysfs, DriverMemory(str(tmp_path / "state")), io=kernel, settle=1.0),
         manager,
-        allocations=KubeletAllocations(PodResourcesClient(sock), LauncherPods(agent_api, name)),
+        allocations=KubeletAllocations(PodResourcesClient(sock), LauncherPods(light, name)),
         settings=LoopSettings(coalesce=0.3, resync=3600, allocations_every=0.2, watch_timeout=2),
     )
     stop = threading.Event()
@@ -234,6 +235,7 @@ def agent(
     finally:
         stop.set()
         thread.join(15)
+        light.close()  # after the loop's last status write; ends its blocked watch too
         server.stop(None).wait()
         Path(sock).unlink(missing_ok=True)
         Path(sockdir).rmdir()
@@ -386,7 +388,8 @@ def test_vmi_names_come_back_once_pods_may_be_listed(
     )
     user = f"agent-{node}"
     api = kube_apiserver.api_client(user=user)
-    pods = LauncherPods(api, node, denied_retry=0.0)
+    light = light_client(api)
+    pods = LauncherPods(light, node, denied_retry=0.0)
     try:
         assert pods.vmis() == {} and not pods.allowed  # no RBAC yet: names unknown, no error
         rbac = k8s.RbacAuthorizationV1Api(kube_apiserver.admin)
@@ -413,4 +416,5 @@ def test_vmi_names_come_back_once_pods_may_be_listed(
         assert pods.vmis() == {(kube_namespace, "virt-launcher-web-xyz12"): "web"}
         assert pods.allowed
     finally:
+        light.close()
         api.close()

@@ -10,6 +10,7 @@ import pytest
 
 from hostdev.host import PciAddress, Sysfs
 from hostdev.host.model import Inventory
+from hostdev.policy.launcher import vmi_of_pod
 from hostdev.policy.nodestatus import (
     FAILED,
     IN_PROGRESS,
@@ -23,7 +24,6 @@ from hostdev.policy.nodestatus import (
     render_status,
     served_resources,
     status_changed,
-    vmi_of_pod,
 )
 from hostdev.policy.plan import Refusal
 from hostdev.policy.reported import read_node_state
