@@ -165,9 +165,9 @@ async def test_metrics_and_healthz(
         client = kubelet.client(name)
         await client.wait_for(lambda d: len(d) == 6)
         await client.allocate([str(h.vf_address("0000:3b:00.0", 0))])
-        http = serve_http(mgr.metrics, 0, mgr.health, "127.0.0.1")
+        http = await serve_http(mgr.metrics, 0, mgr.health, "127.0.0.1")
         try:
-            port = http.server_address[1]
+            port = http.sockets[0].getsockname()[1]
             status, body = await asyncio.to_thread(_get, f"http://127.0.0.1:{port}/healthz")
             assert status == 200 and f"{name}: serving, registered, 6 devices" in body
             status, body = await asyncio.to_thread(_get, f"http://127.0.0.1:{port}/metrics")
@@ -179,17 +179,15 @@ async def test_metrics_and_healthz(
             status, body = await asyncio.to_thread(_get, f"http://127.0.0.1:{port}/healthz")
             assert status == 503 and "DOWN" in body
         finally:
-            http.shutdown()
-            http.server_close()
+            http.close()
+            await http.wait_closed()
 
 
 def test_metrics_registry_is_private() -> None:
     a, b = Metrics(), Metrics()
     a.set_devices("x.io/y", 1, 0)
-    assert (
-        b.registry.get_sample_value("hostdev_devices", {"resource": "x.io/y", "health": "Healthy"})
-        is None
-    )
+    assert a.sample("hostdev_devices", {"resource": "x.io/y", "health": "Healthy"}) == 1.0
+    assert b.sample("hostdev_devices", {"resource": "x.io/y", "health": "Healthy"}) is None
 
 
 async def test_hostdev_node_process_serves_and_stops_cleanly(
