@@ -21,26 +21,26 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable, Coroutine, Iterable, Sequence
-from typing import Any
-
-import grpc
+from typing import TYPE_CHECKING, Any
 
 from hostdev.deviceplugin import persist
 from hostdev.deviceplugin.events import DirWatcher, PciEvent, UeventSource
+from hostdev.deviceplugin.flags import DEFAULT_PLUGIN_DIR, DEFAULT_STATE_DIR
 from hostdev.deviceplugin.hostview import HostView
 from hostdev.deviceplugin.metrics import Metrics
 from hostdev.deviceplugin.plugin import KUBELET_SOCKET, ResourcePlugin
 from hostdev.deviceplugin.resources import ResourceConfig, by_name
 from hostdev.deviceplugin.units import ResourceUnits
+from hostdev.deviceplugin.wire.rpc import RpcError
 from hostdev.host.address import PciAddress, PciAddressError
 from hostdev.host.model import Inventory
 from hostdev.host.sysfs import Sysfs
-from hostdev.policy.nodestatus import PodDevices
+
+if TYPE_CHECKING:
+    from hostdev.policy.nodestatus import PodDevices
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PLUGIN_DIR = "/var/lib/kubelet/device-plugins"
-DEFAULT_STATE_DIR = "/var/lib/hostdev"
 
 
 class PluginManager:
@@ -91,6 +91,7 @@ class PluginManager:
         self._watcher: DirWatcher | None = None
         self._vfio_dir = sysfs.path("dev/vfio")
         self._scan_done = asyncio.Event()
+        self._progress = asyncio.Event()  # a scan ended or a list reached the kubelet
         self.scan_count = 0
         self._units_versions: dict[str, int] = {}
 
@@ -186,6 +187,7 @@ class PluginManager:
                 self.metrics,
                 on_change=self.schedule_save,
                 on_stale=self._rescan_soon,
+                on_delivered=self._progress.set,
             )
             saved = self.saved.get(name)
             if previous is None and saved is not None and not self.scanned:
@@ -285,12 +287,12 @@ class PluginManager:
             try:
                 await plugin.register()
                 return
-            except grpc.aio.AioRpcError as e:
+            except RpcError as e:
                 log.warning(
                     "%s: Register with the kubelet failed (%s: %s); retrying in %.2fs",
                     plugin.resource,
-                    e.code().name,
-                    e.details(),
+                    e.code_name,
+                    e.details,
                     delay,
                 )
             await asyncio.sleep(delay)
@@ -431,6 +433,7 @@ class PluginManager:
             self.scan_count += 1
             self._scan_done.set()
             self._scan_done = asyncio.Event()
+            self._progress.set()
 
     def _check_shared_groups(self, inv: Inventory) -> None:
         """Flag IOMMU groups whose functions are split across resources: each part would be
@@ -461,6 +464,27 @@ class PluginManager:
         """A full rescan now; returns when the servers have the result."""
         self.request_full_rescan()
         await self.wait_scan()
+
+    async def wait_served(self, timeout: float) -> bool:
+        """Until the host was scanned and the kubelet holds every device-plugin resource's
+        current list (True), or ``timeout`` seconds (False). Without a kubelet socket only
+        the scan is waited for. The agent does its slower start-up work after this."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            if self.scanned and (
+                not self._kubelet_socket_exists()
+                or all(p.kubelet_current for p in self.plugins.values())
+            ):
+                return True
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            self._progress.clear()
+            try:
+                await asyncio.wait_for(self._progress.wait(), left)
+            except TimeoutError:
+                return False
 
     async def wait_scan(self) -> None:
         target = self.scan_count

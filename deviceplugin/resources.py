@@ -11,8 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from hostdev.policy.allocation import Strategy
 from hostdev.policy.naming import ResourceNameError, env_collisions, validate_resource_name
 from hostdev.policy.nodeconfig import DEVICE_PLUGIN, DRA, Allocation
@@ -84,6 +82,8 @@ def load_resources_file(path: str | Path) -> tuple[ResourceConfig, ...]:
         text = p.read_text()
     except OSError as e:
         raise ConfigError(f"{p}: cannot read: {e.strerror}") from None
+    import yaml  # only here: the cluster mode never reads a resource file
+
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

@@ -317,3 +317,15 @@ def resolve_devices(config: NodeConfig, inventory: Inventory) -> Resolved:
         if addr not in bad:
             out[addr] = want
     return Resolved(dict(sorted(out.items())), tuple(conflicts))
+
+
+def served_now(config: NodeConfig, inventory: Inventory) -> dict[str, tuple[PciAddress, ...]]:
+    """resource -> the present, unconflicted devices the config gives it (sorted): what the
+    device plugins can serve from the host as it is, before anything is applied."""
+    resolved = resolve_devices(config, inventory)
+    conflicted = {a for a, _ in resolved.conflicts}
+    out: dict[str, list[PciAddress]] = {}
+    for addr, want in resolved.devices.items():
+        if want.resource_name and addr not in conflicted and addr in inventory.devices:
+            out.setdefault(want.resource_name, []).append(addr)
+    return {name: tuple(sorted(addrs)) for name, addrs in sorted(out.items())}
