@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -216,7 +215,9 @@ def main() -> None:
                         elif not (workdir / "state").exists():
                             one_start(python, workdir, n, None)  # leaves the lists behind
                         runs.append(
-                            one_start(python, workdir, n, cluster if mode == "cluster-cold" else None)
+                            one_start(
+                                python, workdir, n, cluster if mode == "cluster-cold" else None
+                            )
                         )
                     print(summary(f"{pfs}x{vfs} ({n} VFs) {mode}", runs), flush=True)
             finally:

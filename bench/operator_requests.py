@@ -92,6 +92,39 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def stop_process(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM) -> None:
+    """Signal the process group ``proc`` leads; SIGKILL after 30 s."""
+    if proc is None or proc.poll() is not None:
+        return
+    os.killpg(proc.pid, sig)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def start_plane(prefix: str) -> tuple[Cluster, ControlPlane, Path] | None:
+    """A fresh control plane in a new work dir (None, said on stderr, without the tools)."""
+    tools = find_tools()
+    if tools is None:
+        print("kube-apiserver/etcd missing: run scripts/setup-test-tools.sh", file=sys.stderr)
+        return None
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    plane = ControlPlane(work / "kube", tools)
+    return plane.start(), plane, work
+
+
+def tear_down(cluster: Cluster, plane: ControlPlane, work: Path, ok: bool) -> None:
+    """Stop the control plane; remove the work dir after a good run, else say where it is."""
+    cluster.close()
+    plane.stop()
+    if ok:
+        shutil.rmtree(work, ignore_errors=True)
+    else:
+        print(f"kept {work} (process logs, kube/*.log)")
+
+
 def vm(name: str) -> dict[str, Any]:
     body = yaml.safe_load((REPO / "examples" / "2-vm.yaml").read_text())
     body["metadata"]["name"] = name
@@ -110,13 +143,10 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--steady", type=float, default=30, help="seconds of idle measurement")
     args = ap.parse_args()
-    tools = find_tools()
-    if tools is None:
-        print("kube-apiserver/etcd missing: run scripts/setup-test-tools.sh", file=sys.stderr)
+    started = start_plane("hostdev-bench-op-")
+    if started is None:
         return 1
-    work = Path(tempfile.mkdtemp(prefix="hostdev-bench-op-"))
-    plane = ControlPlane(work / "kube", tools)
-    cluster = plane.start()
+    cluster, plane, work = started
     op: subprocess.Popen[bytes] | None = None
     ok = False
     try:
@@ -253,18 +283,8 @@ def main() -> int:
         ok = bad == 0
         return 0 if ok else 1
     finally:
-        if op is not None and op.poll() is None:
-            os.killpg(op.pid, signal.SIGTERM)
-            try:
-                op.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(op.pid, signal.SIGKILL)
-        cluster.close()
-        plane.stop()
-        if ok:
-            shutil.rmtree(work, ignore_errors=True)
-        else:
-            print(f"kept {work} (operator.log, kube/*.log)")
+        stop_process(op)
+        tear_down(cluster, plane, work, ok)
 
 
 if __name__ == "__main__":

@@ -7,10 +7,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, cast
+from functools import cached_property
+from typing import Any, Protocol, cast
 
 import kopf
 
@@ -37,6 +38,7 @@ from hostdev.policy.nodestate import (
     render_cluster,
 )
 from hostdev.policy.nodestatus import multi_function_condition
+from hostdev.policy.reconfigure import HolderState, Reconfigure, status_fields
 from hostdev.policy.reported import ReportedNode, read_node_state
 from hostdev.policy.request import Capacity
 
@@ -63,10 +65,20 @@ class Snapshot:
     invalid: Mapping[str, str]  # policy name -> what to fix
     plans: Mapping[str, NodePlan]
     reported: Mapping[str, ReportedNode]
+    settings: Mapping[str, Reconfigure] = field(default_factory=dict)  # policy -> day-2 rules
 
-    @property
+    @cached_property
     def capacity(self) -> Capacity:
+        # Cached: every waiting request re-checks against the same snapshot after a change.
         return Capacity.build(self.policies, self.plans, self.reported)
+
+
+class Reconfiguring(Protocol):
+    """Day-2 evictions (hostdev.operator.reconfigure.Reconfigurer): policy -> blocked VMs."""
+
+    async def run(
+        self, snap: Snapshot, indexes: Mapping[str, Mapping[Any, Iterable[Any]]]
+    ) -> Mapping[str, Sequence[HolderState]]: ...
 
 
 def post_event(obj: Mapping[str, Any], type: str, *, reason: str, message: str) -> None:
@@ -86,19 +98,30 @@ class Cluster:
     _stale: bool = True
     kubevirt_missing: bool = False
     # Set when a pass must be repeated later (KubeVirt CR missing, API error). A kopf timer
-    # (handlers.cluster.retry_cluster) turns it into a pass: kopf stops timers while peering
-    # pauses this replica, so a paused replica never writes from stale indexes.
+    # (handlers.cluster.retry_cluster) turns it into a pass; a standby replica runs no kopf
+    # at all (Lease leader election), so it never writes from stale indexes.
     retry_needed: bool = False
 
+    reconfigurer: Reconfiguring | None = None
     _task: asyncio.Task[None] | None = None
+    # Set (and replaced) on every change of the indexes: requests waiting for capacity wake up
+    # on it instead of polling (see handlers.requests.recheck_request).
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def mark(self) -> None:
         """Call from async handlers: the first call starts the reconcile task there, so it
         inherits kopf's handler context (which kopf.info/kopf.warn need to post Events)."""
         self._stale = True
         self.dirty.set()
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self.run(), name="hostdev-cluster")
+
+    def next_change(self) -> asyncio.Event:
+        """An event set by the next change of policies, nodes or NodeStates (take it before
+        looking at the snapshot, then wait on it: no change can slip in between)."""
+        return self._changed
 
     def stop(self) -> None:
         if self._task is not None:
@@ -114,9 +137,12 @@ class Cluster:
         self._stale = False
         policies: list[Policy] = []
         invalid: dict[str, str] = {}
+        settings: dict[str, Reconfigure] = {}
         for obj in values(self.indexes.get("policies_idx", {})):
             try:
-                policies.append(Policy.from_object(obj))
+                policy = Policy.from_object(obj)
+                settings[policy.name] = Reconfigure.from_object(obj)
+                policies.append(policy)
             except PolicyError as e:
                 invalid[str(obj["metadata"]["name"])] = str(e)
         nodes = {str(n["name"]): n["labels"] for n in values(self.indexes.get("nodes_idx", {}))}
@@ -125,7 +151,7 @@ class Cluster:
             for s in values(self.indexes.get("nodestates_idx", {}))
         }
         plans = render_cluster(policies, nodes, reported)
-        self._snapshot = Snapshot(tuple(policies), invalid, plans, reported)
+        self._snapshot = Snapshot(tuple(policies), invalid, plans, reported, settings)
         return self._snapshot
 
     async def run(self) -> None:
@@ -162,7 +188,8 @@ class Cluster:
                 for o in values(self.indexes.get("deviceclasses_idx", {}))
             },
         )
-        await self._policy_status(snap, kubevirt, classes)
+        held = await self.reconfigurer.run(snap, self.indexes) if self.reconfigurer else {}
+        await self._policy_status(snap, kubevirt, classes, held)
 
     # ---- PassthroughNodeStates -------------------------------------------------------------
     async def _node_states(self, snap: Snapshot) -> None:
@@ -269,7 +296,11 @@ class Cluster:
 
     # ---- policy status ----------------------------------------------------------------
     async def _policy_status(
-        self, snap: Snapshot, kubevirt: Condition, classes: dict[str, Condition]
+        self,
+        snap: Snapshot,
+        kubevirt: Condition,
+        classes: dict[str, Condition],
+        held: Mapping[str, Sequence[HolderState]] | None = None,
     ) -> None:
         outcomes = policy_outcomes(snap.policies, snap.plans)
         objs = {str(o["metadata"]["name"]): o for o in values(self.indexes.get("policies_idx", {}))}
@@ -311,6 +342,11 @@ class Cluster:
                     c.get("type") == DEVICE_CLASS_CONDITION for c in old.get("conditions") or ()
                 ):
                     conds.append(not_dra_condition())
+                blocked = (held or {}).get(name, ())
+                if blocked or old.get("blockedVMs"):
+                    # Once a change was blocked, the fields stay (empty) so a patch clears them.
+                    fields.update(status_fields(blocked))
+                    conds.append(reconfigured_condition(blocked))
             conditions = merge_conditions(old.get("conditions"), conds, generation=gen, now=now())
             same = all(old.get(k) == v for k, v in fields.items())
             if (
@@ -329,3 +365,18 @@ class Cluster:
             ):
                 self.post(obj, "Warning", reason="Conflict", message=conds[1].message)
         metrics.POLICY_CONFLICTS.set(conflicts)
+
+
+def reconfigured_condition(blocked: Sequence[HolderState]) -> Condition:
+    if not blocked:
+        return Condition(
+            "Reconfigured", "True", "NothingBlocks", "no VM holds a device this policy changes"
+        )
+    evicting = sum(1 for b in blocked if b.state == "Evicting")
+    stuck = [b for b in blocked if b.state in ("NotEvictable", "EvictionRefused")]
+    who = ", ".join(f"{b.holder.label} on {b.holder.node}" for b in blocked)
+    reason = "EvictingVMs" if evicting else "BlockedByVMs"
+    message = f"{len(blocked)} VM(s) hold devices this policy's change needs: {who}"
+    if stuck:
+        message += f"; {stuck[0].holder.label}: {stuck[0].message}"
+    return Condition("Reconfigured", "False", reason, message)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -154,3 +155,44 @@ class Api:
         except NotFoundError:
             return False
         return True
+
+
+class Core:
+    """The few core/v1 calls of day-2 reconfiguration: evict a pod, cordon a node. Counted
+    like every other write."""
+
+    def __init__(self, api: Api) -> None:
+        self.api = api
+        self.core = kubernetes.client.CoreV1Api(api.objects.api_client)
+
+    async def evict(self, namespace: str, pod: str) -> str | None:
+        """Evict through the Eviction API (policy/v1), so PodDisruptionBudgets and KubeVirt's
+        eviction webhook decide; never a plain delete. None: accepted (or the pod is gone);
+        else the API server's reason for refusing (HTTP 429 from a PDB, KubeVirt's denial)."""
+        API_WRITES.labels("pods/eviction", "create").inc()
+        body = kubernetes.client.V1Eviction(
+            api_version="policy/v1",
+            kind="Eviction",
+            metadata=kubernetes.client.V1ObjectMeta(name=pod, namespace=namespace),
+        )
+        try:
+            await self.api._call(self.core.create_namespaced_pod_eviction, pod, namespace, body)
+        except NotFoundError:
+            return None
+        except kubernetes.client.ApiException as e:
+            if e.status is not None and 400 <= e.status < 600:
+                return f"HTTP {e.status}: {_message(e)}"
+            raise
+        return None
+
+    async def patch_node(self, name: str, body: Mapping[str, Any]) -> None:
+        API_WRITES.labels("nodes", "patch").inc()
+        await self.api._call(self.core.patch_node, name, dict(body))
+
+
+def _message(e: kubernetes.client.ApiException) -> str:
+    """The Status message of an API error (what the server says is in the way)."""
+    try:
+        return str(json.loads(e.body or "{}").get("message") or e.reason)
+    except ValueError:
+        return str(e.reason)

@@ -4,10 +4,10 @@ Settings kopf and the kubernetes client need, all set here:
 
 - Login: ``kopf.login_via_client`` (in-cluster service account, else ``$KUBECONFIG`` /
   ``--kubeconfig``); the operator's own calls use the same kubernetes client configuration.
-- Leader election: kopf peering. With two replicas run both with ``--peering hostdev`` (needs
-  kopf's ``ClusterKopfPeering`` CRD, ``clusterkopfpeerings.kopf.dev``, and an object named
-  ``hostdev``): only the peer with the highest ``--priority`` handles events, the others pause.
-  Without peering (the default, ``--standalone``) run exactly one replica.
+- Leader election: a ``coordination.k8s.io/v1`` Lease (``--leader-elect --lease-namespace NS``,
+  see :mod:`hostdev.operator.leader`): only the holder runs kopf at all; the others stand by
+  and take over when it releases the lease (graceful stop) or lets it expire. Without it (the
+  default, ``--standalone``) run exactly one replica. kopf itself always runs standalone.
 - Persistence: kopf's handler progress and diff-base live in annotations prefixed
   ``hostdev.io`` (our status schema has no ``kopf`` field, so status storage would be pruned),
   the finalizer is ``hostdev.io/finalizer``.
@@ -21,19 +21,37 @@ import argparse
 import asyncio
 import logging
 import os
-import secrets
+import signal
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlparse
 
 import kopf
+import kubernetes
+from aiohttp import web
 from prometheus_client import start_http_server
 
 from hostdev.operator.cluster import Cluster
 from hostdev.operator.handlers import cluster as _cluster_handlers  # noqa: F401  (registers)
+from hostdev.operator.handlers import reconfigure as _reconfigure  # noqa: F401  (registers)
 from hostdev.operator.handlers import requests as _request_handlers  # noqa: F401  (registers)
-from hostdev.operator.kube import Api
+from hostdev.operator.kube import Api, Core, client_configuration
+from hostdev.operator.leader import Elector, LeaseSettings, default_identity
+from hostdev.operator.reconfigure import Reconfigurer
 
 log = logging.getLogger("hostdev.operator")
+
+# The kopf indexes the cluster pass reads (handed over at startup by name).
+INDEXES = (
+    "policies_idx",
+    "nodes_idx",
+    "nodestates_idx",
+    "kubevirts_idx",
+    "deviceclasses_idx",
+    "reconfigure_vmis_idx",
+    "eviction_defaults_idx",
+    "cordon_idx",
+)
 
 
 @kopf.on.login()
@@ -56,18 +74,8 @@ async def configure(*, settings: kopf.OperatorSettings, memo: Any, **kwargs: Any
     api = Api()
     cluster = Cluster(api)
     # kopf hands every handler its indexes by name; the reconcile loop keeps these live views.
-    cluster.use(
-        **{
-            k: kwargs[k]
-            for k in (
-                "policies_idx",
-                "nodes_idx",
-                "nodestates_idx",
-                "kubevirts_idx",
-                "deviceclasses_idx",
-            )
-        }
-    )
+    cluster.use(**{k: kwargs[k] for k in INDEXES})
+    cluster.reconfigurer = Reconfigurer(Core(api), cluster.post, cluster.mark)
     # kopf gives each object a shallow copy of this memo: shared state must exist here, now.
     memo["api"] = api
     memo["cluster"] = cluster
@@ -81,36 +89,155 @@ async def stop(*, memo: Any, **_: Any) -> None:
     cluster = memo.get("cluster")
     if cluster is not None:
         cluster.stop()
+    # kopf stopped on its own SIGTERM handler: settle the stop flag it was given too, or kopf
+    # waits 5 s for its still-pending waiter task (delaying the Lease release by as much).
+    flag = memo.get("stop_flag")
+    if flag is not None:
+        flag.set()
 
 
-def _priority(text: str) -> int:
-    if text == "random":
-        return secrets.randbelow(2**31 - 1) + 1
+SA_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+
+def _namespace(given: str | None) -> str | None:
+    if given:
+        return given
+    if os.environ.get("POD_NAMESPACE"):
+        return os.environ["POD_NAMESPACE"]
     try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or 'random', got {text!r}") from None
+        with open(SA_NAMESPACE, encoding="utf-8") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="hostdev-operator", description=__doc__.splitlines()[0])
     p.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then $KUBECONFIG)")
-    peer = p.add_mutually_exclusive_group()
-    peer.add_argument("--peering", metavar="NAME", help="kopf peering object for leader election")
-    peer.add_argument("--standalone", action="store_true", help="no peering (one replica only)")
-    p.add_argument(
-        "--priority",
-        type=_priority,
-        default=0,
-        help="peering priority (highest leads), or 'random': a fresh 31-bit one per process, so "
-        "replicas of one Deployment never tie (kopf pauses every peer of an equal priority)",
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--leader-elect",
+        action="store_true",
+        help="run only while holding a coordination.k8s.io Lease (several replicas: one leads)",
     )
+    mode.add_argument(
+        "--standalone", action="store_true", help="no leader election (one replica only)"
+    )
+    p.add_argument("--lease-name", default="hostdev-operator", help="Lease name")
+    p.add_argument(
+        "--lease-namespace",
+        help="Lease namespace (default: $POD_NAMESPACE, else the service account's namespace)",
+    )
+    p.add_argument(
+        "--lease-identity",
+        default=os.environ.get("POD_NAME") and f"{os.environ['POD_NAME']}_{os.getpid()}",
+        help="this replica's name in the Lease (default: $POD_NAME_pid, else hostname_random)",
+    )
+    p.add_argument("--lease-duration", type=float, default=15.0, help="seconds (default 15)")
+    p.add_argument("--renew-deadline", type=float, default=10.0, help="seconds (default 10)")
+    p.add_argument("--retry-period", type=float, default=2.0, help="seconds (default 2)")
     p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus port; 0: off")
     p.add_argument(
         "--liveness", default=None, help="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz"
     )
     p.add_argument("-v", "--verbose", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.leader_elect:
+        args.lease_namespace = _namespace(args.lease_namespace)
+        if not args.lease_namespace:
+            p.error("--leader-elect needs --lease-namespace (or $POD_NAMESPACE)")
+        try:
+            lease_settings(args).check()
+        except ValueError as e:
+            p.error(str(e))
+    return args
+
+
+def lease_settings(args: argparse.Namespace) -> LeaseSettings:
+    return LeaseSettings(
+        name=args.lease_name,
+        namespace=args.lease_namespace,
+        identity=args.lease_identity or default_identity(),
+        duration=args.lease_duration,
+        renew_deadline=args.renew_deadline,
+        retry=args.retry_period,
+    )
+
+
+async def run_kopf(args: argparse.Namespace, stop: asyncio.Event | None = None) -> None:
+    await kopf.operator(
+        clusterwide=True,
+        standalone=True,
+        liveness_endpoint=args.liveness,
+        memo=kopf.Memo(stop_flag=stop),
+        stop_flag=stop,
+    )
+
+
+async def _standby_liveness(url: str | None, elector: Elector) -> web.AppRunner | None:
+    """A standby runs no kopf, so no kopf liveness endpoint: answer the probe here (healthy
+    while the lease loop reaches the API server) until kopf takes the port over."""
+    if not url:
+        return None
+    where = urlparse(url)
+
+    async def healthz(_: web.Request) -> web.Response:
+        age = elector.clock() - elector.last_seen
+        ok = age < 3 * elector.s.renew_deadline
+        return web.json_response({"standby": True, "apiSeenAgo": round(age, 1)},
+                                 status=200 if ok else 503)  # fmt: skip
+
+    app = web.Application()
+    app.router.add_get(where.path or "/", healthz)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, where.hostname, where.port).start()
+    return runner
+
+
+async def run_elected(args: argparse.Namespace) -> int:
+    """Stand by until the Lease is ours, run kopf while it is, release it on a clean stop."""
+    settings = lease_settings(args)
+    api = kubernetes.client.ApiClient(client_configuration())
+    elector = Elector(kubernetes.client.CoordinationV1Api(api), settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("standing by for Lease %s/%s as %s", settings.namespace, settings.name,
+             settings.identity)  # fmt: skip
+    probe = await _standby_liveness(args.liveness, elector)
+    try:
+        leading = await elector.acquire(stop)
+    finally:
+        if probe is not None:
+            await probe.cleanup()
+    if not leading:
+        api.close()  # type: ignore[no-untyped-call]
+        return 0
+    log.info("leading: Lease %s/%s acquired as %s", settings.namespace, settings.name,
+             settings.identity)  # fmt: skip
+    renewing, halt = elector.keep(_lost)
+    try:
+        await run_kopf(args, stop)
+    finally:
+        # kopf stopped (SIGTERM, or it failed): renewed until here, now let go at once.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)  # kopf had replaced ours with its own
+        halt.set()
+        await asyncio.to_thread(renewing.join)
+        await elector.release()
+        api.close()  # type: ignore[no-untyped-call]
+    return 0
+
+
+def _lost(why: str) -> None:
+    """Another replica may take over once the lease expires: stop writing now, from the renewal
+    thread (kopf's loop may be busy), not after a graceful kopf shutdown that could outlast the
+    lease. The Deployment restarts the pod, which then stands by."""
+    log.error("leadership lost (%s): exiting so that nothing writes without it", why)
+    logging.shutdown()
+    os._exit(1)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -127,17 +254,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         os.environ["KUBECONFIG"] = args.kubeconfig
     if args.metrics_port:
         start_http_server(args.metrics_port)
-    standalone = args.peering is None
-    asyncio.run(
-        kopf.operator(
-            clusterwide=True,
-            standalone=standalone,
-            peering_name=args.peering,
-            priority=args.priority,
-            liveness_endpoint=args.liveness,
-            memo=kopf.Memo(),
-        )
-    )
+    if args.leader_elect:
+        raise SystemExit(asyncio.run(run_elected(args)))
+    asyncio.run(run_kopf(args))
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ plain dicts.
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from hostdev.deviceplugin.kubeapi import MERGE_PATCH, ApiClient, ApiError
@@ -119,3 +120,73 @@ class LauncherPods:
             if vmi:
                 out[(str(meta.get("namespace")), str(meta.get("name")))] = vmi
         return out
+
+
+class LauncherPodWatch:
+    """Watches the virt-launcher pods on this node and calls ``gone(namespace, pod)`` when one
+    is deleted or has finished (its VM let go of its devices). Without RBAC for it (an older
+    chart) it says so once and tries again every ``denied_retry`` seconds."""
+
+    def __init__(
+        self,
+        api: ApiClient,
+        node_name: str,
+        *,
+        timeout_seconds: int = 300,
+        backoff: float = 5.0,
+        denied_retry: float = 300.0,
+    ) -> None:
+        self.api = api
+        self.node_name = node_name
+        self.timeout_seconds = timeout_seconds
+        self.backoff = backoff
+        self.denied_retry = denied_retry
+        self._selectors: dict[str, object] = {
+            "fieldSelector": f"spec.nodeName={node_name}",
+            "labelSelector": f"{LAUNCHER_LABEL[0]}={LAUNCHER_LABEL[1]}",
+        }
+
+    def run(self, stop: threading.Event, gone: Callable[[str, str], None]) -> None:
+        rv: str | None = None
+        warned = False
+        while not stop.is_set():
+            try:
+                if rv is None:
+                    listed = self.api.request(
+                        "GET", "/api/v1/pods", query={**self._selectors, "limit": 1}
+                    )
+                    rv = str((listed.get("metadata") or {}).get("resourceVersion") or "")
+                rv = self._watch(rv, stop, gone)
+            except WatchExpiredError:
+                rv = None
+            except ApiError as e:
+                if stop.is_set():
+                    return
+                denied = e.status in (401, 403)
+                if not (denied and warned):
+                    log.warning(
+                        "cannot watch pods on node %s (%s): a VM letting go of devices a "
+                        "change waits for is noticed at the next allocation read instead",
+                        self.node_name,
+                        e,
+                    )
+                warned = warned or denied
+                rv = None
+                stop.wait(self.denied_retry if denied else self.backoff)
+
+    def _watch(self, rv: str, stop: threading.Event, gone: Callable[[str, str], None]) -> str:
+        for ev in watch_events(
+            self.api,
+            "/api/v1/pods",
+            resource_version=rv,
+            timeout_seconds=self.timeout_seconds,
+            **self._selectors,
+        ):
+            meta = ev.obj.get("metadata") or {}
+            rv = str(meta.get("resourceVersion") or rv)
+            phase = (ev.obj.get("status") or {}).get("phase")
+            if ev.type == "DELETED" or (ev.type == "MODIFIED" and phase in ("Succeeded", "Failed")):
+                gone(str(meta.get("namespace")), str(meta.get("name")))
+            if stop.is_set():
+                break
+        return rv

@@ -26,6 +26,7 @@ from hostdev.deviceplugin.nodestate.status import StatusWriter
 from hostdev.deviceplugin.nodestate.sync import Syncer, generation_of, utc_now
 from hostdev.host.address import PciAddress
 from hostdev.host.model import Inventory
+from hostdev.policy.blockers import Blocker, blocking_pods, find_blockers, with_blockers
 from hostdev.policy.nodestatus import (
     FAILED,
     IN_PROGRESS,
@@ -48,6 +49,19 @@ class ResourceSink(Protocol):
 
 class AllocationSource(Protocol):
     def read(self, served: Served, inventory: Inventory) -> tuple[AllocationRow, ...] | None: ...
+
+
+class PodsGone(Protocol):
+    """Tells when pods on this node go (a watch): ``run`` calls ``gone(namespace, pod)`` for
+    each until ``stop`` is set."""
+
+    def run(self, stop: threading.Event, gone: Callable[[str, str], None]) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Gone:
+    namespace: str
+    pod: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +89,7 @@ class NodeStateLoop:
         settings: LoopSettings | None = None,
         live_inventory: Callable[[], Inventory | None] | None = None,
         served: Served | None = None,
+        pods_gone: PodsGone | None = None,
     ) -> None:
         self.client = client
         self.syncer = syncer
@@ -88,7 +103,8 @@ class NodeStateLoop:
         self.writer = StatusWriter(
             client.patch_status, name=client.name, coalesce=self.settings.coalesce
         )
-        self._events: queue.Queue[Mapping[str, Any] | None] = queue.Queue()
+        self.pods_gone = pods_gone
+        self._events: queue.Queue[Mapping[str, Any] | _Gone | None] = queue.Queue()
         self._obj: Mapping[str, Any] | None = None
         self._uid: str | None = None
         self._synced_generation: int | None = None
@@ -99,6 +115,10 @@ class NodeStateLoop:
         self._inventory: Inventory | None = None
         self._outcome: SyncOutcome | None = None
         self._allocations: tuple[AllocationRow, ...] | None = None
+        # VMs (their pods) the last sync had to wait for; when one lets go, sync again at once.
+        self._blockers: tuple[Blocker, ...] = ()
+        self._waiting_on: frozenset[tuple[str, str]] = frozenset()
+        self._replan = False
         # Progress counters, so tests and benches wait for events instead of for time:
         self.syncs = 0  # completed syncs
         self.refreshes = 0  # completed health/allocation refreshes
@@ -141,6 +161,15 @@ class NodeStateLoop:
             target=self._watch, args=(stop,), name=f"watch-{self.name}", daemon=True
         )
         watcher.start()
+        pods = None
+        if self.pods_gone is not None:
+            pods = threading.Thread(
+                target=self.pods_gone.run,
+                args=(stop, lambda ns, pod: self._events.put(_Gone(ns, pod))),
+                name=f"pods-{self.name}",
+                daemon=True,
+            )
+            pods.start()
         next_resync = next_alloc = float("inf")
         failures = 0  # consecutive failed syncs of the current spec
         try:
@@ -163,8 +192,11 @@ class NodeStateLoop:
                         taken += 1
                 now = time.monotonic()
                 if self._obj is not None and (
-                    generation_of(self._obj) != self._synced_generation or now >= next_resync
+                    generation_of(self._obj) != self._synced_generation
+                    or now >= next_resync
+                    or self._replan
                 ):
+                    self._replan = False
                     if generation_of(self._obj) != self._synced_generation:
                         failures = 0  # a new spec starts a fresh back-off
                     self._guarded_sync()
@@ -194,8 +226,21 @@ class NodeStateLoop:
         finally:
             self.writer.stop(flush=True)
             watcher.join(timeout=1.0)
+            if pods is not None:
+                pods.join(timeout=1.0)
 
-    def _observe(self, obj: Mapping[str, Any] | None) -> None:
+    def _observe(self, obj: Mapping[str, Any] | _Gone | None) -> None:
+        if isinstance(obj, _Gone):
+            if (obj.namespace, obj.pod) in self._waiting_on:
+                log.info(
+                    "NodeState %s: pod %s/%s that held devices the spec needs is gone: "
+                    "applying again",
+                    self.name,
+                    obj.namespace,
+                    obj.pod,
+                )
+                self._replan = True
+            return
         if obj is None:
             if self._obj is not None:
                 log.warning(
@@ -215,13 +260,22 @@ class NodeStateLoop:
 
     def _render(self, outcome: SyncOutcome) -> dict[str, Any]:
         assert self._inventory is not None
-        return render_status(
-            self._inventory,
-            outcome,
-            self._allocations,
-            previous=self.writer.written,
-            now=utc_now(),
+        previous, now = self.writer.written, utc_now()
+        status = render_status(
+            self._inventory, outcome, self._allocations, previous=previous, now=now
         )
+        return with_blockers(
+            status, self._blockers, previous=previous, generation=outcome.generation, now=now
+        )
+
+    def _find_blockers(self) -> None:
+        """Who holds what the last sync could not change."""
+        refusals = self._outcome.refusals if self._outcome is not None else ()
+        self._blockers = find_blockers(refusals, self._allocations)
+        before, self._waiting_on = self._waiting_on, blocking_pods(self._blockers)
+        if self._blockers and self._waiting_on != before:
+            holders = ", ".join(f"{ns}/{pod}" for ns, pod in sorted(self._waiting_on))
+            log.info("NodeState %s: waiting for %s", self.name, holders or "unknown holders")
 
     def _guarded_sync(self) -> None:
         """A bug in one sync must not end the agent: report it, try again at the next resync."""
@@ -275,6 +329,8 @@ class NodeStateLoop:
         self._synced_generation = generation
         self.syncs += 1
         self._allocations = self._read_allocations(result.inventory)
+        self._waiting_on = frozenset()
+        self._find_blockers()
         self.writer.submit(self._render(outcome))
 
     def refresh(self) -> None:
@@ -283,6 +339,12 @@ class NodeStateLoop:
         live = self.live_inventory() if self.live_inventory is not None else None
         self._inventory = live if live is not None else self.syncer.discover()
         self._allocations = self._read_allocations(self._inventory)
+        if self._allocations is not None:
+            holding = {(r.namespace, r.pod) for r in self._allocations}
+            if self._waiting_on - holding:
+                # The kubelet no longer lists a blocking pod: it let go; apply again now.
+                self._replan = True
+            self._find_blockers()  # (unknown allocations: the blockers stay as they were)
         self.writer.submit(self._render(self._outcome))
         self.refreshes += 1
 

@@ -20,7 +20,7 @@ from hostdev.deviceplugin.kubeapi import ApiClient
 from hostdev.deviceplugin.manager import PluginManager
 from hostdev.deviceplugin.nodestate.allocations import KubeletAllocations
 from hostdev.deviceplugin.nodestate.first import FirstServe, to_resource_configs
-from hostdev.deviceplugin.nodestate.kube import LauncherPods, NodeStateClient
+from hostdev.deviceplugin.nodestate.kube import LauncherPods, LauncherPodWatch, NodeStateClient
 from hostdev.deviceplugin.nodestate.loop import LoopSettings, NodeStateLoop
 from hostdev.deviceplugin.nodestate.sync import Syncer
 from hostdev.deviceplugin.podresources import PodResourcesClient
@@ -98,6 +98,7 @@ async def run_cluster(
         settings=LoopSettings(resync=args.nodestate_resync_seconds),
         live_inventory=sink.inventory,
         served=first.served,
+        pods_gone=LauncherPodWatch(api, node),
     )
     log.info("cluster mode: applying PassthroughNodeState %s", node)
     halt = threading.Event()

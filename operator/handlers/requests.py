@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Mapping
@@ -37,8 +38,8 @@ from hostdev.policy.request import (
 
 PLURAL = "passthroughrequests"
 CONFLICT_RETRIES = 8
-RETRY_REFUSED_S = 60.0
-RETRY_PENDING_S = 10.0
+RETRY_REFUSED_S = 60.0  # a VM that conflicts with the request (someone else's entries)
+RETRY_PENDING_S = 10.0  # the VM does not exist yet
 RETRY_MAX_S = 600.0
 STATUS_INTERVAL_S = 15.0
 STATUS_SETTLE_S = 5.0  # first look soon after a change; then every STATUS_INTERVAL_S
@@ -218,9 +219,9 @@ async def _apply(
         ):
             (kopf.warn if verdict.final else kopf.info)(body, reason=phase, message=verdict.message)
         metrics.RECONCILES.labels("request", phase.lower()).inc()
-        # Capacity can appear (new node, new policy): look again later, never give up.
-        delay = _backoff(RETRY_REFUSED_S if verdict.final else RETRY_PENDING_S, retry)
-        raise kopf.TemporaryError(verdict.message, delay=delay)
+        # Capacity can appear (new node, new policy, an agent's report): recheck_request looks
+        # again as soon as the cluster view changes. No kopf retry: each would be a write.
+        return
 
     api: Api = memo["api"]
     # DRA entries: the claim template first, so the VM never names a missing one.
@@ -303,6 +304,51 @@ async def _apply(
     ):
         kopf.info(body, reason=st.phase, message=st.message)
     metrics.RECONCILES.labels("request", "applied").inc()
+
+
+WAITING = frozenset({"Pending", "Refused"})
+RECHECK_DEBOUNCE_S = 0.05  # coalesce a burst of index changes into one look
+
+
+def _waiting_for_capacity(status: kopf.Status, **_: Any) -> bool:
+    conds = {c.get("type"): c for c in status.get("conditions") or () if isinstance(c, Mapping)}
+    accepted = conds.get("Accepted") or {}
+    return status.get("phase") in WAITING and accepted.get("status") == "False"
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, when=_waiting_for_capacity, cancellation_timeout=5.0)
+async def recheck_request(
+    *, stopped: kopf.DaemonStopped, body: kopf.Body, memo: Any, **kwargs: Any
+) -> None:
+    """A request the capacity check turned away (Pending/Refused) is checked again each time
+    policies, nodes or an agent's report change: it applies as soon as capacity appears, with
+    no polling and no write while nothing changes. kopf stops this daemon once the status
+    leaves Pending/Refused (or the request goes)."""
+    cluster: Cluster = memo["cluster"]
+    api: Api = memo["api"]
+    vmis_idx: kopf.Index[Any, Any] = kwargs["vmis_idx"]
+    while not stopped:
+        change = cluster.next_change()
+        meta = body.get("metadata", {})
+        if not meta.get("deletionTimestamp"):
+            patch = kopf.Patch()
+            # On an error the status in the patch says why; the update handler owns retries.
+            with contextlib.suppress(kopf.TemporaryError, kopf.PermanentError):
+                await _apply(body, body.status, patch, memo, vmis_idx)
+            if patch:
+                await api.patch(
+                    GROUP, VERSION, PLURAL, meta["name"], dict(patch), meta["namespace"],
+                    status=True,
+                )  # fmt: skip
+        if stopped:
+            return
+        waiters = {asyncio.ensure_future(change.wait()), asyncio.ensure_future(stopped.wait())}
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+        await asyncio.sleep(RECHECK_DEBOUNCE_S)
 
 
 def _allocations(cluster: Cluster) -> list[Any]:
@@ -389,6 +435,7 @@ async def release_request(*, body: kopf.Body, memo: Any, **_: Any) -> None:
 
 __all__ = [
     "apply_request",
+    "recheck_request",
     "refresh_request",
     "release_request",
     "values",

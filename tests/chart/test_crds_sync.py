@@ -6,9 +6,6 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import yaml
-from kopf._cogs.structs import references
-
 from tests.chart.helmtool import CHART, REPO_ROOT
 
 SCRIPT = REPO_ROOT / "scripts" / "sync-chart-crds.sh"
@@ -52,12 +49,3 @@ def test_check_names_a_stale_copy_and_sync_fixes_it(tmp_path: Path) -> None:
     copied = tmp_path / "charts/hostdev/crds/hostdev.io_passthroughpolicies.yaml"
     assert copied.read_text().endswith("# changed\n")
     assert not (tmp_path / "charts/hostdev/crds/hostdev.io_gone.yaml").exists()
-
-
-def test_kopf_peering_crd_matches_what_kopf_uses() -> None:
-    """kopf looks up clusterkopfpeerings in kopf.dev/v1 (kopf._cogs.structs.references)."""
-    crd = yaml.safe_load((CHART / "crds" / "kopf.dev_clusterkopfpeerings.yaml").read_text())
-    sel = references.CLUSTER_PEERINGS_K
-    assert (crd["spec"]["group"], crd["spec"]["names"]["plural"]) == (sel.group, sel.any_name)
-    assert [v["name"] for v in crd["spec"]["versions"]] == [sel.version]
-    assert crd["spec"]["scope"] == "Cluster"

@@ -55,8 +55,6 @@ def install(cluster: Cluster, namespace: str, *extra: str) -> Release:
     name = f"hd{uuid.uuid4().hex[:6]}"
     helm(
         "install", name, CHART, "--namespace", namespace,
-        # cluster-scoped names must not collide with other releases in the shared API server
-        "--set", f"operator.peering.name={name}",
         *extra,
         kubeconfig=cluster.kubeconfig,
     )  # fmt: skip
@@ -178,8 +176,8 @@ def test_every_object_of_the_release_exists(kube_apiserver: Cluster, release: Re
     kinds = sorted(d["kind"] for d in release.manifest)
     assert kinds == sorted(
         [
-            "ClusterKopfPeering",
             "ClusterRole", "ClusterRole", "ClusterRoleBinding", "ClusterRoleBinding",
+            "Role", "RoleBinding",
             "DaemonSet", "Deployment", "PodDisruptionBudget", "Service", "Service",
             "ServiceAccount", "ServiceAccount",
             "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding",  # own NodeState
@@ -202,7 +200,7 @@ def test_crds_are_established(kube_apiserver: Cluster, release: Release) -> None
     ext = k8s.ApiextensionsV1Api(kube_apiserver.admin)
     files = sorted((CHART / "crds").glob("*.yaml"))
     names = [yaml.safe_load(p.read_text())["metadata"]["name"] for p in files]
-    assert "clusterkopfpeerings.kopf.dev" in names and len(names) == 4
+    assert len(names) == 3 and all(n.endswith(".hostdev.io") for n in names)
     for name in names:
         crd = ext.read_custom_resource_definition(name)
         conditions = {c.type: c.status for c in crd.status.conditions}
@@ -217,7 +215,18 @@ def test_operator_cannot_read_secrets(kube_apiserver: Cluster, release: Release)
     # positive controls first (the release's bindings reach the authorizer a moment after the
     # install): the review does see the operator's grants ...
     wait_can(kube_apiserver, sa, "patch", "virtualmachines", "kubevirt.io", namespace="default")
-    wait_can(kube_apiserver, sa, "patch", "clusterkopfpeerings", "kopf.dev", name=release.name)
+    lease = {"namespace": release.namespace, "name": "hostdev-operator"}
+    for verb in ("get", "update"):
+        wait_can(kube_apiserver, sa, verb, "leases", "coordination.k8s.io", **lease)
+    wait_can(kube_apiserver, sa, "create", "leases", "coordination.k8s.io",
+             namespace=release.namespace)  # fmt: skip
+    wait_can(kube_apiserver, sa, "create", "pods", subresource="eviction", namespace="default")
+    # ... only its own Lease, only in its own namespace, no pod deletes ...
+    assert not can(kube_apiserver, sa, "update", "leases", "coordination.k8s.io",
+                   namespace=release.namespace, name="kube-scheduler")  # fmt: skip
+    assert not can(kube_apiserver, sa, "create", "leases", "coordination.k8s.io",
+                   namespace="kube-system")  # fmt: skip
+    assert not can(kube_apiserver, sa, "delete", "pods", namespace="default")
     # ... and none to secrets
     for verb in ("get", "list", "watch"):
         assert not can(kube_apiserver, sa, verb, "secrets")

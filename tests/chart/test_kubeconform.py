@@ -51,7 +51,7 @@ def schema_dir(kube_apiserver: Cluster, tmp_path_factory: pytest.TempPathFactory
         "deployment_apps_v1.json" in builtin
         and "validatingadmissionpolicy_admissionregistration.k8s.io_v1.json" in builtin
     )
-    assert "clusterkopfpeering_kopf.dev_v1.json" in custom
+    assert "passthroughpolicy_hostdev.io_v1alpha1.json" in custom
     return out
 
 

@@ -50,19 +50,23 @@ def test_operator_pod_is_locked_down(docs: list[dict[str, Any]]) -> None:
     assert not pod.get("hostNetwork") and not pod.get("hostPID")
 
 
-def test_operator_peering_flags(docs: list[dict[str, Any]]) -> None:
+def test_operator_leader_election_flags(docs: list[dict[str, Any]]) -> None:
     c = find(docs, "Deployment", "-operator")["spec"]["template"]["spec"]["containers"][0]
     assert c["command"] == ["hostdev-operator"]
-    assert c["args"][:2] == ["--peering=hostdev", "--priority=random"]
-    assert {"name": "POD_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in c["env"]
-    standalone = render({"operator.peering.enabled": False})
+    assert c["args"][:5] == [
+        "--leader-elect", "--lease-name=hostdev-operator", "--lease-duration=15",
+        "--renew-deadline=10", "--retry-period=2",
+    ]  # fmt: skip
+    for name, path in (("POD_NAME", "metadata.name"), ("POD_NAMESPACE", "metadata.namespace")):
+        assert {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}} in c["env"]
+    standalone = render({"operator.leaderElection.enabled": False})
     c2 = find(standalone, "Deployment", "-operator")["spec"]["template"]["spec"]["containers"][0]
     assert c2["command"] == ["hostdev-operator"] and "--standalone" in c2["args"]
-    # a rolling update would briefly run two unpaused operators without peering
+    # a rolling update would briefly run two operators without leader election
     assert find(standalone, "Deployment", "-operator")["spec"]["strategy"] == {"type": "Recreate"}
     dep = find(docs, "Deployment", "-operator")
     assert dep["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
-    assert not any(d["kind"] == "ClusterKopfPeering" for d in standalone)
+    assert not any(d["kind"] in ("Role", "RoleBinding") for d in standalone)
 
 
 def test_agent_daemonset_shape(docs: list[dict[str, Any]]) -> None:
@@ -95,21 +99,23 @@ def test_agent_daemonset_shape(docs: list[dict[str, Any]]) -> None:
 
 
 def test_rendered_command_lines_parse_with_the_real_entry_points(
-    docs: list[dict[str, Any]],
+    docs: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The flags the chart passes exist (argparse exits on an unknown one)."""
     c = find(docs, "DaemonSet", "-agent")["spec"]["template"]["spec"]["containers"][0]
     parsed = agent_args([a.replace("$(NODE_NAME)", "node-a") for a in c["args"]])
     assert (parsed.host_root, parsed.node_name, parsed.metrics_port) == ("/host", "node-a", 9101)
-    standalone = render({"operator.peering.enabled": False, "operator.verbose": True})
+    standalone = render({"operator.leaderElection.enabled": False, "operator.verbose": True})
     c = find(standalone, "Deployment", "-operator")["spec"]["template"]["spec"]["containers"][0]
     parsed = operator_args(c["args"])
     assert parsed.standalone and parsed.verbose and parsed.metrics_port == 9090
     c = find(docs, "Deployment", "-operator")["spec"]["template"]["spec"]["containers"][0]
+    monkeypatch.setenv("POD_NAMESPACE", "hostdev-system")  # the downward API's, in the pod
+    monkeypatch.setenv("POD_NAME", "hostdev-operator-abc")
     parsed = operator_args(c["args"])
-    assert (parsed.peering, parsed.liveness) == ("hostdev", "http://0.0.0.0:8080/healthz")
-    assert 1 <= parsed.priority < 2**31  # drawn per process
-    assert parsed.priority != operator_args(c["args"]).priority
+    assert parsed.leader_elect and parsed.liveness == "http://0.0.0.0:8080/healthz"
+    assert (parsed.lease_namespace, parsed.lease_name) == ("hostdev-system", "hostdev-operator")
+    assert (parsed.lease_duration, parsed.renew_deadline, parsed.retry_period) == (15, 10, 2)
 
 
 def _host_mounts(docs: list[dict[str, Any]]) -> dict[str, tuple[str, bool]]:
@@ -168,7 +174,7 @@ def test_agent_role_is_exactly_nodestates_status_and_pods(docs: list[dict[str, A
     base = {
         ("hostdev.io", "passthroughnodestates", ("get", "list", "watch")),
         ("hostdev.io", "passthroughnodestates/status", ("patch", "update")),
-        ("", "pods", ("get", "list")),
+        ("", "pods", ("get", "list", "watch")),
     }
     assert got == base | {
         (
@@ -203,10 +209,11 @@ def test_operator_role_covers_its_api_calls(docs: list[dict[str, Any]]) -> None:
     assert verbs("kubevirt.io", "kubevirts") == {"get", "list", "watch", "patch"}
     assert verbs("kubevirt.io", "virtualmachines") == {"get", "list", "watch", "patch"}
     assert verbs("kubevirt.io", "virtualmachineinstances") == {"get", "list", "watch", "delete"}
-    assert verbs("", "nodes") == {"get", "list", "watch"}
+    assert verbs("", "nodes") == {"get", "list", "watch", "patch"}
+    assert verbs("", "pods/eviction") == {"create"}
     assert verbs("", "events") == {"create", "patch"}
     assert {"create", "delete", "patch"} <= verbs("hostdev.io", "passthroughnodestates")
-    assert verbs("kopf.dev", "clusterkopfpeerings") == {"get", "list", "watch", "patch"}
+    assert verbs("coordination.k8s.io", "leases") == set()  # cluster-wide: none
     assert verbs("", "pods") == set() and verbs("", "configmaps") == set()
     assert verbs("resource.k8s.io", "deviceclasses") == {
         "get",
@@ -219,6 +226,19 @@ def test_operator_role_covers_its_api_calls(docs: list[dict[str, Any]]) -> None:
     }
     assert verbs("resource.k8s.io", "resourceclaimtemplates") == {"get", "create", "delete"}
     assert verbs("resource.k8s.io", "resourceslices") == set()
+
+
+def test_operator_lease_role_is_namespaced_and_minimal(docs: list[dict[str, Any]]) -> None:
+    role = find(docs, "Role", "-operator-lease")
+    assert role["metadata"]["namespace"] == "hostdev-system"
+    assert role["rules"] == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+         "resourceNames": ["hostdev-operator"], "verbs": ["get", "update"]},
+    ]  # fmt: skip
+    binding = find(docs, "RoleBinding", "-operator-lease")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"][0]["name"].endswith("-operator")
 
 
 def test_own_nodestate_policy(docs: list[dict[str, Any]]) -> None:

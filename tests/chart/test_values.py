@@ -110,8 +110,12 @@ def test_schema_rejects_a_wrong_type() -> None:
     ("values", "message"),
     [
         (
-            {"operator.replicas": 2, "operator.peering.enabled": False},
-            "operator.replicas=2 needs operator.peering.enabled=true",
+            {"operator.replicas": 2, "operator.leaderElection.enabled": False},
+            "operator.replicas=2 needs operator.leaderElection.enabled=true",
+        ),
+        (
+            {"operator.leaderElection.renewDeadline": 20},
+            "operator.leaderElection needs retryPeriod (2) < renewDeadline (20) < leaseDuration",
         ),
         (
             {"agent.enabled": False},
@@ -141,11 +145,11 @@ def test_impossible_combinations_fail_with_a_clear_message(
     assert message in e.value.stderr
 
 
-def test_two_replicas_with_peering_render() -> None:
+def test_two_replicas_with_leader_election_render() -> None:
     docs = render({"operator.replicas": 2})
     dep = next(d for d in docs if d["kind"] == "Deployment")
     assert dep["spec"]["replicas"] == 2
-    assert any(d["kind"] == "ClusterKopfPeering" for d in docs)
+    assert any(d["kind"] == "Role" and d["metadata"]["name"].endswith("-lease") for d in docs)
     pdb = next(d for d in docs if d["kind"] == "PodDisruptionBudget")
     assert pdb["spec"]["minAvailable"] == 1
     assert pdb["spec"]["selector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]

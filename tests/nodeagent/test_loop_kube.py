@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,11 +64,30 @@ class RecordingManager:
 class FakeKubelet(api_pb2_grpc.PodResourcesListerServicer):
     def __init__(self) -> None:
         self.pods: list[api_pb2.PodResources] = []
+        self.socket = ""
 
     def List(
         self, request: api_pb2.ListPodResourcesRequest, context: grpc.ServicerContext
     ) -> api_pb2.ListPodResourcesResponse:
         return api_pb2.ListPodResourcesResponse(pod_resources=self.pods)
+
+
+@contextmanager
+def fake_kubelet() -> Iterator[FakeKubelet]:
+    """A PodResources server on a real unix socket (``.socket``) answering with ``.pods``."""
+    sockdir = tempfile.mkdtemp(prefix="podres-", dir="/tmp")  # short: unix socket paths
+    kubelet = FakeKubelet()
+    kubelet.socket = f"{sockdir}/kubelet.sock"
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    api_pb2_grpc.add_PodResourcesListerServicer_to_server(kubelet, server)
+    server.add_insecure_port(f"unix://{kubelet.socket}")
+    server.start()
+    try:
+        yield kubelet
+    finally:
+        server.stop(None).wait()
+        Path(kubelet.socket).unlink(missing_ok=True)
+        Path(sockdir).rmdir()
 
 
 @dataclass
@@ -209,40 +229,34 @@ def agent(
             },
         },
     )
-    sockdir = tempfile.mkdtemp(prefix="podres-", dir="/tmp")
-    sock = f"{sockdir}/kubelet.sock"
-    kubelet = FakeKubelet()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    api_pb2_grpc.add_PodResourcesListerServicer_to_server(kubelet, server)
-    server.add_insecure_port(f"unix://{sock}")
-    server.start()
-
     light = light_client(agent_api)
-    client = CountingClient(light, name)
-    manager = RecordingManager()
-    loop = NodeStateLoop(
-        client,
-        Syncer(sysfs, DriverMemory(str(tmp_path / "state")), io=kernel, settle=1.0),
-        manager,
-        allocations=KubeletAllocations(PodResourcesClient(sock), LauncherPods(light, name)),
-        settings=LoopSettings(coalesce=0.3, resync=3600, allocations_every=0.2, watch_timeout=2),
-    )
-    stop = threading.Event()
-    thread = threading.Thread(target=loop.run, args=(stop,), daemon=True)
-    thread.start()
-    try:
-        yield Agent(name, crd, client, manager, loop, sysfs, kubelet)
-    finally:
-        stop.set()
-        thread.join(15)
-        light.close()  # after the loop's last status write; ends its blocked watch too
-        server.stop(None).wait()
-        Path(sock).unlink(missing_ok=True)
-        Path(sockdir).rmdir()
-        crd.delete_cluster_custom_object(GROUP, VERSION, PLURAL, name)
-        if agent_api is not api:
-            agent_api.close()
-        api.close()
+    with fake_kubelet() as kubelet:
+        client = CountingClient(light, name)
+        manager = RecordingManager()
+        loop = NodeStateLoop(
+            client,
+            Syncer(sysfs, DriverMemory(str(tmp_path / "state")), io=kernel, settle=1.0),
+            manager,
+            allocations=KubeletAllocations(
+                PodResourcesClient(kubelet.socket), LauncherPods(light, name)
+            ),
+            settings=LoopSettings(
+                coalesce=0.3, resync=3600, allocations_every=0.2, watch_timeout=2
+            ),
+        )
+        stop = threading.Event()
+        thread = threading.Thread(target=loop.run, args=(stop,), daemon=True)
+        thread.start()
+        try:
+            yield Agent(name, crd, client, manager, loop, sysfs, kubelet)
+        finally:
+            stop.set()
+            thread.join(15)
+            light.close()  # after the loop's last status write; ends its blocked watch too
+            crd.delete_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+            if agent_api is not api:
+                agent_api.close()
+            api.close()
     assert not thread.is_alive(), "the loop did not stop"
 
 
