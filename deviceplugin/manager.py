@@ -94,6 +94,7 @@ class PluginManager:
         self._progress = asyncio.Event()  # a scan ended or a list reached the kubelet
         self.scan_count = 0
         self._units_versions: dict[str, int] = {}
+        self._warned: frozenset[str] = frozenset()  # discovery warnings logged already
 
     # ---- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -418,6 +419,7 @@ class PluginManager:
                     # Walking every function takes a while on big nodes: keep serving meanwhile.
                     inv = await asyncio.to_thread(self.view.full)
                     self.metrics.rescans.labels("full").inc()
+                    self._log_warnings(inv.warnings)
                 else:
                     inv = self.view.refresh(addrs)
                     self.metrics.rescans.labels("targeted").inc()
@@ -434,6 +436,16 @@ class PluginManager:
             self._scan_done.set()
             self._scan_done = asyncio.Event()
             self._progress.set()
+
+    def _log_warnings(self, warnings: tuple[str, ...]) -> None:
+        """What discovery skipped or could not read (an impossible address such as device
+        number 0x20, garbage in an attribute): logged once when it appears, and when it goes."""
+        now = frozenset(warnings)
+        for w in sorted(now - self._warned):
+            log.warning("host scan: %s", w)
+        for w in sorted(self._warned - now):
+            log.info("host scan: no longer seen: %s", w)
+        self._warned = now
 
     def _check_shared_groups(self, inv: Inventory) -> None:
         """Flag IOMMU groups whose functions are split across resources: each part would be

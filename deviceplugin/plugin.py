@@ -60,19 +60,29 @@ class AllocationRefusedError(Exception):
         self.code = code
 
 
+def _len_field(tag: bytes, payload: bytes) -> bytes:
+    return tag + varint(len(payload)) + payload
+
+
+_TOPOLOGY: dict[int, bytes] = {}  # NUMA node -> encoded Device.topology field
+
+
 def device_bytes(adv: Advertised) -> bytes:
     """One ``Device`` of a ListAndWatch list, as the field of the response (tag, length,
-    message): the list is these pieces joined."""
-    body = msg.DEVICE.encode(
-        {
-            "ID": adv.unit.id,
-            "health": adv.verdict.kubelet,
-            "topology": None
-            if adv.unit.numa_node is None
-            else {"nodes": [{"ID": adv.unit.numa_node}]},
-        }
+    message): the list is these pieces joined. Encoded by hand (ID, health, topology): lists
+    of thousands of devices are built at start and on every change."""
+    body = _len_field(b"\x0a", adv.unit.id.encode()) + _len_field(
+        b"\x12", adv.verdict.kubelet.encode()
     )
-    return b"\x0a" + varint(len(body)) + body
+    numa = adv.unit.numa_node
+    if numa is not None:
+        topo = _TOPOLOGY.get(numa)
+        if topo is None:
+            topo = _TOPOLOGY[numa] = _len_field(
+                b"\x1a", msg.TOPOLOGY_INFO.encode({"nodes": [{"ID": numa}]})
+            )
+        body += topo
+    return _len_field(b"\x0a", body)
 
 
 class ResourcePlugin(ResourceUnits):

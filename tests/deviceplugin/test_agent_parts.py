@@ -264,3 +264,29 @@ async def test_a_real_kernel_uevent_drives_a_targeted_rescan(
         devs = await client.wait_for(lambda d: d[real].health == "Unhealthy")
         assert "ixgbevf" in (mgr.plugins[name].devices[real].verdict.reason or "")
         assert len(devs) == 1
+
+
+async def test_the_agent_logs_what_discovery_skips(
+    host_root: Path, kubelet: KubeletSim, agent: AgentFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    sriov_nic_dual_socket(host_root, numvfs=1)
+    bus = host_root / "sys/bus/pci/devices"
+    # A function the kernel could never name (device 0x20 > 0x1f): skipped, and said so.
+    os.symlink("../../../devices/pci0000:00/0000:00:20.0", bus / "0000:00:20.0")
+    caplog.set_level("INFO", logger="hostdev.deviceplugin.manager")
+    async with agent(
+        resources({"resourceName": "example.com/vf", "selector": {"devices": ["1889"]}})
+    ) as mgr:
+        said = (
+            "host scan: 0000:00:20.0: skipped: invalid PCI address '0000:00:20.0': "
+            "device number above 1f"
+        )
+        assert [r.levelname for r in caplog.records if r.getMessage() == said] == ["WARNING"]
+        await mgr.rescan()  # seen again: not logged again
+        assert sum(r.getMessage() == said for r in caplog.records) == 1
+        (bus / "0000:00:20.0").unlink()
+        await mgr.rescan()
+        assert any(
+            r.getMessage().startswith("host scan: no longer seen: 0000:00:20.0")
+            for r in caplog.records
+        )
