@@ -23,6 +23,7 @@ from hostdev.policy.dra import DRIVER
 from hostdev.policy.health import unit_health
 from hostdev.policy.plan import Refusal
 from hostdev.policy.readiness import node_problems
+from hostdev.policy.runs import COUNT, compact
 
 # Condition type: some resource has units of several functions (only the primary is attached).
 MULTI_FUNCTION = "MultiFunctionUnits"
@@ -334,7 +335,7 @@ def render_status(
         status["lastSyncTime"] = outcome.finished_at
     if allocations is not None:
         rows = [r.to_status() for r in allocations]
-        status["allocations"] = rows
+        status["allocations"] = compact(rows)  # a VM holding consecutive VFs: one entry
         status["allocationCount"] = len(rows)
 
     def conditions(listed: int) -> list[dict[str, Any]]:
@@ -347,9 +348,10 @@ def render_status(
 
     # What the rest takes, with the longer (truncated) wording of the conditions.
     rest = _size({**status, "conditions": conditions(0), "devices": []})
-    listed = _fit(devices, max_bytes - rest - 16)  # 16: the count in the message may grow
+    # Runs of alike VFs as one entry each (hostdev.policy.runs): thousands of VFs take a few KiB.
+    listed = _fit(compact(devices), max_bytes - rest - 16)  # 16: the count may grow
     status["devices"] = listed
-    status["conditions"] = conditions(len(listed))
+    status["conditions"] = conditions(sum(e.get(COUNT, 1) for e in listed))
     return status
 
 
@@ -369,6 +371,14 @@ def comparable(status: Mapping[str, Any] | None) -> dict[str, Any]:
             key=lambda c: str(c.get("type")),
         )
     return out
+
+
+def status_patch(written: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[str, Any]:
+    """The top-level keys of ``new`` that differ from ``written`` (the status as last sent): a
+    merge patch of just those keeps every write small (keys ``new`` leaves out stay)."""
+    if written is None:
+        return dict(new)
+    return {k: v for k, v in new.items() if written.get(k) != v}
 
 
 def status_changed(written: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:

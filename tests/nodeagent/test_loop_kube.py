@@ -28,6 +28,7 @@ from hostdev.deviceplugin.nodestate.loop import LoopSettings, NodeStateLoop
 from hostdev.deviceplugin.nodestate.sync import Syncer
 from hostdev.deviceplugin.podresources import PodResourcesClient
 from hostdev.host import PciAddress, Sysfs
+from hostdev.policy.runs import expand
 from hostdev.testing import scenarios
 from hostdev.testing.fakekernel import FakeKernel
 from tests.chart.helmtool import find, render
@@ -265,7 +266,7 @@ def vfs(*indexes: int) -> tuple[PciAddress, ...]:
 
 
 def by_addr(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {d["pciAddress"]: d for d in status["devices"]}
+    return {d["pciAddress"]: d for d in expand(status["devices"])}
 
 
 @pytest.mark.parametrize("agent", ["admin", "chart-rbac"], indirect=True)
