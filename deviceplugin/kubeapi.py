@@ -90,7 +90,10 @@ class Credentials:
 
 
 def in_cluster(sa_dir: str = SA_DIR) -> Credentials:
-    host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT")
+    host, port = (
+        os.environ.get("KUBERNETES_SERVICE_HOST"),
+        os.environ.get("KUBERNETES_SERVICE_PORT"),
+    )
     if not host or not port:
         raise ConfigError(
             "not in a pod (KUBERNETES_SERVICE_HOST/PORT unset) and no --kubeconfig given"
@@ -322,7 +325,9 @@ class ApiClient:
             self._watching.add(conn)
         try:
             try:
-                conn.request("GET", self.prefix + path + query_string(q), headers=self._headers(None))
+                conn.request(
+                    "GET", self.prefix + path + query_string(q), headers=self._headers(None)
+                )
                 resp = conn.getresponse()
             except (OSError, http.client.HTTPException) as e:
                 raise ApiError(0, f"watch {path}: {type(e).__name__}: {e}") from e
@@ -332,7 +337,7 @@ class ApiClient:
             while True:
                 try:
                     line = resp.readline()
-                except (OSError, http.client.HTTPException, socket.timeout) as e:
+                except (TimeoutError, OSError, http.client.HTTPException) as e:
                     raise ApiError(0, f"watch {path}: {type(e).__name__}: {e}") from e
                 if not line:
                     return

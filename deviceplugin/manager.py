@@ -24,7 +24,6 @@ from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from hostdev.deviceplugin import persist
-from hostdev.deviceplugin.events import DirWatcher, PciEvent, UeventSource
 from hostdev.deviceplugin.flags import DEFAULT_PLUGIN_DIR, DEFAULT_STATE_DIR
 from hostdev.deviceplugin.hostview import HostView
 from hostdev.deviceplugin.metrics import Metrics
@@ -37,10 +36,10 @@ from hostdev.host.model import Inventory
 from hostdev.host.sysfs import Sysfs
 
 if TYPE_CHECKING:
+    from hostdev.deviceplugin.events import DirWatcher, PciEvent, UeventSource
     from hostdev.policy.nodestatus import PodDevices
 
 log = logging.getLogger(__name__)
-
 
 
 class PluginManager:
@@ -97,9 +96,33 @@ class PluginManager:
         self._warned: frozenset[str] = frozenset()  # discovery warnings logged already
 
     # ---- lifecycle ----------------------------------------------------------------------
-    async def start(self) -> None:
-        """Start watching (directories, uevents, periodic resync). Servers start in apply()."""
+    async def start(self, *, watch: bool = True) -> None:
+        """Start the rescan worker and the periodic resync, and (``watch``) the event sources.
+        Servers start in apply(). The agent starts watching only once the kubelet holds its
+        first lists (:meth:`start_watching`): inotify and netlink cost the start-up their
+        imports, and nothing they report matters before the first scan."""
         os.makedirs(self.plugin_dir, exist_ok=True)
+        self._tasks.append(asyncio.create_task(self._rescan_worker(), name="rescan"))
+        self._tasks.append(asyncio.create_task(self._resync_timer(), name="resync"))
+        if watch:
+            self._watch()
+
+    def start_watching(self) -> None:
+        """The event sources, late: what they would have said meanwhile is read again (a full
+        rescan), and plugins that found no kubelet socket look again (it may have appeared
+        before the plugin directory was watched)."""
+        if self._watcher is not None:
+            return
+        self._watch()
+        self.request_full_rescan()
+        for plugin in self.plugins.values():
+            task = self._register_tasks.get(plugin.resource)
+            if plugin.serving and not plugin.registered and (task is None or task.done()):
+                self._register_soon(plugin)
+
+    def _watch(self) -> None:
+        from hostdev.deviceplugin.events import DirWatcher, UeventSource
+
         self._watcher = DirWatcher(self._on_dir_event)
         self._watcher.watch(self.plugin_dir)
         self._watcher.watch(self._vfio_dir)
@@ -116,8 +139,6 @@ class PluginManager:
                     e,
                     self.resync_interval,
                 )
-        self._tasks.append(asyncio.create_task(self._rescan_worker(), name="rescan"))
-        self._tasks.append(asyncio.create_task(self._resync_timer(), name="resync"))
 
     async def close(self) -> None:
         for t in [*self._tasks, *self._register_tasks.values()]:
@@ -477,12 +498,12 @@ class PluginManager:
         self.request_full_rescan()
         await self.wait_scan()
 
-    async def wait_served(self, timeout: float) -> bool:
+    async def wait_served(self, within: float) -> bool:
         """Until the host was scanned and the kubelet holds every device-plugin resource's
-        current list (True), or ``timeout`` seconds (False). Without a kubelet socket only
-        the scan is waited for. The agent does its slower start-up work after this."""
+        current list (True), or ``within`` seconds passed (False). Without a kubelet socket
+        only the scan is waited for. The agent does its slower start-up work after this."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        deadline = loop.time() + within
         while True:
             if self.scanned and (
                 not self._kubelet_socket_exists()

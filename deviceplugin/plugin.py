@@ -204,7 +204,7 @@ class ResourcePlugin(ResourceUnits):
             }
         )
         try:
-            await rpc.call(kubelet, msg.REGISTER, req, timeout=rpc_timeout, wait_for_ready=True)
+            await rpc.call(kubelet, msg.REGISTER, req, within=rpc_timeout, wait_for_ready=True)
         except rpc.RpcError:
             self.metrics.registrations.labels(self.resource, "error").inc()
             raise

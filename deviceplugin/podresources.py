@@ -6,7 +6,6 @@ device IDs are what the device plugins advertised (for hostdev: PCI addresses).
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -19,29 +18,28 @@ from hostdev.policy.dra import DRIVER, address_of
 from hostdev.policy.nodestatus import PodDevices
 
 
-
 class PodResourcesError(RuntimeError):
     """The kubelet could not be asked; the message says why (socket, RPC status)."""
 
 
 class PodResourcesClient:
-    def __init__(self, socket_path: str = DEFAULT_POD_RESOURCES_SOCKET, *, timeout: float = 10.0) -> None:
+    def __init__(
+        self, socket_path: str = DEFAULT_POD_RESOURCES_SOCKET, *, timeout: float = 10.0
+    ) -> None:
         self.socket_path = socket_path
         self.timeout = timeout
 
-    async def alist(self) -> tuple[PodDevices, ...]:
-        """Every container's devices, one entry per (container, resource)."""
+    def list(self) -> tuple[PodDevices, ...]:
+        """Every container's devices, one entry per (container, resource). Blocking: for
+        threads without an event loop (the NodeState loop, the agent's resync worker)."""
         if not os.path.exists(self.socket_path):
             raise PodResourcesError(
                 f"kubelet PodResources socket {self.socket_path} does not exist (is the "
                 "pod-resources directory mounted into the agent?)"
             )
         try:
-            raw = await rpc.call(
-                os.path.abspath(self.socket_path),
-                msg.POD_RESOURCES_LIST,
-                b"",
-                timeout=self.timeout,
+            raw = rpc.call_blocking(
+                os.path.abspath(self.socket_path), msg.POD_RESOURCES_LIST, b"", within=self.timeout
             )
             resp = msg.LIST_POD_RESOURCES_RESPONSE.decode(raw)
         except rpc.RpcError as e:
@@ -51,10 +49,6 @@ class PodResourcesClient:
         except DecodeError as e:
             raise PodResourcesError(f"PodResources List on {self.socket_path}: {e}") from e
         return pod_devices(resp)
-
-    def list(self) -> tuple[PodDevices, ...]:
-        """:meth:`alist` for threads without an event loop."""
-        return asyncio.run(self.alist())
 
 
 def pod_devices(resp: Mapping[str, Any]) -> tuple[PodDevices, ...]:

@@ -27,13 +27,8 @@ from hostdev.deviceplugin.manager import PluginManager
 from hostdev.deviceplugin.nodestate.kube import NodeStateClient
 from hostdev.deviceplugin.resources import ResourceConfig
 from hostdev.host.address import PciAddress
-from hostdev.policy.nodeconfig import (
-    DEVICE_PLUGIN,
-    DRA,
-    NodeConfigError,
-    parse_node_config,
-    served_now,
-)
+from hostdev.policy.frontends import DEVICE_PLUGIN, DRA
+from hostdev.policy.nodeconfig import NodeConfigError, parse_node_config, served_now
 from hostdev.policy.selector import DeviceSelector
 
 log = logging.getLogger(__name__)

@@ -28,10 +28,9 @@ from hostdev.deviceplugin.resources import ResourceConfig
 from hostdev.host.address import PciAddress
 from hostdev.host.model import Inventory
 from hostdev.host.sysfs import Sysfs
-from hostdev.policy.nodeconfig import DEVICE_PLUGIN, DRA
-from hostdev.policy.selector import DeviceSelector
 
 log = logging.getLogger(__name__)
+
 
 class ManagerSink:
     """``ResourceSink`` for the loop thread: applies on the manager's asyncio loop."""
@@ -78,6 +77,7 @@ async def run_cluster(
     args: argparse.Namespace,
     manager: PluginManager,
     stop: asyncio.Event,
+    *,
     api: ApiClient,
     memory: DriverMemory,
     first: FirstServe,

@@ -26,7 +26,9 @@ TOPOLOGY_INFO = Schema("TopologyInfo", message(1, "nodes", NUMA_NODE, repeated=T
 DEVICE = Schema(
     "Device", string(1, "ID"), string(2, "health"), message(3, "topology", TOPOLOGY_INFO)
 )
-LIST_AND_WATCH_RESPONSE = Schema("ListAndWatchResponse", message(1, "devices", DEVICE, repeated=True))
+LIST_AND_WATCH_RESPONSE = Schema(
+    "ListAndWatchResponse", message(1, "devices", DEVICE, repeated=True)
+)
 PRE_START_CONTAINER_REQUEST = Schema(
     "PreStartContainerRequest", string(1, "devices_ids", repeated=True)
 )
@@ -48,7 +50,9 @@ PREFERRED_ALLOCATION_RESPONSE = Schema(
     "PreferredAllocationResponse",
     message(1, "container_responses", CONTAINER_PREFERRED_ALLOCATION_RESPONSE, repeated=True),
 )
-CONTAINER_ALLOCATE_REQUEST = Schema("ContainerAllocateRequest", string(1, "devices_ids", repeated=True))
+CONTAINER_ALLOCATE_REQUEST = Schema(
+    "ContainerAllocateRequest", string(1, "devices_ids", repeated=True)
+)
 ALLOCATE_REQUEST = Schema(
     "AllocateRequest", message(1, "container_requests", CONTAINER_ALLOCATE_REQUEST, repeated=True)
 )

@@ -222,7 +222,7 @@ def _put(out: bytearray, f: Field, v: Any, *, always: bool) -> None:
             out += f.key_tag
             out += varint(len(b))
             out += b
-    elif kind == INT or kind == BOOL:
+    elif kind in (INT, BOOL):
         if v or always:
             out += f.key_tag
             out += varint(int(v))
@@ -232,11 +232,10 @@ def _put(out: bytearray, f: Field, v: Any, *, always: bool) -> None:
         out += f.key_tag
         out += varint(len(b))
         out += b
-    elif kind == BYTES:
-        if v or always:
-            out += f.key_tag
-            out += varint(len(v))
-            out += v
+    elif kind == BYTES and (v or always):
+        out += f.key_tag
+        out += varint(len(v))
+        out += v
 
 
 def _set(out: dict[str, Any], f: Field, value: Any) -> None:
@@ -266,7 +265,9 @@ def _map_entry(chunk: bytes | memoryview, value_schema: Schema | None) -> tuple[
         if tag >> 3 == 1:
             key = _text(part, "map", "key")
         elif tag >> 3 == 2:
-            value = _text(part, "map", "value") if value_schema is None else value_schema.decode(part)
+            value = (
+                _text(part, "map", "value") if value_schema is None else value_schema.decode(part)
+            )
     if value is None:
         value = "" if value_schema is None else value_schema.decode(b"")
     return key, value

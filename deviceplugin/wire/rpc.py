@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import logging
 import struct
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -200,9 +199,7 @@ class _ServerConnection(h2.Connection):
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _run(
-        self, s: h2.Stream, path: str, method: Method, request: dict[str, Any]
-    ) -> None:
+    async def _run(self, s: h2.Stream, path: str, method: Method, request: dict[str, Any]) -> None:
         try:
             if method.streaming:
                 started = False
@@ -270,9 +267,9 @@ class Server:
         if server is None:
             return
         server.close()
-        deadline = time.monotonic() + grace
-        while any(c.tasks for c in self.connections) and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        calls = {t for c in self.connections for t in c.tasks}
+        if calls:
+            await asyncio.wait(calls, timeout=grace)
         for c in list(self.connections):
             for t in list(c.tasks):
                 t.cancel()
@@ -338,14 +335,15 @@ async def call(
     method: str,
     request: bytes,
     *,
-    timeout: float = 10.0,
+    within: float = 10.0,
     wait_for_ready: bool = False,
 ) -> bytes:
     """One unary call on a fresh connection to ``socket_path``; the response message bytes, or
     :class:`RpcError` (UNAVAILABLE when the socket cannot be reached, DEADLINE_EXCEEDED after
-    ``timeout``). ``wait_for_ready``: keep trying to connect until the deadline."""
+    ``within`` seconds, which go to the server as the call's grpc-timeout).
+    ``wait_for_ready``: keep trying to connect until the deadline."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = loop.time() + within
     delay = 0.02
     while True:
         try:
@@ -399,6 +397,6 @@ def _unary_result(method: str, s: h2.Stream) -> bytes:
     return messages[0]
 
 
-def call_blocking(socket_path: str, method: str, request: bytes, *, timeout: float = 10.0) -> bytes:
+def call_blocking(socket_path: str, method: str, request: bytes, *, within: float = 10.0) -> bytes:
     """:func:`call` for threads without an event loop (e.g. the NodeState loop's thread)."""
-    return asyncio.run(call(socket_path, method, request, timeout=timeout))
+    return asyncio.run(call(socket_path, method, request, within=within))

@@ -27,20 +27,15 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from hostdev.host.address import PciAddress, PciAddressError
 from hostdev.host.model import Inventory, is_vfio_driver
+from hostdev.policy.frontends import ALLOCATIONS, DEVICE_PLUGIN, DRA, Allocation
 from hostdev.policy.naming import env_collisions
 from hostdev.policy.selector import DeviceSelector, SelectorError
 
 DEFAULT_DRIVER = "vfio-pci"
-# How the kubelet gets a resource's units: a device-plugin server, or DRA (ResourceSlices and a
-# kubelet DRA plugin). One resource is served one way on a node, never both.
-Allocation = Literal["DevicePlugin", "DRA"]
-DEVICE_PLUGIN: Allocation = "DevicePlugin"
-DRA: Allocation = "DRA"
-ALLOCATIONS: tuple[Allocation, ...] = (DEVICE_PLUGIN, DRA)
 # Kernel driver names: what /sys/bus/pci/drivers/<name> can be (no '/', no spaces).
 _DRIVER = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _RESOURCE = re.compile(

@@ -307,7 +307,7 @@ async def test_our_client_against_a_grpcio_server(short_tmp: str) -> None:
     finally:
         await server.stop(0)
     with pytest.raises(rpc.RpcError) as err:
-        await rpc.call(path, m.REGISTER, b"", timeout=0.3, wait_for_ready=True)
+        await rpc.call(path, m.REGISTER, b"", within=0.3, wait_for_ready=True)
     assert err.value.code == rpc.UNAVAILABLE
 
 
