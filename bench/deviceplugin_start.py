@@ -14,9 +14,10 @@ allocatable count holding every VF. Modes:
 
 The agent runs in an "installed" interpreter layout (``--python installed``, the default): a
 throw-away venv whose path entries are the repository and this venv's site-packages, so it
-imports exactly this code and these packages but, like the image, without the editable
-install's import hook (which alone costs ~20 ms per start on this machine). ``--python dev``
-runs the development venv as is. The load average is printed beside every figure.
+imports exactly this code and these packages but, like the image, with compiled bytecode and
+without the editable install's import hook (see deviceplugin_common.agent_python).
+``--python dev`` runs the development venv as is. The load average is printed beside every
+figure.
 
 Usage: .venv/bin/python bench/deviceplugin_start.py [--runs N] [--sizes 1x8,8x128,16x256]
        [--modes file-cold,file-warm,cluster-cold] [--python installed|dev]
@@ -143,7 +144,7 @@ def wait_synced(crd: k8s.CustomObjectsApi, name: str, timeout: float = 300) -> N
 
 
 def one_start(
-    python: str, workdir: Path, n: int, cluster: Cluster | None
+    python: tuple[str, dict[str, str]], workdir: Path, n: int, cluster: Cluster | None
 ) -> tuple[float, float, float]:
     """(seconds from spawn to allocatable == n, peak RSS MiB, load average at the end)."""
     node = f"bench-{uuid.uuid4().hex[:6]}"
@@ -153,9 +154,10 @@ def one_start(
     harness = start_harness(workdir, n)
     t0 = time.time()
     agent = subprocess.Popen(
-        agent_argv(python, workdir, cluster, node),
+        agent_argv(python[0], workdir, cluster, node),
         stderr=subprocess.DEVNULL,
         cwd="/",
+        env=python[1],
     )
     try:
         res = harness_result(harness)
@@ -192,7 +194,7 @@ def main() -> None:
     args = ap.parse_args()
     modes = args.modes.split(",")
     python = agent_python(args.python)
-    print(f"agent interpreter: {args.python} ({python}); load {load():.2f}", flush=True)
+    print(f"agent interpreter: {args.python} ({python[0]}); load {load():.2f}", flush=True)
     plane = cluster = None
     work = Path(tempfile.mkdtemp(prefix="hb-kube-", dir="/tmp"))
     try:

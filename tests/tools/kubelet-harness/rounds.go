@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"path/filepath"
 	"sort"
 	"sync"
 	"time"
@@ -34,7 +35,11 @@ func allocateRounds(ctx context.Context, socket string, ids []string, n, callers
 	if callers < 1 {
 		callers = 1
 	}
-	conn, err := grpc.NewClient("unix://"+socket,
+	abs, err := filepath.Abs(socket)
+	if err != nil {
+		return nil, err
+	}
+	conn, err := grpc.NewClient("unix://"+abs,
 		grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		return nil, fmt.Errorf("dial %s: %w", socket, err)
