@@ -531,6 +531,10 @@ class PluginManager:
             out[name] = persist.SavedResource(tuple(p.devices.values()), frozenset(p.allocated))
         return out
 
+    def allocated(self) -> dict[PciAddress, str]:
+        """Every function the servers handed to a pod (live; see persist.allocated_devices)."""
+        return persist.allocated_devices(self.snapshot())
+
     def schedule_save(self) -> None:
         if self.state_dir is None or self._save_handle is not None:
             return

@@ -17,6 +17,7 @@ from typing import Any
 
 from hostdev.deviceplugin.atomicfile import atomic_write
 from hostdev.deviceplugin.units import Advertised, advertised_from_json, advertised_to_json
+from hostdev.host.address import PciAddress
 
 log = logging.getLogger(__name__)
 
@@ -78,3 +79,20 @@ def load(state_dir: str) -> dict[str, SavedResource]:
         allocated = frozenset(str(x) for x in (entry or {}).get("allocated") or [])
         out[str(name)] = SavedResource(tuple(devices), allocated)
     return out
+
+
+def allocated_devices(resources: Mapping[str, SavedResource]) -> dict[PciAddress, str]:
+    """Every function of an allocated unit -> who holds it, for the configuration guards."""
+    out: dict[PciAddress, str] = {}
+    for name, r in sorted(resources.items()):
+        for adv in r.devices:
+            if adv.unit.id in r.allocated:
+                for a in adv.unit.addresses:
+                    out.setdefault(a, f"a pod through {name} (allocated by the device plugin)")
+    return out
+
+
+def saved_allocations(state_dir: str) -> dict[PciAddress, str]:
+    """:func:`allocated_devices` of the lists the device plugin saved last (``hostdev apply``
+    on a node whose agent shares ``--state-dir``)."""
+    return allocated_devices(load(state_dir))

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from hostdev import __version__
 from hostdev.cli_apply import add_apply_parser
+from hostdev.cli_detach import run_detached
 from hostdev.host.pciids import PciIds
 from hostdev.host.snapshot import snapshot
 from hostdev.host.sysfs import HostRootError, Sysfs
@@ -79,8 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run() -> None:
-    """Console-script entry point."""
-    sys.exit(main())
+    """Console-script entry point: the work runs detached, so that a kernel read stuck on a
+    device lock cannot keep the command from returning (see :mod:`hostdev.cli_detach`)."""
+    sys.exit(run_detached(main))
 
 
 if __name__ == "__main__":

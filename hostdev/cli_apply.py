@@ -14,6 +14,7 @@ import yaml
 
 from hostdev.deviceplugin.config.apply import converge
 from hostdev.deviceplugin.config.memory import DriverMemory, StateFileError
+from hostdev.deviceplugin.persist import saved_allocations
 from hostdev.host.sysfs import HostRootError, Sysfs
 from hostdev.policy.nodeconfig import NodeConfigError, parse_node_config
 
@@ -62,7 +63,8 @@ def add_apply_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "PassthroughNodeState: pfs[].numVfs, devices[].driver/resourceName): plan, print, "
         "apply with a read-back check after every write, restore devices hostdev moved "
         "that are no longer wanted. Exit codes: 0 converged (or a dry run without "
-        "refusals), 1 some change refused by a safety guard (reasons printed), 2 a kernel "
+        "refusals), 1 some change refused by a safety guard (reasons printed; the refused "
+        "devices, and everything that only served their change, left as they were), 2 a kernel "
         "write failed (the plan stopped; device state printed), 3 not converging, "
         "4 bad input (config, state file, host root).",
     )
@@ -99,7 +101,15 @@ def run_apply(args: argparse.Namespace) -> int:
         return fail(str(e))
     sysfs = Sysfs(args.host_root)
     try:
-        result = converge(sysfs, memory, config, dry_run=args.dry_run, echo=print)
+        result = converge(
+            sysfs,
+            memory,
+            config,
+            dry_run=args.dry_run,
+            echo=print,
+            # the device plugin's saved lists (the agent's --state-dir): VFs handed to pods
+            allocated=lambda: saved_allocations(args.state_dir),
+        )
     except HostRootError as e:
         return fail(e.strerror or str(e))
     rc = result.exit_code

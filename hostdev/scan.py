@@ -40,6 +40,7 @@ def report(inv: Inventory, ids: PciIds) -> dict[str, Any]:
                 "assignable": verdict.state,
                 "reason": verdict.reason,
                 "problems": list(dev.problems),
+                "busy": dev.busy,
             }
         )
     return {
@@ -121,7 +122,8 @@ def render_text(rep: dict[str, Any]) -> str:
             verdict = f"yes ({d['reason']})"
         sriov = "-"
         if d["sriovTotalVfs"]:
-            sriov = f"PF {d['sriovNumVfs'] or 0}/{d['sriovTotalVfs']}"
+            now = "busy" if d["busy"] else d["sriovNumVfs"] or 0
+            sriov = f"PF {now}/{d['sriovTotalVfs']}"
         elif d["physfn"]:
             sriov = f"VF{d['vfIndex'] if d['vfIndex'] is not None else '?'} of {d['physfn']}"
         rows.append(

@@ -6,12 +6,13 @@ The one engine behind ``hostdev apply`` and the node agent's NodeState loop.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from hostdev.deviceplugin.config.executor import ExecResult, Executor, KernelIO
-from hostdev.deviceplugin.config.facts import gather_facts
+from hostdev.deviceplugin.config.facts import AddressSource, gather_facts
 from hostdev.deviceplugin.config.memory import DriverMemory
+from hostdev.host.address import PciAddress
 from hostdev.host.sysfs import Sysfs
 from hostdev.policy.nodeconfig import NodeConfig
 from hostdev.policy.plan import Plan, Refusal, Step, plan
@@ -48,8 +49,14 @@ def converge(
     echo: Callable[[str], None] | None = None,
     on_step: Callable[[int, Step], None] | None = None,
     settle: float | None = None,
+    addresses: AddressSource | None = None,
+    allocated: Callable[[], Mapping[PciAddress, str]] | None = None,
 ) -> ApplyResult:
+    """``allocated``: devices handed to pods and to whom (the agent: its device plugins';
+    ``hostdev apply``: their saved lists); ``addresses``: the host's interface addresses
+    (default: netlink)."""
     say = echo or (lambda _line: None)
+    allocations = allocated or dict
     kwargs = {} if settle is None else {"settle": settle}
     executor = Executor(sysfs, memory, io, on_step=on_step, echo=say, **kwargs)
     if memory.interrupted_step is not None:
@@ -61,7 +68,8 @@ def converge(
     executed: list[Step] = []
     for rnd in range(1, MAX_ROUNDS + 1):
         inv = sysfs.discover()
-        p = plan(config, inv, gather_facts(sysfs, inv), memory.originals)
+        facts = gather_facts(sysfs, inv, addresses=addresses, allocated=allocations())
+        p = plan(config, inv, facts, memory.originals, memory.autoprobe)
         plans.append(p)
         say(f"round {rnd}: " + p.render())
         if dry_run or not p.steps:

@@ -2,7 +2,9 @@
 
 I/O lives here and only here. A step that fails stops the plan: the device being moved is put
 back on its original driver (or its state is reported exactly), the journal is cleared, and a
-later run plans again from what the kernel then shows.
+later run plans again from what the kernel then shows. Reads of attributes that wait for the
+device lock (``sriov_numvfs``, ``driver_override``) have a deadline: a device whose lock is held
+(a PF mid-unbind) fails its step as busy instead of hanging the agent.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from hostdev.deviceplugin.config.memory import DriverMemory
+from hostdev.host import bounded
 from hostdev.host.address import PciAddress
+from hostdev.host.model import is_vfio_driver
 from hostdev.host.sysfs import Sysfs
 from hostdev.policy.plan import Step
 
@@ -65,12 +69,16 @@ def _errname(e: int | None) -> str:
     return errno.errorcode.get(e, str(e)) if e is not None else "?"
 
 
-def _read(path: str) -> str | None:
-    try:
-        with open(path, encoding="ascii", errors="replace") as f:
-            return f.read().strip()
-    except OSError:
-        return None
+class BusyError(RuntimeError):
+    """A read of a device attribute did not finish in time: the kernel holds the device lock."""
+
+
+def _locked(path: str, timeout: float) -> str | None:
+    """An attribute whose show() takes the device lock, read with a deadline."""
+    value = bounded.read_one(path, timeout)
+    if value == bounded.BUSY:
+        raise BusyError(f"{path}: {bounded.BUSY}")
+    return value
 
 
 class Executor:
@@ -88,6 +96,7 @@ class Executor:
         self.memory = memory
         self.io = io or SysfsIO()
         self.settle = settle
+        self.read_timeout = sysfs.read_timeout
         self.on_step = on_step  # called after each completed step (tests inject crashes here)
         self.echo = echo or (lambda _line: None)
 
@@ -102,21 +111,27 @@ class Executor:
             return None
 
     def override_of(self, a: PciAddress) -> str | None:
-        v = _read(self._dev(a, "driver_override"))
+        v = _locked(self._dev(a, "driver_override"), self.read_timeout)
         return None if not v or v == "(null)" else v
 
     def numvfs_of(self, a: PciAddress) -> int | None:
-        v = _read(self._dev(a, "sriov_numvfs"))
+        v = _locked(self._dev(a, "sriov_numvfs"), self.read_timeout)
         try:
             return None if v is None else int(v)
         except ValueError:
             return None
 
+    def autoprobe_of(self, a: PciAddress) -> str | None:
+        return bounded.read_attr(self._dev(a, "sriov_drivers_autoprobe"))
+
     def state_line(self, a: PciAddress) -> str:
         if not os.path.isdir(self.sysfs.pci_device_dir(a)):
             return f"{a}: gone"
-        ov = self.override_of(a)
-        nv = self.numvfs_of(a)
+        try:
+            ov = self.override_of(a)
+            nv = self.numvfs_of(a)
+        except BusyError:
+            return f"{a}: driver {self.driver_of(a) or '(none)'}, {bounded.BUSY}"
         return f"{a}: driver {self.driver_of(a) or '(none)'}, driver_override {ov or '(none)'}" + (
             f", sriov_numvfs {nv}" if nv is not None else ""
         )
@@ -130,9 +145,19 @@ class Executor:
 
     def _wait(self, step: Step, ok: Callable[[], bool], what: Callable[[], str]) -> None:
         deadline = time.monotonic() + self.settle
-        while not ok():
+        while True:
+            try:
+                if ok():
+                    return
+                busy = None
+            except BusyError as e:
+                busy = str(e)  # the lock may be released in a moment: keep trying
             if time.monotonic() >= deadline:
-                raise StepError(step, f"{step.address}: read-back after write: {what()}")
+                try:
+                    seen = busy or what()
+                except BusyError as e:
+                    seen = str(e)
+                raise StepError(step, f"{step.address}: read-back after write: {seen}")
             time.sleep(0.02)
 
     def apply_step(self, step: Step) -> None:
@@ -143,7 +168,22 @@ class Executor:
         if step.kind == "forget":
             self.memory.forget(a)
             return
+        if step.kind == "remember-autoprobe":
+            self.memory.remember_autoprobe(a, step.value == "1")
+            return
+        if step.kind == "forget-autoprobe":
+            self.memory.forget_autoprobe(a)
+            return
         self.memory.begin(step.to_dict())
+        if step.kind == "set-autoprobe":
+            self._write(step, self._dev(a, "sriov_drivers_autoprobe"), step.value)
+            self._wait(
+                step,
+                lambda: self.autoprobe_of(a) == step.value,
+                lambda: (
+                    f"sriov_drivers_autoprobe reads {self.autoprobe_of(a)}, expected {step.value}"
+                ),
+            )
         if step.kind == "set-numvfs":
             n = int(step.value)
             self._write(step, self._dev(a, "sriov_numvfs"), step.value)
@@ -220,17 +260,20 @@ class Executor:
         )
         if moving_away and a in self.memory.originals:
             original = self.memory.originals[a]
+            override = self._dev(a, "driver_override")
             try:
-                if self.override_of(a) is not None:
-                    self.io.write(self._dev(a, "driver_override"), "\n")
                 cur = self.driver_of(a)
                 if cur is not None and cur != original:
                     self.io.write(self.sysfs.path("sys/bus/pci/drivers", cur, "unbind"), str(a))
                 if original is not None and self.driver_of(a) is None:
+                    # Named, so it binds even where nothing probes by itself (a VF whose PF has
+                    # sriov_drivers_autoprobe off); cleared right after.
+                    self.io.write(override, original)
                     self.io.write(self.sysfs.path("sys/bus/pci/drivers_probe"), str(a))
                 deadline = time.monotonic() + self.settle
                 while self.driver_of(a) != original and time.monotonic() < deadline:
                     time.sleep(0.02)
+                self.io.write(override, "\n")
                 back = self.driver_of(a) == original
                 notes.append(
                     f"{a}: rolled back to {original or 'no driver'}"
@@ -247,14 +290,33 @@ class Executor:
         return tuple(notes)
 
     # ---- kernel errors, in words ------------------------------------------------------------
+    def _no_sriov(self, a: PciAddress) -> str:
+        """ENOENT from sriov_numvfs: the PF's current driver has no SR-IOV enable. Which one it
+        is decides what to do."""
+        drv = self.driver_of(a)
+        if drv is None:
+            return f"{a}: PF has no driver: bind it to its host driver first (ENOENT)"
+        if is_vfio_driver(drv):
+            original = self.memory.originals.get(a)
+            back = f" ({original})" if original else ""
+            return (
+                f"{a}: the PF is bound to {drv}, which makes no VFs for the host (vfio-pci's "
+                f"SR-IOV enable is off: module option enable_sriov) (ENOENT): give the PF back "
+                f"to its host driver{back} first"
+            )
+        return f"{a}: the PF's driver {drv} cannot change its VFs through sysfs (ENOENT)"
+
     def explain(self, step: Step, e: OSError, path: str) -> str:
         a, code = step.address, e.errno
         name = _errname(code)
         if code in (errno.EACCES, errno.EPERM, errno.EROFS):
             return f"{a}: cannot write {path}: {name} (run as root with a writable /sys)"
         if step.kind == "set-numvfs":
-            total = _read(self._dev(a, "sriov_totalvfs"))
-            cur = self.numvfs_of(a)
+            total = bounded.read_attr(self._dev(a, "sriov_totalvfs"))
+            try:
+                cur = self.numvfs_of(a)
+            except BusyError:
+                return f"{a}: {step.describe()} failed ({name}) and the PF is {bounded.BUSY}"
             if code == errno.EBUSY:
                 return (
                     f"{a}: VFs in use / already enabled ({cur} VFs): set sriov_numvfs to 0 "
@@ -265,7 +327,7 @@ class Executor:
             if code == errno.ENOENT:
                 if not os.path.exists(path):
                     return f"{a}: no sriov_numvfs: not an SR-IOV PF, or the device is gone (ENOENT)"
-                return f"{a}: PF has no driver: bind it to its host driver first (ENOENT)"
+                return self._no_sriov(a)
             if code == errno.EINVAL:
                 return f"{a}: the PF driver rejected {step.value} VFs (EINVAL)"
             if code == errno.ENODEV:

@@ -1,14 +1,18 @@
-"""Gather the guard facts (what the host is using) from files under the host root.
+"""Gather the guard facts (what the host is using) from the host root and the kernel.
 
-Everything is read from ``/proc`` and ``/sys`` under ``--host-root`` rather than through
-netlink (pyroute2) or ``mount(8)``: the same code then runs on a node (``/`` or a ``/host``
-mount), against a real kernel in the QEMU tier and against a fake tree in unit tests, and needs
-no extra dependency. The price is IPv4 addresses: ``/proc`` does not list them per interface,
-so an interface counts as addressed when the kernel has a connected route through it (which
-every up interface with an IPv4 address and a prefix shorter than /32 has). IPv6 addresses come
-from ``/proc/net/if_inet6`` (link-local and host scope ignored: every up interface has one).
-Network and mount tables are read as pid 1 sees them (``proc/1/...``), falling back to
-``proc/self/...``, so an agent without ``hostPID`` still reads its own (host) namespaces.
+Routes, mounts, device nodes and open files are read from ``/proc`` and ``/sys`` under
+``--host-root``: the same code runs on a node (``/`` or a ``/host`` mount), against a real
+kernel in the QEMU tier and against a fake tree in unit tests. Network and mount tables are
+read as pid 1 sees them (``proc/1/...``), falling back to ``proc/self/...``, so an agent
+without ``hostPID`` still reads the host's namespaces.
+
+Addresses come from the kernel's own list over netlink (:mod:`hostdev.host.ifaddrs`, IPv4 and
+IPv6, in the host's network namespace): ``/proc`` has no per-interface IPv4 list, and inferring
+addresses from connected routes misses /32 and ``noprefixroute`` ones. The source is injectable
+(``addresses=``) so fake trees keep working. Where the host's namespace is out of reach (the
+agent without ``hostNetwork`` or ``CAP_SYS_ADMIN``) the old inference is the fallback, and every
+up interface without a visible IPv4 address counts as *unverified*: the guard refuses to take it
+unless ``allowUnsafe`` says so.
 """
 
 from __future__ import annotations
@@ -19,12 +23,18 @@ import os
 import re
 import socket
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 
+from hostdev.host import bounded
 from hostdev.host.address import PciAddress
+from hostdev.host.ifaddrs import host_addresses
+from hostdev.host.modalias import ModAliases, would_bind
 from hostdev.host.model import Inventory
 from hostdev.host.sysfs import Sysfs
 from hostdev.policy.guards import GuardFacts
+
+# interface name -> its addresses; None: the host's address list cannot be read from here
+AddressSource = Callable[[], Mapping[str, tuple[str, ...]] | None]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +65,35 @@ def _pci_of(link_target: str) -> PciAddress | None:
         if _PCI.match(part):
             return PciAddress.parse(part)
     return None
+
+
+def _pcis_of(link: str) -> list[PciAddress]:
+    """The PCI functions behind a class device (``link``: its /sys/class or /sys/dev link).
+
+    An NVMe namespace behind the kernel's multipath node (every namespace on recent kernels,
+    6.12 included) lives under ``devices/virtual/nvme-subsystem/nvme-subsysN``: its functions
+    are those of the subsystem's controllers, which the subsystem directory links to."""
+    try:
+        target = os.readlink(link)
+    except OSError:
+        return []
+    addr = _pci_of(target)
+    if addr is not None:
+        return [addr]
+    parts = target.split("/")
+    if "nvme-subsystem" not in parts:
+        return []
+    subsys = os.path.join(
+        os.path.dirname(link), *parts[: parts.index("nvme-subsystem") + 2]
+    )  # relative link: resolve from the link's own directory
+    out = []
+    for name in sorted(os.listdir(subsys)) if os.path.isdir(subsys) else ():
+        path = os.path.join(subsys, name)
+        if re.fullmatch(r"nvme\d+", name) and os.path.islink(path):
+            ctrl = _pci_of(os.readlink(path))
+            if ctrl is not None:
+                out.append(ctrl)
+    return out
 
 
 # ---- network --------------------------------------------------------------------------------
@@ -156,15 +195,9 @@ def _block_usage(sysfs: Sysfs) -> dict[PciAddress, list[str]]:
 
     result: dict[PciAddress, list[str]] = {}
     for name in names:
-        try:
-            target = os.readlink(os.path.join(base, name))
-        except OSError:
-            continue
-        addr = _pci_of(target)
-        if addr is None:
-            continue
-        u = uses(name)
-        if u:
+        addrs = _pcis_of(os.path.join(base, name))
+        u = uses(name) if addrs else []
+        for addr in addrs if u else ():
             result.setdefault(addr, []).extend(u)
     return result
 
@@ -180,16 +213,10 @@ def _device_nodes(sysfs: Sysfs) -> dict[PciAddress, list[str]]:
         except OSError:
             continue
         for e in entries:
-            try:
-                target = os.readlink(os.path.join(base, e))
-            except OSError:
-                continue
-            addr = _pci_of(target)
-            if addr is None:
-                continue
-            for line in _lines(os.path.join(base, e, "uevent")):
-                if line.startswith("DEVNAME="):
-                    out.setdefault(addr, []).append("/dev/" + line[8:])
+            for addr in _pcis_of(os.path.join(base, e)):
+                for line in _lines(os.path.join(base, e, "uevent")):
+                    if line.startswith("DEVNAME="):
+                        out.setdefault(addr, []).append("/dev/" + line[8:])
     return out
 
 
@@ -225,34 +252,80 @@ def _open_nodes(sysfs: Sysfs, interesting: set[str] | None) -> dict[str, list[st
     return out
 
 
-def _overrides(sysfs: Sysfs, addrs: Iterable[PciAddress]) -> dict[PciAddress, str]:
+def _overrides(
+    sysfs: Sysfs, addrs: Iterable[PciAddress]
+) -> tuple[dict[PciAddress, str], dict[PciAddress, str]]:
+    """(driver_override where one is set, devices whose override could not be read in time)."""
+    paths = {os.path.join(sysfs.pci_device_dir(a), "driver_override"): a for a in addrs}
+    out: dict[PciAddress, str] = {}
+    busy: dict[PciAddress, str] = {}
+    for path, value in bounded.read_many(paths, sysfs.read_timeout).items():
+        if value == bounded.BUSY:
+            busy[paths[path]] = f"driver_override did not answer: {bounded.BUSY}"
+        elif value and value != "(null)":
+            out[paths[path]] = value
+    return out, busy
+
+
+def _addresses(
+    sysfs: Sysfs,
+    netdevs: set[str],
+    source: AddressSource,
+    connected: Mapping[str, list[str]],
+    addrs6: Mapping[str, list[str]],
+) -> tuple[dict[str, tuple[str, ...]], frozenset[str]]:
+    """(up netdevs -> their addresses, up netdevs whose IPv4 addresses are unknown).
+    ``connected``/``addrs6``: what /proc shows, the fallback when ``source`` has nothing."""
+    up = {n for n in netdevs if _is_up(sysfs, n)}
+    listed = source()
+    if listed is not None:
+        return {n: tuple(listed[n]) for n in sorted(up) if listed.get(n)}, frozenset()
+    shown = {n: tuple(connected.get(n, []) + addrs6.get(n, [])) for n in sorted(up)}
+    return {n: v for n, v in shown.items() if v}, frozenset(n for n in up if not connected.get(n))
+
+
+def _would_bind(sysfs: Sysfs, inv: Inventory) -> dict[PciAddress, str]:
+    """Driverless VFs -> the host driver the kernel would bind (their modalias match)."""
+    vfs = [d for d in inv.devices.values() if d.is_vf and d.driver is None]
+    aliases = ModAliases.load(sysfs.root) if vfs else None
+    if aliases is None:
+        return {}
     out = {}
-    for a in addrs:
-        raw = _lines(os.path.join(sysfs.pci_device_dir(a), "driver_override"))
-        value = raw[0].strip() if raw else ""
-        if value and value != "(null)":
-            out[a] = value
+    for d in vfs:
+        drv = would_bind(sysfs.root, aliases, sysfs.pci_device_dir(d.address))
+        if drv is not None:
+            out[d.address] = drv
     return out
 
 
-def gather_facts(sysfs: Sysfs, inv: Inventory) -> GuardFacts:
-    """One pass over /proc and /sys for everything the guards need."""
+def gather_facts(
+    sysfs: Sysfs,
+    inv: Inventory,
+    *,
+    addresses: AddressSource | None = None,
+    allocated: Mapping[PciAddress, str] | None = None,
+) -> GuardFacts:
+    """One pass over /proc and /sys (and one netlink dump) for everything the guards need.
+    ``allocated``: devices the device plugin handed to pods, and to whom."""
     default4, connected = _ipv4_routes(sysfs)
     default6, addrs6 = _ipv6(sysfs)
     netdevs = {n for d in inv.devices.values() for n in d.netdevs}
-    addressed: dict[str, tuple[str, ...]] = {}
-    for n in sorted(netdevs):
-        shown = connected.get(n, []) + addrs6.get(n, [])
-        if shown and _is_up(sysfs, n):
-            addressed[n] = tuple(shown)
+    addressed, unverified = _addresses(
+        sysfs, netdevs, addresses or (lambda: host_addresses(sysfs.root)), connected, addrs6
+    )
     nodes = _device_nodes(sysfs)
     interesting = {n for ns in nodes.values() for n in ns}
     interesting |= {f"/dev/vfio/{g}" for g in inv.groups}
+    overrides, busy = _overrides(sysfs, inv.devices)
     return GuardFacts(
         default_route_ifaces=frozenset((default4 | default6) & netdevs),
         addressed_ifaces=addressed,
+        unverified_ifaces=unverified,
         mounts={a: tuple(v) for a, v in _block_usage(sysfs).items()},
         device_nodes={a: tuple(sorted(v)) for a, v in nodes.items()},
         open_nodes={k: tuple(v) for k, v in _open_nodes(sysfs, interesting).items()},
-        driver_overrides=_overrides(sysfs, inv.devices),
+        driver_overrides=overrides,
+        allocated=dict(allocated or {}),
+        would_bind=_would_bind(sysfs, inv),
+        busy=busy,
     )

@@ -1,4 +1,5 @@
-"""Persistent memory of the drivers hostdev took devices away from, plus a one-step journal.
+"""Persistent memory of the drivers hostdev took devices away from (and of the PFs whose
+``sriov_drivers_autoprobe`` it turned off), plus a one-step journal.
 
 One small JSON file in the state directory (``/var/lib/hostdev`` on a node), rewritten
 atomically (write to a temp file, fsync, rename, fsync the directory) on every change, so an
@@ -38,12 +39,18 @@ class DriverMemory:
         self.path = os.path.join(state_dir, FILENAME)
         self.journal_path = os.path.join(state_dir, JOURNAL)
         self._originals: dict[PciAddress, str | None] = {}
+        self._autoprobe: dict[PciAddress, bool] = {}
         self._in_progress: dict[str, Any] | None = None
         self._load()
 
     @property
     def originals(self) -> Mapping[PciAddress, str | None]:
         return dict(self._originals)
+
+    @property
+    def autoprobe(self) -> Mapping[PciAddress, bool]:
+        """PF -> its ``sriov_drivers_autoprobe`` before hostdev turned it off."""
+        return dict(self._autoprobe)
 
     @property
     def interrupted_step(self) -> dict[str, Any] | None:
@@ -67,16 +74,28 @@ class DriverMemory:
                 f"state file {self.path}: expected {{'version': {VERSION}, ...}}, "
                 "left untouched; fix it or move it away"
             )
-        devices = data.get("devices") or {}
-        if not isinstance(devices, dict):
-            raise StateFileError(f"state file {self.path}: 'devices' must be a mapping")
-        for key, entry in devices.items():
+        for addr, drv in self._entries(data, "devices", "originalDriver"):
+            self._originals[addr] = drv if isinstance(drv, str) and drv else None
+        # "pfs" is absent in files written before autoprobe values were remembered
+        for addr, flag in self._entries(data, "pfs", "sriovDriversAutoprobe"):
+            if isinstance(flag, bool):
+                self._autoprobe[addr] = flag
+
+    def _entries(self, data: dict[str, Any], key: str, field: str) -> list[tuple[PciAddress, Any]]:
+        """(address, entry[field]) of the mapping ``data[key]`` (address -> {field: value})."""
+        entries = data.get(key)
+        if entries is None:
+            return []
+        if not isinstance(entries, dict):
+            raise StateFileError(f"state file {self.path}: {key!r} must be a mapping")
+        out = []
+        for name, entry in entries.items():
             try:
-                addr = PciAddress.parse(key)
+                addr = PciAddress.parse(name)
             except PciAddressError as e:
                 raise StateFileError(f"state file {self.path}: {e}") from e
-            drv = entry.get("originalDriver") if isinstance(entry, dict) else None
-            self._originals[addr] = drv if isinstance(drv, str) and drv else None
+            out.append((addr, entry.get(field) if isinstance(entry, dict) else None))
+        return out
 
     def _load_journal(self) -> dict[str, Any] | None:
         try:
@@ -90,6 +109,9 @@ class DriverMemory:
         body = {
             "version": VERSION,
             "devices": {str(a): {"originalDriver": d} for a, d in sorted(self._originals.items())},
+            "pfs": {
+                str(a): {"sriovDriversAutoprobe": v} for a, v in sorted(self._autoprobe.items())
+            },
         }
         self._replace(self.path, body, durable=True)
 
@@ -106,6 +128,16 @@ class DriverMemory:
     def forget(self, addr: PciAddress) -> None:
         if addr in self._originals:
             del self._originals[addr]
+            self._save()
+
+    def remember_autoprobe(self, pf: PciAddress, value: bool) -> None:
+        if pf not in self._autoprobe:  # the first value wins, as for drivers
+            self._autoprobe[pf] = value
+            self._save()
+
+    def forget_autoprobe(self, pf: PciAddress) -> None:
+        if pf in self._autoprobe:
+            del self._autoprobe[pf]
             self._save()
 
     def begin(self, step: Mapping[str, Any]) -> None:

@@ -23,6 +23,7 @@ from hostdev.deviceplugin.nodestate.first import FirstServe, to_resource_configs
 from hostdev.deviceplugin.nodestate.kube import LauncherPods, LauncherPodWatch, NodeStateClient
 from hostdev.deviceplugin.nodestate.loop import LoopSettings, NodeStateLoop
 from hostdev.deviceplugin.nodestate.sync import Syncer
+from hostdev.deviceplugin.persist import saved_allocations
 from hostdev.deviceplugin.podresources import PodResourcesClient
 from hostdev.deviceplugin.resources import ResourceConfig
 from hostdev.host.address import PciAddress
@@ -49,6 +50,16 @@ class ManagerSink:
 
     async def _inventory(self) -> Inventory | None:
         return self.manager.view.inventory if self.manager.scanned else None
+
+    async def _allocated(self) -> dict[PciAddress, str]:
+        return self.manager.allocated()
+
+    def allocated(self) -> dict[PciAddress, str] | None:
+        """What the device plugins handed to pods, live (None when the loop does not answer)."""
+        try:
+            return asyncio.run_coroutine_threadsafe(self._allocated(), self.loop).result(10.0)
+        except (TimeoutError, RuntimeError, concurrent.futures.CancelledError):
+            return None
 
     def inventory(self) -> Inventory | None:
         """The manager's live host view (read on its loop), None before its first scan or when
@@ -88,9 +99,14 @@ async def run_cluster(
     # Prepared claims are known before the first sync (units they hold stay held).
     dra = await start_dra(args, manager, api, node)
     sink = ManagerSink(manager, asyncio.get_running_loop())
+
+    def allocated() -> Mapping[PciAddress, str]:
+        live = sink.allocated()  # a stuck event loop must not hide allocations: saved lists
+        return live if live is not None else saved_allocations(args.state_dir)
+
     loop = NodeStateLoop(
         NodeStateClient(api, node),
-        Syncer(Sysfs(args.host_root), memory),
+        Syncer(Sysfs(args.host_root), memory, allocated=allocated),
         sink,
         allocations=KubeletAllocations(
             PodResourcesClient(args.pod_resources_socket), LauncherPods(api, node)

@@ -16,6 +16,7 @@ from typing import Any
 from hostdev.deviceplugin.config.apply import MAX_ROUNDS, ApplyResult, converge
 from hostdev.deviceplugin.config.executor import KernelIO
 from hostdev.deviceplugin.config.memory import DriverMemory
+from hostdev.deviceplugin.persist import saved_allocations
 from hostdev.host.address import PciAddress
 from hostdev.host.model import Inventory
 from hostdev.host.sysfs import Sysfs
@@ -79,12 +80,15 @@ class Syncer:
         io: KernelIO | None = None,
         settle: float | None = None,
         now: Callable[[], str] = utc_now,
+        allocated: Callable[[], Mapping[PciAddress, str]] | None = None,
     ) -> None:
         self.sysfs = sysfs
         self.memory = memory
         self.io = io
         self.settle = settle
         self.now = now
+        # who holds which device (default: the device plugins' saved lists in the state dir)
+        self.allocated = allocated or (lambda: saved_allocations(memory.state_dir))
 
     def discover(self) -> Inventory:
         return self.sysfs.discover()
@@ -110,6 +114,7 @@ class Syncer:
                 io=self.io,
                 settle=self.settle,
                 echo=lambda line: log.info("NodeState %s: %s", name, line),
+                allocated=self.allocated,
             )
         except OSError as e:
             # The host root or the state directory failed us (not a device step).

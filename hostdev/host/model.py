@@ -38,13 +38,22 @@ class PciDevice:
     vf_index: int | None = None  # N of the PF's virtfnN link pointing here
     virtfns: tuple[PciAddress, ...] = ()  # on PFs, ordered by VF index
     sriov_totalvfs: int | None = None
-    sriov_numvfs: int | None = None
+    sriov_numvfs: int | None = None  # None on a PF: unreadable, or ``busy``
     netdevs: tuple[str, ...] = ()
     vfio_cdev: str | None = None  # "vfio3" -> /dev/vfio/devices/vfio3 (iommufd cdev)
     problems: tuple[str, ...] = ()
     # The PCIe root complex above the device, "pci<domain>:<bus>" (the first directory under
     # /sys/devices on the way to it), as DRA's standard pcieRoot attribute names it.
     pcie_root: str | None = None
+    # PF only: the VFs' device id, where the kernel puts them (routing-ID offset and stride),
+    # and whether new VFs are probed to a driver at once (sriov_drivers_autoprobe)
+    sriov_vf_device: str | None = None
+    sriov_offset: int | None = None
+    sriov_stride: int | None = None
+    sriov_autoprobe: bool | None = None
+    # why the kernel would not answer for this device right now (a read timed out: the device
+    # lock is held, e.g. by an unbind waiting for a VF's VFIO user); None when it answered
+    busy: str | None = None
 
     @classmethod
     def unknown(cls, address: PciAddress, problem: str) -> PciDevice:
@@ -71,6 +80,18 @@ class PciDevice:
     @property
     def on_vfio(self) -> bool:
         return is_vfio_driver(self.driver)
+
+    def vf_address(self, index: int) -> PciAddress | None:
+        """Where the kernel puts VF ``index`` of this PF (SR-IOV: routing ID of the PF + First
+        VF Offset + index * VF Stride), before it exists; None when the PF does not say."""
+        if self.sriov_offset is None or self.sriov_stride is None:
+            return None
+        a = self.address
+        rid = (a.bus << 8 | a.device << 3 | a.function) + self.sriov_offset
+        rid += index * self.sriov_stride
+        if rid > 0xFFFF:
+            return None
+        return PciAddress(a.domain, rid >> 8, (rid >> 3) & 0x1F, rid & 7)
 
 
 @dataclass(frozen=True, slots=True)

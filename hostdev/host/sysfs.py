@@ -3,7 +3,9 @@
 Discovery is a single pass over ``/sys/bus/pci/devices`` whose cost grows linearly with the
 number of functions: each device directory is listed once (so absent attributes cost nothing),
 PF->VF links are read once on the PF side, and IOMMU groups are derived from the devices'
-``iommu_group`` links instead of a second walk.
+``iommu_group`` links instead of a second walk. The one attribute that takes the device lock,
+``sriov_numvfs``, is read for all PFs at once with a deadline (:mod:`hostdev.host.bounded`): a
+PF whose unbind is waiting for a VF's VFIO user is reported ``busy`` instead of hanging the scan.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
+from hostdev.host import bounded
 from hostdev.host.address import PciAddress, PciAddressError
+from hostdev.host.bounded import read_attr as _read
 from hostdev.host.model import (
     VIABLE_HOST_DRIVERS,
     Inventory,
@@ -48,19 +52,7 @@ class _Raw:
     path: str
     virtfn_links: tuple[tuple[int, str], ...]
     has_physfn: bool
-
-
-def _read(path: str) -> str | None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        return os.read(fd, 4096).decode("ascii", "replace").strip()
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
+    numvfs_path: str | None = None  # a PF's sriov_numvfs, read afterwards with a deadline
 
 
 def _readlink_name(path: str) -> str | None:
@@ -95,8 +87,9 @@ def _int(raw: str | None) -> int | None:
 class Sysfs:
     """Reads the host under ``root`` (``/`` on a real node; a fake or saved tree in tests)."""
 
-    def __init__(self, root: str = "/") -> None:
+    def __init__(self, root: str = "/", *, read_timeout: float = bounded.DEFAULT_TIMEOUT) -> None:
         self.root = os.path.abspath(root)
+        self.read_timeout = read_timeout  # for attributes that wait for the device lock
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.root, *(p.lstrip("/") for p in parts))
@@ -189,14 +182,34 @@ class Sysfs:
                 warnings.append(f"{name}: skipped: {e}")
                 continue
             raws.append(self._read_raw(addr, os.path.join(bus, name)))
+        raws = self._with_numvfs(raws)
         return _assemble(raws, self.vfio_group_nodes(), warnings, self)
+
+    def _with_numvfs(self, raws: list[_Raw]) -> list[_Raw]:
+        """Fill in the PFs' ``sriov_numvfs``, all read at once under one deadline."""
+        paths = [r.numvfs_path for r in raws if r.numvfs_path is not None]
+        if not paths:
+            return raws
+        got = bounded.read_many(paths, self.read_timeout)
+        out = []
+        for r in raws:
+            if r.numvfs_path is None:
+                out.append(r)
+                continue
+            raw = got[r.numvfs_path]
+            if raw == bounded.BUSY:
+                dev = replace(r.dev, busy=f"sriov_numvfs did not answer: {bounded.BUSY}")
+            else:
+                dev = replace(r.dev, sriov_numvfs=_int(raw))
+            out.append(replace(r, dev=dev, numvfs_path=None))
+        return out
 
     def read_device(self, addr: PciAddress) -> PciDevice | None:
         """One device, without PF<->VF cross links from the other side (cheap re-checks)."""
         path = self.pci_device_dir(addr)
         if not os.path.isdir(path):
             return None
-        raw = self._read_raw(addr, path)
+        (raw,) = self._with_numvfs([self._read_raw(addr, path)])
         return replace(
             raw.dev,
             physfn=_physfn_from_link(raw) if raw.has_physfn else None,
@@ -228,10 +241,18 @@ class Sysfs:
             group = _int(gname) if gname is not None and gname.isdigit() else None
             if group is None:
                 problems.append("iommu_group: dangling or malformed link")
-        total = numvfs = None
+        total = offset = stride = vf_device = autoprobe = None
+        numvfs_path = None
         if "sriov_totalvfs" in entries:
             total = _int(_read(j(path, "sriov_totalvfs")))
-            numvfs = _int(_read(j(path, "sriov_numvfs")))
+            numvfs_path = j(path, "sriov_numvfs")
+            offset = _int(_read(j(path, "sriov_offset"))) if "sriov_offset" in entries else None
+            stride = _int(_read(j(path, "sriov_stride"))) if "sriov_stride" in entries else None
+            if "sriov_vf_device" in entries:
+                vf_device = _hex_id(_read(j(path, "sriov_vf_device")), 4, "sriov_vf_device", [])
+            if "sriov_drivers_autoprobe" in entries:
+                flag = _int(_read(j(path, "sriov_drivers_autoprobe")))
+                autoprobe = None if flag is None else bool(flag)
         virtfns: list[tuple[int, str]] = []
         netdevs: tuple[str, ...] = ()
         cdev = None
@@ -259,13 +280,16 @@ class Sysfs:
             iommu_group=group,
             numa_node=numa,
             sriov_totalvfs=total,
-            sriov_numvfs=numvfs,
             netdevs=netdevs,
             vfio_cdev=cdev,
             problems=tuple(problems),
             pcie_root=_pcie_root(path, addr),
+            sriov_vf_device=vf_device,
+            sriov_offset=offset,
+            sriov_stride=stride,
+            sriov_autoprobe=autoprobe,
         )
-        return _Raw(dev, path, tuple(sorted(virtfns)), "physfn" in entries)
+        return _Raw(dev, path, tuple(sorted(virtfns)), "physfn" in entries, numvfs_path)
 
     @staticmethod
     def _listdir(path: str) -> list[str]:

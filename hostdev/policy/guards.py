@@ -7,11 +7,11 @@ human reason (or ``None``) so a refusal always says exactly what is in the way.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Set
 from dataclasses import dataclass, field
 
 from hostdev.host.address import PciAddress
-from hostdev.host.model import PciDevice
+from hostdev.host.model import Inventory, PciDevice
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,8 +20,11 @@ class GuardFacts:
 
     # netdevs the default route (IPv4 or IPv6) leaves through
     default_route_ifaces: frozenset[str] = frozenset()
-    # up netdevs with an address -> what shows it ("10.0.2.0/24 (connected route)", "2001:db8::1")
+    # up netdevs with an address -> the addresses ("203.0.113.5/32", "2001:db8::1/64")
     addressed_ifaces: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # up netdevs whose IPv4 addresses could not be read (the kernel's address list is out of
+    # reach: not in the host's network namespace), so they may have one
+    unverified_ifaces: frozenset[str] = frozenset()
     # PCI function -> mounted filesystems / swap on its block devices ("nvme0n1p2 on /")
     mounts: Mapping[PciAddress, tuple[str, ...]] = field(default_factory=dict)
     # PCI function -> /dev nodes its current driver exposes (/dev/nvme0, /dev/nvme0n1, ...)
@@ -30,6 +33,12 @@ class GuardFacts:
     open_nodes: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     # PCI function -> its driver_override, where one is set
     driver_overrides: Mapping[PciAddress, str] = field(default_factory=dict)
+    # PCI function -> who it is allocated to ("pod vms/virt-launcher-a-x (example.com/vf)")
+    allocated: Mapping[PciAddress, str] = field(default_factory=dict)
+    # driverless VF -> the host driver the kernel would bind it to (its modalias match)
+    would_bind: Mapping[PciAddress, str] = field(default_factory=dict)
+    # PCI function -> why its state cannot be read now (a read timed out on the device lock)
+    busy: Mapping[PciAddress, str] = field(default_factory=dict)
 
 
 def default_route(dev: PciDevice, facts: GuardFacts) -> str | None:
@@ -47,6 +56,13 @@ def addressed(dev: PciDevice, facts: GuardFacts) -> str | None:
     ]
     if hits:
         return f"{dev.address} has an address on an up interface ({'; '.join(hits)})"
+    unknown = [n for n in dev.netdevs if n in facts.unverified_ifaces]
+    if unknown:
+        return (
+            f"{dev.address}'s interface {', '.join(unknown)} is up and its IPv4 addresses cannot "
+            "be read from this network namespace (run the agent with hostNetwork: see "
+            "docs/security.md)"
+        )
     return None
 
 
@@ -104,3 +120,33 @@ def in_use_reasons(dev: PciDevice, facts: GuardFacts) -> list[str]:
         )
         if r is not None
     ]
+
+
+def allocated(dev: PciDevice, facts: GuardFacts) -> str | None:
+    who = facts.allocated.get(dev.address)
+    return f"{dev.address} is allocated to {who}" if who else None
+
+
+def vf_users(
+    pf: PciDevice, inv: Inventory, facts: GuardFacts, wanted: Set[PciAddress] = frozenset()
+) -> tuple[list[str], list[str]]:
+    """Who uses the PF's current VFs, which a numVfs change or a PF driver change destroys:
+    (a VM holds it through VFIO, it is allocated to a pod, or the desired state wants it;
+    the host uses it: address, route, mount, open device node)."""
+    held: list[str] = []
+    host: list[str] = []
+    for a in pf.virtfns:
+        vf = inv.devices.get(a)
+        if vf is None:
+            continue
+        g = vfio_in_use(vf, facts)
+        if g is not None:
+            held.append(f"VF {a} is in use: {g}")
+        who = facts.allocated.get(a)
+        if who:
+            held.append(f"VF {a} is allocated to {who}")
+        if a in wanted:
+            held.append(f"VF {a} is wanted in the desired state")
+        if not vf.on_vfio:
+            host += [f"VF {r}" for r in in_use_reasons(vf, facts)]
+    return held, host

@@ -277,7 +277,24 @@ def parse_node_config(data: Any) -> NodeConfig:
     for c in env_collisions(name for _, name in named):
         i = next(i for i, name in named if name == c.second)
         raise NodeConfigError(f"devices[{i}].resourceName: {c.message}")
+    by_address = {d.address: (i, d) for i, d in enumerate(devices)}
+    for i, pf in enumerate(pfs):
+        hit = by_address.get(pf.address) if pf.address is not None else None
+        why = contradiction(pf, hit[1]) if hit is not None else None
+        if hit is not None and why is not None:
+            raise NodeConfigError(f"pfs[{i}] and devices[{hit[0]}] ({pf.address}): {why}")
     return NodeConfig(tuple(pfs), tuple(devices), tuple(rules))
+
+
+def contradiction(pf: PfConfig, wish: DeviceConfig) -> str | None:
+    """Why a PF cannot be both on ``wish.driver`` and have ``pf.num_vfs`` VFs (None: it can)."""
+    if not pf.num_vfs or not wish.wants_vfio:
+        return None
+    return (
+        f"contradiction: the PF is wanted on {wish.driver} and with numVfs {pf.num_vfs}; a PF on "
+        f"{wish.driver} has no host driver to make VFs, and moving it there destroys the VFs it "
+        "has. Assign its VFs instead (drop the PF from devices), or set numVfs: 0"
+    )
 
 
 def resolve_devices(config: NodeConfig, inventory: Inventory) -> Resolved:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hostdev.host.address import PciAddress, PciAddressError
-from hostdev.host.model import PciDevice
+from hostdev.host.model import Inventory, PciDevice, is_vfio_driver
 from hostdev.policy.allocation import AllocUnit, build_units, multi_function_note
 from hostdev.policy.frontends import ALLOCATIONS, DEVICE_PLUGIN, DRA, Allocation
 from hostdev.policy.labels import LabelSelector, LabelSelectorError
@@ -22,6 +22,8 @@ from hostdev.policy.selector import DeviceSelector, PfRange, SelectorError
 
 DEFAULT_DRIVER = "vfio-pci"
 ENV_COLLISION = "EnvVarCollision"  # Conflict.reason: the policy renders nothing on that node
+# Conflict.reason: the policy puts a PF on vfio-pci that another gives VFs (the agent refuses both)
+CONTRADICTION = "Contradiction"
 
 
 class PolicyError(ValueError):
@@ -275,6 +277,8 @@ def render_node(
                         mode[winner.resource_name].allocation,
                     )
                 )
+    if inventory is not None:
+        conflicts += _contradictions(node, ordered, pfs, pf_owner, inventory)
     spec = {"pfs": [pfs[k] for k in sorted(pfs)], "devices": explicit + rules}
     multi = {
         name: tuple(u for u in build_units(devs) if u.companions) for name, devs in held.items()
@@ -289,6 +293,46 @@ def render_node(
         ids=ids,
         reported=inventory is not None,
     )
+
+
+def _reported_pf(key: str, inventory: Inventory) -> PciDevice | None:
+    try:
+        return inventory.devices.get(PciAddress.parse(key))
+    except PciAddressError:
+        return next((d for d in inventory.devices.values() if key in d.netdevs), None)
+
+
+def _contradictions(
+    node: str,
+    ordered: Sequence[Policy],
+    pfs: Mapping[str, Mapping[str, Any]],
+    pf_owner: Mapping[str, Policy],
+    inventory: Inventory,
+) -> list[Conflict]:
+    """A policy that puts a PF on vfio-pci while another gives it VFs: the node agent refuses
+    both (a PF on vfio-pci makes no VFs; moving it there destroys them), so say it here too."""
+    out = []
+    for key, entry in sorted(pfs.items()):
+        pf = _reported_pf(key, inventory)
+        if not entry["numVfs"] or pf is None:
+            continue
+        owner = pf_owner[key]
+        for p in ordered:
+            if is_vfio_driver(p.driver) and p.selector.matches(pf, inventory):
+                out.append(
+                    Conflict(
+                        node,
+                        key,
+                        p.name,
+                        owner.name,
+                        f"contradiction: policy {p.name} puts PF {pf.address} on {p.driver} "
+                        f"while policy {owner.name} gives it numVfs {entry['numVfs']}; the node "
+                        "agent refuses both (a PF on vfio-pci makes no VFs, and moving it there "
+                        "destroys its VFs): select its VFs instead (pfNames with a range)",
+                        CONTRADICTION,
+                    )
+                )
+    return out
 
 
 def _rule(p: Policy, target: dict[str, Any], allocation: Allocation) -> dict[str, Any]:

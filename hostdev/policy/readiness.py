@@ -52,6 +52,8 @@ def assignability(dev: PciDevice, inventory: Inventory) -> Verdict:
         return Verdict("no", "bridge")
     if dev.iommu_group is None:
         return Verdict("no", "in no IOMMU group")
+    if dev.busy is not None:
+        return Verdict("no", dev.busy)
     if dev.is_pf and dev.sriov_numvfs:
         return Verdict("no", f"SR-IOV PF with {dev.sriov_numvfs} VFs enabled: assign its VFs")
     group = inventory.group_of(dev)

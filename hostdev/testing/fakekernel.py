@@ -4,8 +4,11 @@ Plain files in a fake tree do nothing when written; this turns the writes the co
 executor makes into the kernel's effects on a :class:`~hostdev.testing.fakesysfs.FakeHost`:
 
 - ``sriov_numvfs``: creates/removes VF directories and links; ERANGE above ``sriov_totalvfs``,
-  ENOENT when the PF has no driver, EBUSY when changing a non-zero count without 0 first;
-  new VFs are probed to their VF driver when ``sriov_drivers_autoprobe`` is 1.
+  ENOENT when the PF has no driver or is on vfio-pci (no SR-IOV enable), EBUSY when changing a
+  non-zero count without 0 first; new VFs are probed to their VF driver when
+  ``sriov_drivers_autoprobe`` is 1.
+- ``sriov_drivers_autoprobe``: 0 or 1; while 0, the PF's VFs bind only to the driver their
+  ``driver_override`` names (``pci_device_can_probe``).
 - ``driver_override``: stored (empty clears it, shown as ``(null)``).
 - ``drivers/<d>/unbind``: ENODEV unless the device is bound to ``d``.
 - ``drivers/<d>/bind`` and ``drivers_probe``: honour ``driver_override``; without one a device
@@ -70,6 +73,13 @@ class FakeKernel:
                         self._driver(vfs[0].resolve().name) if vfs else None
                     )
         self.vf_drivers.update(vf_drivers or {})
+        for pf, drv in (vf_drivers or {}).items():
+            # The driver the kernel binds to a new VF is the one its modalias matches: keep
+            # modules.alias saying so, as the agent reads it to learn a VF's host driver.
+            if drv is not None and drv != "vfio-pci":
+                vendor = (self._dev(pf) / "vendor").read_text().strip().removeprefix("0x")
+                vf_dev = (self._dev(pf) / "sriov_vf_device").read_text().strip()
+                host.add_module_alias(vendor, vf_dev, drv)
         groups = [int(g.name) for g in (self.root / "sys/kernel/iommu_groups").iterdir()]
         host._next_group = max([host._next_group, *groups])
         self._save()
@@ -131,6 +141,10 @@ class FakeKernel:
             elif attr == "driver_override":
                 self._fault(attr, a, path)
                 (self._dev(a) / attr).write_text((text or "(null)") + "\n")
+            elif attr == "sriov_drivers_autoprobe" and (self._dev(a) / attr).exists():
+                if text not in ("0", "1"):
+                    raise _oserror(errno.EINVAL, path)
+                (self._dev(a) / attr).write_text(text + "\n")
             else:
                 raise _oserror(errno.EACCES, path)
         elif parts[:4] == ["sys", "bus", "pci", "devices"] and parts[5:] == ["driver", "unbind"]:
@@ -171,13 +185,17 @@ class FakeKernel:
             raise _oserror(errno.ERANGE, path)
         if n == cur:
             return
-        if self._driver(a) is None:
+        if self._driver(a) in (None, "vfio-pci"):
             raise _oserror(errno.ENOENT, path)
         if n and cur:
             raise _oserror(errno.EBUSY, path)
         autoprobe = (d / "sriov_drivers_autoprobe").read_text().strip() == "1"
         vf_driver = self.vf_drivers.get(a)
         self.host.set_numvfs(a, n, vf_driver=vf_driver if autoprobe else None)
+        if n and vf_driver is not None:
+            # udev loads the VF driver's module on the VFs' add events even when autoprobe is
+            # off (it only stops the binding), so a later drivers_probe can bind them.
+            (self.root / "sys/bus/pci/drivers" / vf_driver).mkdir(parents=True, exist_ok=True)
         for link in d.glob("virtfn*"):
             self.defaults[link.resolve().name] = vf_driver
         self._save()
@@ -190,7 +208,12 @@ class FakeKernel:
 
     def _candidate(self, a: str) -> str | None:
         ov = self._override(a)
-        return ov if ov is not None else self.defaults.get(a)
+        if ov is not None:
+            return ov
+        pf = self._dev(a) / "physfn"
+        if pf.is_symlink() and (pf / "sriov_drivers_autoprobe").read_text().strip() == "0":
+            return None  # a VF of a PF that does not autoprobe binds only by override
+        return self.defaults.get(a)
 
     def _bind(self, drv: str, a: str, path: str) -> None:
         self._fault("bind", a, path)

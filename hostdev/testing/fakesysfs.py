@@ -28,6 +28,12 @@ def _write(path: Path, text: str) -> None:
     path.write_text(text)
 
 
+def _modalias(vendor: str, device: str, sub_v: str, sub_d: str, class_code: str) -> str:
+    """The kernel's form (drivers/pci/pci-driver.c: pci_uevent)."""
+    v, d, sv, sd, c = (x.upper() for x in (vendor, device, sub_v, sub_d, class_code))
+    return f"pci:v0000{v}d0000{d}sv0000{sv}sd0000{sd}bc{c[0:2]}sc{c[2:4]}i{c[4:6]}"
+
+
 def _link(link: Path, target: Path) -> None:
     link.parent.mkdir(parents=True, exist_ok=True)
     if link.is_symlink() or link.exists():
@@ -45,6 +51,7 @@ class FakeHost:
     vfio_loaded: bool = True
     iommufd: bool = False  # /dev/iommu and vfio-dev/vfioN cdevs (CONFIG_VFIO_DEVICE_CDEV)
     cmdline: str = "BOOT_IMAGE=/vmlinuz root=/dev/sda1 ro intel_iommu=on iommu=pt"
+    release: str = "6.12.0-hostdev"  # kernel release: where lib/modules/<release> lives
     _next_group: int = field(default=0, init=False)
     _cdevs: int = field(default=0, init=False)
 
@@ -71,6 +78,7 @@ class FakeHost:
         if self.iommufd and self.iommu:
             _write(self.root / "dev/iommu", "")
         _write(self.root / "proc/cmdline", self.cmdline + "\n")
+        _write(self.root / "proc/sys/kernel/osrelease", self.release + "\n")
         chip = "IR-PCI-MSIX" if (self.iommu and self.interrupt_remapping) else "PCI-MSIX"
         apic = "IR-IO-APIC" if (self.iommu and self.interrupt_remapping) else "IO-APIC"
         _write(
@@ -89,6 +97,16 @@ class FakeHost:
         """The device's real directory (what /sys/bus/pci/devices/<addr> links to)."""
         a = _addr(addr)
         return self.sys / "devices" / f"pci{a.domain:04x}:{a.bus:02x}" / str(a)
+
+    def add_module_alias(self, vendor: str, device: str, module: str) -> None:
+        """A ``modules.alias`` line: ``module`` drives ``vendor:device`` (as depmod writes it)."""
+        path = self.root / "lib/modules" / self.release / "modules.alias"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        line = f"alias pci:v0000{vendor.upper()}d0000{device.upper()}sv*sd*bc*sc*i* {module}\n"
+        if path.exists() and line in path.read_text():
+            return
+        with path.open("a") as f:
+            f.write(line)
 
     def new_group(self) -> int:
         self._next_group += 1
@@ -122,7 +140,7 @@ class FakeHost:
             ("numa_node", str(numa)),
             ("driver_override", "(null)"),
             ("enable", "1"),
-            ("modalias", f"pci:v0000{vendor.upper()}d0000{device.upper()}sv*sd*bc*sc*i*"),
+            ("modalias", _modalias(vendor, device, sub_v, sub_d, class_code)),
         ):
             _write(d / name, value + "\n")
         _write(
@@ -133,7 +151,7 @@ class FakeHost:
         )
         _link(self.sys / "bus/pci/devices" / str(a), d)
         if netdev:
-            _write(d / "net" / netdev / "ifindex", "2\n")
+            self.add_netdev(a, netdev)
         if self.iommu:
             g = self.new_group() if group is None else group
             self._next_group = max(self._next_group, g)
@@ -143,6 +161,10 @@ class FakeHost:
             _link(d / "iommu_group", gdir)
         self.bind(a, driver)
         return a
+
+    def add_netdev(self, address: PciAddress | str, name: str) -> None:
+        """A network interface on the function (what its host driver registers)."""
+        _write(self.device_dir(address) / "net" / name / "ifindex", "2\n")
 
     def bind(self, address: PciAddress | str, driver: str | None) -> None:
         """Point the device's ``driver`` link at ``driver`` (None: unbound); keep /dev/vfio real."""
@@ -236,6 +258,8 @@ class FakeHost:
         _write(d / "sriov_vf_device", f"{vf_device}\n")
         _write(d / "sriov_drivers_autoprobe", "1\n")
         _write(d / "sriov_numvfs", "0\n")
+        if vf_driver is not None and vf_driver != "vfio-pci":
+            self.add_module_alias(vendor, vf_device, vf_driver)  # what udev's modprobe matches
         self.set_numvfs(pf, numvfs, vf_driver=vf_driver)
         return pf
 

@@ -15,6 +15,7 @@ EXPECTED_HOST_PATHS = {
     "/sys": ("/host/sys", False),
     "/proc": ("/host/proc", True),
     "/dev/vfio": ("/host/dev/vfio", True),
+    "/lib/modules": ("/host/lib/modules", True),
     "/var/lib/kubelet/device-plugins": ("/var/lib/kubelet/device-plugins", False),
     "/var/lib/kubelet/pod-resources": ("/var/lib/kubelet/pod-resources", False),
     "/var/lib/hostdev": ("/var/lib/hostdev", False),

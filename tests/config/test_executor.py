@@ -304,3 +304,107 @@ def test_torn_journal_is_ignored_originals_kept(tmp_path: Path) -> None:
     (tmp_path / "in-progress.json").write_text("")
     mem = DriverMemory(str(tmp_path))
     assert mem.interrupted_step is None and mem.originals == {A(GPU): "nvidia"}
+
+
+def test_autoprobe_steps_write_read_back_and_are_remembered(tmp_path: Path) -> None:
+    h = build(tmp_path / "root")
+    mem = DriverMemory(str(tmp_path / "s"))
+    ex = Executor(Sysfs(str(h.root)), mem, FakeKernel(h), settle=0.05)
+    res = ex.run(
+        [
+            Step("remember-autoprobe", A(PF), "1"),
+            Step("set-autoprobe", A(PF), "0"),
+            Step("set-numvfs", A(PF), "0"),
+            Step("set-numvfs", A(PF), "3"),
+        ]
+    )
+    assert res.ok, res.error
+    assert drivers(h)["0000:3b:02.0"] is None  # created with autoprobe off: no host driver
+    assert DriverMemory(str(tmp_path / "s")).autoprobe == {A(PF): True}  # survives a restart
+    saved = json.loads((tmp_path / "s/original-drivers.json").read_text())
+    assert saved["pfs"] == {PF: {"sriovDriversAutoprobe": True}}
+    ex.run([Step("set-autoprobe", A(PF), "1"), Step("forget-autoprobe", A(PF))])
+    assert (h.device_dir(PF) / "sriov_drivers_autoprobe").read_text() == "1\n"
+    assert DriverMemory(str(tmp_path / "s")).autoprobe == {}
+
+
+def test_numvfs_on_a_pf_bound_to_vfio_is_explained_by_that_driver(tmp_path: Path) -> None:
+    h = build(tmp_path / "root")
+    k = FakeKernel(h)
+    mem = DriverMemory(str(tmp_path / "s"))
+    ex = Executor(Sysfs(str(h.root)), mem, k, settle=0.05)
+    ex.run(
+        [
+            Step("set-numvfs", A(PF), "0"),
+            Step("remember", A(PF), "ice"),
+            Step("driver-override", A(PF), "vfio-pci"),
+            Step("unbind", A(PF), "ice"),
+            Step("probe", A(PF), expect="vfio-pci"),
+        ]
+    )
+    with pytest.raises(StepError) as e:
+        ex.apply_step(Step("set-numvfs", A(PF), "2"))
+    assert e.value.errno == errno.ENOENT
+    assert str(e.value) == (
+        f"{PF}: the PF is bound to vfio-pci, which makes no VFs for the host (vfio-pci's SR-IOV "
+        "enable is off: module option enable_sriov) (ENOENT): give the PF back to its host "
+        "driver (ice) first"
+    )
+
+
+def test_a_read_back_that_does_not_answer_fails_the_step_as_busy(tmp_path: Path) -> None:
+    h = build(tmp_path / "root")
+    attr = h.device_dir(NIC) / "driver_override"
+    attr.unlink()
+    os.mkfifo(attr)  # its reads block, as under a held device lock
+
+    class NoWrites:  # (a FIFO's writer would block too: only the read-back is the point)
+        def write(self, path: str, value: str) -> None:
+            pass
+
+    ex = Executor(
+        Sysfs(str(h.root), read_timeout=0.1), DriverMemory(str(tmp_path / "s")), NoWrites()
+    )
+    ex.settle = 0.3
+    try:
+        with pytest.raises(StepError) as e:
+            ex.apply_step(Step("driver-override", A(NIC), ""))
+        assert "the kernel holds the device lock (unbind in progress?)" in str(e.value)
+        assert "busy: the kernel holds" in ex.state_line(A(NIC))
+    finally:
+        fd = os.open(attr, os.O_WRONLY | os.O_NONBLOCK)  # let the stuck reader go
+        os.close(fd)
+
+
+def test_rollback_of_a_vf_names_its_driver_when_autoprobe_is_off(tmp_path: Path) -> None:
+    """A VF created with autoprobe off and a failed bind goes back to the host VF driver it was
+    remembered with, although nothing probes it by itself."""
+    h = build(tmp_path / "root")
+    k = FakeKernel(h)
+    vf = "0000:3b:02.0"
+    (h.device_dir(PF) / "sriov_drivers_autoprobe").write_text("0\n")
+    h.bind(vf, None)
+    k.inject("drivers_probe", errno.EINVAL, vf)
+    ex = Executor(Sysfs(str(h.root)), DriverMemory(str(tmp_path / "s")), k, settle=0.05)
+    res = ex.run(
+        [
+            Step("remember", A(vf), "iavf"),
+            Step("driver-override", A(vf), "vfio-pci"),
+            Step("probe", A(vf), expect="vfio-pci"),
+        ]
+    )
+    assert not res.ok and f"{vf}: rolled back to iavf" in res.aftermath
+    assert drivers(h)[vf] == "iavf"
+    assert (h.device_dir(vf) / "driver_override").read_text() == "(null)\n"
+
+
+def test_state_file_from_before_autoprobe_memory_still_loads(tmp_path: Path) -> None:
+    state = tmp_path / "s"
+    state.mkdir()
+    body = {"version": 1, "devices": {NIC: {"originalDriver": "e1000e"}}}
+    (state / "original-drivers.json").write_text(json.dumps(body))
+    mem = DriverMemory(str(state))
+    assert mem.originals == {A(NIC): "e1000e"} and mem.autoprobe == {}
+    (state / "original-drivers.json").write_text(json.dumps({**body, "pfs": []}))
+    with pytest.raises(StateFileError, match="'pfs' must be a mapping"):
+        DriverMemory(str(state))

@@ -139,3 +139,99 @@ def test_missing_proc_files_mean_no_facts_not_errors(tmp_path: Path) -> None:
     f = gather_facts(sysfs, sysfs.discover())
     assert not f.default_route_ifaces and not f.addressed_ifaces and not f.mounts
     assert not f.open_nodes and not f.driver_overrides
+
+
+def test_addresses_come_from_the_address_source(tmp_path: Path) -> None:
+    """What the kernel lists (netlink) decides, /32 and noprefixroute ones included; down
+    interfaces do not count."""
+    h = host(tmp_path)
+    (h.root / "sys/class/net/eno2/flags").write_text("0x1002\n")  # down
+    sysfs = Sysfs(str(h.root))
+    listed = {
+        "eno1": ("203.0.113.5/32", "198.51.100.7/24 noprefixroute"),
+        "eno2": ("10.0.0.1/8",),
+        "lo": ("127.0.0.1/8",),
+    }
+    f = gather_facts(sysfs, sysfs.discover(), addresses=lambda: listed)
+    assert f.addressed_ifaces == {"eno1": ("203.0.113.5/32", "198.51.100.7/24 noprefixroute")}
+    assert f.unverified_ifaces == frozenset()
+
+
+def test_without_the_kernels_address_list_ipv4_is_unverified(tmp_path: Path) -> None:
+    """Fallback: connected routes and if_inet6 still count; an up interface with no IPv4 route
+    may carry a /32 nobody can see from here, so it is unverified."""
+    h = host(tmp_path)
+    h.add_device(
+        "0000:07:00.0", vendor="8086", device="10d3", class_code="020000", driver="e1000e",
+        netdev="eno3",
+    )  # fmt: skip
+    _w(h.root / "sys/class/net/eno3/flags", "0x1003\n")
+    sysfs = Sysfs(str(h.root))
+    f = gather_facts(sysfs, sysfs.discover(), addresses=lambda: None)
+    assert f.addressed_ifaces["eno1"] == ("192.0.2.0/24 (connected route)",)
+    assert f.unverified_ifaces == frozenset({"eno3"})
+    # a fake tree has no network namespace of its own: the default source falls back the same
+    assert gather_facts(sysfs, sysfs.discover()).unverified_ifaces == frozenset({"eno3"})
+
+
+def test_allocations_and_the_host_vf_driver_are_passed_on(tmp_path: Path) -> None:
+    h = FakeHost(tmp_path)
+    pf = h.add_pf(
+        "0000:3b:00.0", vendor="8086", device="1592", vf_device="1889", totalvfs=4, numvfs=2,
+        vf_driver="iavf",
+    )  # fmt: skip
+    vf0, vf1 = h.vf_address(pf, 0), h.vf_address(pf, 1)
+    h.bind(vf0, None)
+    sysfs = Sysfs(str(h.root))
+    f = gather_facts(sysfs, sysfs.discover(), allocated={vf1: "pod a/b (example.com/vf)"})
+    assert f.allocated == {vf1: "pod a/b (example.com/vf)"}
+    assert f.would_bind == {vf0: "iavf"}  # driverless VF: its modalias against modules.alias
+
+
+def test_a_driver_override_that_does_not_answer_makes_the_device_busy(tmp_path: Path) -> None:
+    h = host(tmp_path)
+    attr = h.device_dir(NIC) / "driver_override"
+    attr.unlink()
+    os.mkfifo(attr)  # a read of it blocks, as a read under a held device lock does
+    sysfs = Sysfs(str(h.root), read_timeout=0.2)
+    try:
+        f = gather_facts(sysfs, sysfs.discover())
+        assert "the kernel holds the device lock" in f.busy[A(NIC)]
+        assert f.driver_overrides == {A(NIC2): "vfio-pci"}
+    finally:
+        release_fifo(attr)
+
+
+def release_fifo(path: Path) -> None:
+    """Let a reader blocked on the FIFO go (it reads EOF)."""
+    fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    os.close(fd)
+
+
+def test_a_mounted_nvme_namespace_behind_a_multipath_node_counts(tmp_path: Path) -> None:
+    """Linux 6.12 puts every NVMe namespace behind a multipath head node under
+    devices/virtual/nvme-subsystem/nvme-subsysN: its mount and its open /dev node belong to the
+    subsystem's controllers (as the kernel tier showed on the backports boot)."""
+    h = FakeHost(tmp_path)
+    h.add_device(DISK, vendor="1b36", device="0010", class_code="010802", driver="nvme")
+    r = h.root
+    ctrl = h.device_dir(DISK) / "nvme/nvme0"
+    _w(ctrl / "uevent", "MAJOR=240\nMINOR=0\nDEVNAME=nvme0\n")
+    _w(ctrl / "nvme0c0n1/dev", "259:1\n")  # the hidden per-path disk: no /dev node
+    subsys = r / "sys/devices/virtual/nvme-subsystem/nvme-subsys0"
+    head = subsys / "nvme0n1"
+    _w(head / "dev", "259:0\n")
+    _w(head / "uevent", "MAJOR=259\nMINOR=0\nDEVNAME=nvme0n1\nDEVTYPE=disk\n")
+    _ln(subsys / "nvme0", os.path.relpath(ctrl, subsys))
+    rel = os.path.relpath
+    _ln(r / "sys/class/block/nvme0n1", rel(head, r / "sys/class/block"))
+    _ln(r / "sys/class/block/nvme0c0n1", rel(ctrl / "nvme0c0n1", r / "sys/class/block"))
+    _ln(r / "sys/dev/block/259:0", rel(head, r / "sys/dev/block"))
+    _w(r / "proc/1/mountinfo", "22 1 259:0 / /data rw - ext4 /dev/nvme0n1 rw\n")
+    _w(r / "proc/77/comm", "postgres\n")
+    _ln(r / "proc/77/fd/4", "/dev/nvme0n1")
+    sysfs = Sysfs(str(r))
+    f = gather_facts(sysfs, sysfs.discover())
+    assert f.mounts == {A(DISK): ("nvme0n1 on /data",)}
+    assert f.device_nodes[A(DISK)] == ("/dev/nvme0n1",)
+    assert f.open_nodes == {"/dev/nvme0n1": ("pid 77 (postgres)",)}

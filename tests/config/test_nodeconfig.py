@@ -9,6 +9,8 @@ import pytest
 
 from hostdev.cli import main
 from hostdev.cli_apply import load_yaml
+from hostdev.deviceplugin import persist
+from hostdev.deviceplugin.plugin import advertised_from_json
 from hostdev.host.address import PciAddress
 from hostdev.policy.nodeconfig import (
     DeviceConfig,
@@ -110,6 +112,14 @@ spec:
             "devices[2].resourceName: resource names example.com/vf.a and example.com/VF_a "
             "both become PCI_RESOURCE_EXAMPLE_COM_VF_A (MDEV_PCI_RESOURCE_EXAMPLE_COM_VF_A",
         ),
+        (
+            {
+                "pfs": [{"pciAddress": "0000:3b:00.0", "numVfs": 4}],
+                "devices": [{"pciAddress": "0000:3b:00.0"}],
+            },
+            "pfs[0] and devices[0] (0000:3b:00.0): contradiction: the PF is wanted on vfio-pci "
+            "and with numVfs 4",
+        ),
     ],
 )
 def test_bad_input_names_the_field(doc: Any, message: str) -> None:
@@ -208,3 +218,36 @@ def test_cli_bad_host_root_and_state_file(
     (tmp_path / "s/original-drivers.json").write_text("[]")
     rc = main(["apply", "--config", str(cfg), "--state-dir", str(tmp_path / "s")])
     assert rc == 4 and "left untouched" in capsys.readouterr().err
+
+
+def test_a_pf_pinned_to_its_host_driver_with_vfs_is_fine() -> None:
+    cfg = parse_node_config(
+        {
+            "pfs": [{"pciAddress": "0000:3b:00.0", "numVfs": 4}],
+            "devices": [{"pciAddress": "0000:3b:00.0", "driver": "ice"}],
+        }
+    )
+    assert cfg.pfs[0].num_vfs == 4 and cfg.devices[0].driver == "ice"
+
+
+def test_cli_reads_the_device_plugins_allocations_from_the_state_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """hostdev apply on a node whose agent shares --state-dir: a VF the device plugin handed to
+    a pod is not destroyed by a resize, whatever allowUnsafe says."""
+    h = FakeHost(tmp_path / "root")
+    pf = h.add_pf("0000:3b:00.0", vendor="8086", device="1592", vf_device="1889", numvfs=2)
+    vf = h.vf_address(pf, 1)
+    state = tmp_path / "state"
+    unit = {"id": str(vf), "addresses": [str(vf)], "group": None, "numa": None, "pf": str(pf)}
+    saved = persist.SavedResource(
+        (advertised_from_json({**unit, "healthy": True, "reason": ""}),), frozenset({str(vf)})
+    )
+    state.mkdir()
+    persist.save(str(state), persist.encode({"example.com/vf": saved}))
+    cfg = tmp_path / "node.yaml"
+    cfg.write_text(f"pfs:\n  - {{pciAddress: '{pf}', numVfs: 4, allowUnsafe: true}}\n")
+    args = ["apply", "--config", str(cfg), "--host-root", str(h.root), "--state-dir", str(state)]
+    assert main([*args, "--dry-run"]) == 1
+    out = capsys.readouterr().out
+    assert f"VF {vf} is allocated to a pod through example.com/vf" in out

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,9 @@ class Case:
     facts: dict[str, Any] = field(default_factory=dict)
     tree: Callable[[FakeHost], None] | None = None
     build: dict[str, Any] = field(default_factory=dict)
+    autoprobe: Mapping[str, bool] = field(default_factory=dict)  # remembered by hostdev
+    busy: tuple[str, ...] = ()  # devices whose reads time out (the device lock is held)
+    held: int | None = None  # steps the (first) refusal holds back
 
 
 def steps_of(p: Any) -> list[str]:
@@ -64,6 +67,31 @@ def steps_of(p: Any) -> list[str]:
         out.append(f"{s.kind} {s.address}" + (f" {tail}" if tail else ""))
     return out
 
+
+def autoprobe_off(h: FakeHost) -> None:
+    (h.device_dir(PF) / "sriov_drivers_autoprobe").write_text("0\n")
+
+
+def vfs_unbound(h: FakeHost) -> None:
+    autoprobe_off(h)
+    h.bind(VF0, None)
+    h.bind(VF1, None)
+
+
+def vfs_on_vfio(h: FakeHost) -> None:
+    h.bind(VF0, "vfio-pci")
+    h.bind(VF1, "vfio-pci")
+
+
+ON_VFIO = {A(VF0): "vfio-pci", A(VF1): "vfio-pci"}
+HELD = {"/dev/vfio/6": ("pid 9 (qemu-kvm)",)}
+VF_RULE = {"selector": {"pfNames": ["ens1f0#0-1"]}, "resourceName": "example.com/vf"}
+RESTORE_VF1 = [
+    f"driver-override {VF1}",
+    f"unbind {VF1} vfio-pci",
+    f"probe {VF1} iavf",
+    f"forget {VF1}",
+]
 
 BIND_NIC = [
     f"remember {NIC} e1000e",
@@ -350,6 +378,258 @@ CASES = [
         {"devices": [{"pciAddress": "0000:aa:00.0"}]},
         refused=["not present on this node"],
     ),
+    # ---- a PF driver change destroys its VFs (issue 11, 1) -----------------------------------
+    Case(
+        "pf-move-refused-while-a-vf-is-held-even-with-allow-unsafe",
+        {"devices": [{"pciAddress": PF, "allowUnsafe": True}]},
+        refused=[
+            f"VF {VF0} is in use: /dev/vfio/6 is held open by pid 9 (qemu-kvm) (a running VM "
+            f"owns the group); moving PF {PF} from ice to vfio-pci destroys its 2 VF(s) "
+            f"({VF0}, {VF1})"
+        ],
+        overridable=False,
+        tree=lambda h: h.bind(VF0, "vfio-pci"),
+        facts={"open_nodes": HELD},
+    ),
+    Case(
+        "pf-move-refused-while-a-vf-is-allocated",
+        {"devices": [{"pciAddress": PF, "allowUnsafe": True}]},
+        refused=[f"VF {VF1} is allocated to pod vms/virt-launcher-a-x (example.com/vf)"],
+        overridable=False,
+        facts={"allocated": {A(VF1): "pod vms/virt-launcher-a-x (example.com/vf)"}},
+    ),
+    Case(
+        "pf-move-refused-while-a-vf-is-wanted-the-vf-still-binds",
+        {"devices": [{"pciAddress": PF, "allowUnsafe": True}, VF_RULE]},
+        [
+            *(
+                f"{k} {VF0}{v}"
+                for k, v in [
+                    ("remember", " iavf"),
+                    ("driver-override", " vfio-pci"),
+                    ("unbind", " iavf"),
+                    ("probe", " vfio-pci"),
+                ]
+            ),
+            *(
+                f"{k} {VF1}{v}"
+                for k, v in [
+                    ("remember", " iavf"),
+                    ("driver-override", " vfio-pci"),
+                    ("unbind", " iavf"),
+                    ("probe", " vfio-pci"),
+                ]
+            ),
+        ],
+        refused=[f"VF {VF0} is wanted in the desired state; VF {VF1} is wanted"],
+        overridable=False,
+    ),
+    Case(
+        "pf-move-to-a-host-driver-refused-while-a-vf-is-host-used",
+        {"devices": [{"pciAddress": PF, "driver": "ixgbe", "allowUnsafe": True}]},
+        refused=[f"VF {VF0} carries the default route (via ens1f0v0)"],
+        overridable=False,
+        tree=lambda h: h.add_netdev(VF0, "ens1f0v0"),
+        facts={"default_route_ifaces": frozenset({"ens1f0v0"})},
+    ),
+    Case(
+        "pf-move-needs-allow-unsafe-and-names-what-it-destroys",
+        {"devices": [{"pciAddress": PF}]},
+        refused=[f"moving PF {PF} from ice to vfio-pci destroys its 2 VF(s) ({VF0}, {VF1})"],
+        overridable=True,
+    ),
+    Case(
+        "pf-move-with-allow-unsafe-forgets-the-vfs-it-destroys",
+        {"devices": [{"pciAddress": PF, "allowUnsafe": True}]},
+        [
+            f"forget {VF0}",
+            f"remember {PF} ice",
+            f"driver-override {PF} vfio-pci",
+            f"unbind {PF} ice",
+            f"probe {PF} vfio-pci",
+        ],
+        pending=True,
+        originals={VF0: "iavf"},
+    ),
+    Case(
+        "contradiction-pf-selected-for-vfio-with-numvfs",
+        {
+            "pfs": [{"pciAddress": PF, "numVfs": 4}],
+            "devices": [{"selector": {"vendors": ["8086"], "devices": ["1592"]}}],
+        },
+        refused=["contradiction: the PF is wanted on vfio-pci and with numVfs 4"],
+        overridable=False,
+    ),
+    Case(
+        "numvfs-on-a-pf-bound-to-vfio-pci",
+        {"pfs": [{"pciAddress": PF, "numVfs": 4}]},
+        refused=["the PF is on vfio-pci, which makes no VFs for the host"],
+        overridable=False,
+        tree=lambda h: (h.set_numvfs(PF, 0), h.bind(PF, "vfio-pci")),
+    ),
+    Case(
+        "numvfs-waits-while-the-pf-goes-back-to-its-driver",
+        {"pfs": [{"pciAddress": PF, "numVfs": 4}]},
+        [f"driver-override {PF}", f"unbind {PF} vfio-pci", f"probe {PF} ice", f"forget {PF}"],
+        pending=True,
+        originals={PF: "ice"},
+        tree=lambda h: (h.set_numvfs(PF, 0), h.bind(PF, "vfio-pci")),
+        facts={"driver_overrides": {A(PF): "vfio-pci"}},
+    ),
+    # ---- a refused change leaves what only served it alone (issue 11, 3) ------------------
+    Case(
+        "refused-resize-holds-back-the-vf-restores",
+        {
+            "pfs": [{"pciAddress": PF, "numVfs": 1}],
+            "devices": [VF_RULE | {"selector": {"pfNames": ["ens1f0#0"]}}],
+        },
+        [],
+        refused=[f"{PF} carries the default route (via ens1f0)"],
+        overridable=True,
+        held=4,
+        originals={VF0: "iavf", VF1: "iavf"},
+        tree=vfs_on_vfio,
+        facts={"default_route_ifaces": frozenset({"ens1f0"}), "driver_overrides": ON_VFIO},
+    ),
+    Case(
+        "refused-release-holds-back-the-vf-restores",
+        {"pfs": [{"pciAddress": PF, "numVfs": 0}]},
+        [],
+        refused=[f"{PF} carries the default route (via ens1f0)"],
+        held=8,
+        originals={VF0: "iavf", VF1: "iavf"},
+        tree=vfs_on_vfio,
+        facts={"default_route_ifaces": frozenset({"ens1f0"}), "driver_overrides": ON_VFIO},
+    ),
+    Case(
+        "busy-pf-its-vfs-are-not-touched",
+        {"devices": [VF_RULE]},
+        [],
+        refused=[f"{PF}: busy: the kernel holds the device lock"],
+        busy=(PF,),
+    ),
+    Case(
+        "busy-pf-holds-a-vf-that-is-being-removed",
+        {},
+        [],
+        refused=[f"{VF0}: refused to change it now: {PF}: busy: the kernel holds the device"],
+        originals={VF0: "iavf"},
+        # mid-removal: its PF's virtfn link, its physfn link and its driver link are gone
+        tree=lambda h: (
+            (h.device_dir(PF) / "virtfn0").unlink(),
+            (h.device_dir(VF0) / "physfn").unlink(),
+            h.bind(VF0, None),
+        ),
+        busy=(PF,),
+    ),
+    Case(
+        "busy-pf-numvfs-refused-once-and-its-vf-mid-removal-held",
+        {"pfs": [{"pciAddress": PF, "numVfs": 0}]},
+        [],
+        refused=[f"{PF}: refused to set numVfs 0: busy: the kernel holds the device lock"],
+        held=2,  # VF0's restore (probe iavf, forget): it is being removed
+        originals={VF0: "iavf"},
+        tree=lambda h: (
+            (h.device_dir(PF) / "virtfn0").unlink(),
+            (h.device_dir(VF0) / "physfn").unlink(),
+            h.bind(VF0, None),
+        ),
+        busy=(PF,),
+    ),
+    # ---- sriov_drivers_autoprobe around VFs meant for vfio-pci (issue 11, 2) --------------
+    Case(
+        "autoprobe-off-before-creating-vfs-for-vfio",
+        {"pfs": [{"pciAddress": PF, "numVfs": 2}], "devices": [VF_RULE]},
+        [f"remember-autoprobe {PF} 1", f"set-autoprobe {PF} 0", f"set-numvfs {PF} 2"],
+        pending=True,
+        build={"numvfs": 0},
+    ),
+    Case(
+        "autoprobe-off-when-an-explicit-address-is-a-future-vf",
+        {"pfs": [{"pciAddress": PF, "numVfs": 2}], "devices": [{"pciAddress": VF1}]},
+        [f"remember-autoprobe {PF} 1", f"set-autoprobe {PF} 0", f"set-numvfs {PF} 2"],
+        pending=True,
+        build={"numvfs": 0},
+    ),
+    Case(
+        "autoprobe-untouched-for-host-vfs",
+        {"pfs": [{"pciAddress": PF, "numVfs": 2}]},
+        [f"set-numvfs {PF} 2"],
+        pending=True,
+        build={"numvfs": 0},
+    ),
+    Case(
+        "autoprobe-already-off-by-the-admin",
+        {"pfs": [{"pciAddress": PF, "numVfs": 2}], "devices": [VF_RULE]},
+        [f"set-numvfs {PF} 2"],
+        pending=True,
+        build={"numvfs": 0},
+        tree=autoprobe_off,
+    ),
+    Case(
+        "new-vfs-remember-the-host-driver-then-autoprobe-comes-back",
+        {
+            "pfs": [{"pciAddress": PF, "numVfs": 2}],
+            "devices": [VF_RULE | {"selector": {"pfNames": ["ens1f0#0"]}}],
+        },
+        [
+            f"remember {VF0} iavf",
+            f"driver-override {VF0} vfio-pci",
+            f"probe {VF0} vfio-pci",
+            f"set-autoprobe {PF} 1",
+            f"forget-autoprobe {PF}",
+            f"probe {VF1} iavf",
+        ],
+        tree=vfs_unbound,
+        autoprobe={PF: True},
+        facts={"would_bind": {A(VF0): "iavf", A(VF1): "iavf"}},
+    ),
+    Case(
+        "vf-restore-names-its-driver-while-autoprobe-is-off",
+        {
+            "pfs": [{"pciAddress": PF, "numVfs": 2}],
+            "devices": [VF_RULE | {"selector": {"pfNames": ["ens1f0#0"]}}],
+        },
+        [
+            f"driver-override {VF1} iavf",
+            f"unbind {VF1} vfio-pci",
+            f"probe {VF1} iavf",
+            f"driver-override {VF1}",
+            f"forget {VF1}",
+            f"set-autoprobe {PF} 1",
+            f"forget-autoprobe {PF}",
+        ],
+        originals={VF0: "iavf", VF1: "iavf"},
+        tree=lambda h: (vfs_unbound(h), vfs_on_vfio(h)),
+        autoprobe={PF: True},
+        facts={"driver_overrides": ON_VFIO},
+    ),
+    Case(
+        "vf-restore-with-autoprobe-on",
+        {
+            "pfs": [{"pciAddress": PF, "numVfs": 2}],
+            "devices": [VF_RULE | {"selector": {"pfNames": ["ens1f0#0"]}}],
+        },
+        RESTORE_VF1,
+        originals={VF0: "iavf", VF1: "iavf"},
+        tree=vfs_on_vfio,
+        facts={"driver_overrides": ON_VFIO},
+    ),
+    # ---- addresses (issue 11, 4) ------------------------------------------------------------
+    Case(
+        "address-32-on-up-interface",
+        {"devices": [{"pciAddress": NIC}]},
+        refused=[f"{NIC} has an address on an up interface (eno1: 203.0.113.5/32)"],
+        overridable=True,
+        facts={"addressed_ifaces": {"eno1": ("203.0.113.5/32",)}},
+    ),
+    Case(
+        "up-interface-whose-addresses-cannot-be-read",
+        {"devices": [{"pciAddress": NIC}]},
+        refused=[f"{NIC}'s interface eno1 is up and its IPv4 addresses cannot be read"],
+        overridable=True,
+        facts={"unverified_ifaces": frozenset({"eno1"})},
+    ),
     Case(
         "two-rules-disagree",
         {
@@ -372,12 +652,21 @@ def test_plan(case: Case, tmp_path: Path) -> None:
     if case.tree is not None:
         case.tree(h)
     inv = Sysfs(str(h.root)).discover()
+    busy = "busy: the kernel holds the device lock (unbind in progress?)"
+    devices = {
+        a: replace(d, busy=busy) if str(a) in case.busy else d for a, d in inv.devices.items()
+    }
+    inv = replace(inv, devices=devices)
     facts = GuardFacts(**case.facts)
     originals = {A(k): v for k, v in case.originals.items()}
-    p = plan(parse_node_config(case.spec), inv, facts, originals)
+    autoprobe = {A(k): v for k, v in case.autoprobe.items()}
+    p = plan(parse_node_config(case.spec), inv, facts, originals, autoprobe)
     print(p.render())
     assert steps_of(p) == case.expect
     assert len(p.refusals) == len(case.refused), p.refusals
+    if case.held is not None:
+        assert p.refusals[0].held == case.held
+        assert f"with {case.held} dependent step(s) held back" in p.refusals[0].describe()
     for r, want in zip(p.refusals, case.refused, strict=True):
         assert want in r.describe()
         if case.overridable is not None:
@@ -393,7 +682,13 @@ def test_vfs_of_a_changing_pf_wait_for_the_next_round(tmp_path: Path) -> None:
     inv = Sysfs(str(h.root)).discover()
     spec = {"pfs": [{"pciAddress": PF, "numVfs": 4}], "devices": [{"pciAddress": VF0}]}
     p = plan(parse_node_config(spec), inv, GuardFacts(), {})
-    assert [s.kind for s in p.steps] == ["set-numvfs", "set-numvfs"]  # VF0 is about to vanish
+    # VF0 is about to vanish; its successor is for vfio-pci: no host driver may probe it first
+    assert [s.kind for s in p.steps] == [
+        "remember-autoprobe",
+        "set-autoprobe",
+        "set-numvfs",
+        "set-numvfs",
+    ]
     assert not p.refusals and p.pending
 
 

@@ -145,6 +145,10 @@ def test_damaged_state_file_is_survived(tmp_path: Path) -> None:
     saved = persist.load(str(tmp_path))
     assert [a.unit.id for a in saved["a.io/x"].devices] == ["0000:3b:02.0"]
     assert saved["a.io/x"].allocated == {"0000:3b:02.0"}
+    # what the configuration guards read: every function of an allocated unit, and who has it
+    assert persist.saved_allocations(str(tmp_path)) == {
+        PciAddress.parse("0000:3b:02.0"): "a pod through a.io/x (allocated by the device plugin)"
+    }
 
 
 def _get(url: str) -> tuple[int, str]:

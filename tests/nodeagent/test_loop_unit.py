@@ -286,3 +286,23 @@ def test_refresh_reads_the_live_view_not_sysfs(tmp_path: Path) -> None:
     finally:
         h.stop.set()
         h.thread.join(10)
+
+
+def test_a_sync_refuses_to_destroy_a_vf_the_plugins_handed_to_a_pod(tmp_path: Path) -> None:
+    """The agent's allocations (live from its device plugins) reach the guards: a resize that
+    would destroy an allocated VF is refused, and nothing is written."""
+    host = scenarios.sriov_nic_dual_socket(tmp_path / "host", numvfs=4)
+    kernel = FakeKernel(host)
+    vf = host.vf_address("0000:3b:00.0", 3)
+    syncer = Syncer(
+        Sysfs(str(tmp_path / "host")),
+        DriverMemory(str(tmp_path / "state")),
+        io=kernel,
+        settle=0.5,
+        allocated=lambda: {vf: "a pod through example.com/vf (allocated by the device plugin)"},
+    )
+    obj = {"metadata": {"name": "n1", "generation": 1}, "spec": {"pfs": [
+        {"pciAddress": "0000:3b:00.0", "numVfs": 2, "allowUnsafe": True}]}}  # fmt: skip
+    result = syncer.sync(obj)
+    assert result.outcome.state == "Failed" and kernel.writes == []
+    assert f"VF {vf} is allocated to a pod through example.com/vf" in result.outcome.error

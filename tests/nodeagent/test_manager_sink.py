@@ -112,8 +112,13 @@ async def test_spec_change_updates_only_what_changed(
         # The loop thread counts the sync once the manager's apply has returned to it.
         await wait_until("the third sync counted", lambda: loop.syncs >= 3)
         assert loop.syncs == 3
-        # Refreshes read the manager's live view (from the loop's thread), not sysfs again.
+        # Refreshes read the manager's live view (from the loop's thread), not sysfs again. (The
+        # rescan each apply asks for may still replace the view: ask until one read matches.)
+        deadline = time.monotonic() + 20
         live = await asyncio.to_thread(sink.inventory)
+        while live is not manager.view.inventory and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            live = await asyncio.to_thread(sink.inventory)
         assert live is manager.view.inventory
         assert A("0000:86:02.3") in live.devices
     finally:

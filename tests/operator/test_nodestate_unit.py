@@ -8,6 +8,7 @@ import pytest
 
 from hostdev.policy.nodeconfig import parse_node_config, resolve_devices
 from hostdev.policy.nodestate import (
+    CONTRADICTION,
     ENV_COLLISION,
     Policy,
     PolicyError,
@@ -282,3 +283,32 @@ def test_a_policy_whose_units_hold_several_functions_is_told() -> None:
     ps, plans = plans_for([pols[1]], reports)
     assert plans["n1"].holdings["by-class"] == ("0000:17:00.0", "0000:65:00.0")
     assert policy_outcomes(ps, plans)["by-class"].multi_function == ()
+
+
+def test_a_policy_putting_a_pf_with_vfs_on_vfio_is_a_contradiction() -> None:
+    pols = [
+        policy("vfs", "vendor.example/vf", {"pfNames": ["ens1f0#0-3"]}, num_vfs=4),
+        policy("whole-nic", "vendor.example/nic", {"devices": ["1592"]}),
+    ]
+    reports = {
+        "n1": report(
+            device("0000:3b:00.0", "8086", "1592", netdevs=["ens1f0"]),
+            device("0000:3b:02.0", "8086", "1889", physfn="0000:3b:00.0", vf_index=0),
+        )
+    }
+    ps, plans = plans_for(pols, reports)
+    out = policy_outcomes(ps, plans)
+    (c,) = [c for c in out["whole-nic"].conflicts if c.node == "n1"]
+    assert (c.target, c.winner, c.reason) == ("ens1f0", "vfs", CONTRADICTION)
+    assert c.message.startswith(
+        "contradiction: policy whole-nic puts PF 0000:3b:00.0 on vfio-pci while policy vfs "
+        "gives it numVfs 4"
+    )
+    assert out["vfs"].conflicts == ()
+    # the rendered spec still claims the PF for vfio-pci: the agent's planner refuses the PF
+    # as the same contradiction (tests/config/test_plan.py) and leaves it as it is
+    resolved = resolve_devices(
+        parse_node_config({"spec": plans["n1"].spec}),
+        read_node_state("n1", reports["n1"]).inventory,
+    )
+    assert [str(a) for a in resolved.devices] == ["0000:3b:00.0", "0000:3b:02.0"]
