@@ -131,6 +131,7 @@ def agent_python(kind: str) -> tuple[str, dict[str, str]]:
         check=True,
         env=env,
         stdout=subprocess.DEVNULL,
+        cwd="/",  # -m puts the working directory first: the checkout's operator/ would shadow
     )
     return str(python), env
 
