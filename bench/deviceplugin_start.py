@@ -47,6 +47,7 @@ from deviceplugin_common import (
 )
 from kubernetes import client as k8s
 
+from hostdev.policy.naming import socket_name
 from tests.fixtures.kube import ControlPlane, find_tools
 
 GROUP, VERSION, PLURAL = "hostdev.io", "v1alpha1", "passthroughnodestates"
@@ -144,14 +145,23 @@ def wait_synced(crd: k8s.CustomObjectsApi, name: str, timeout: float = 300) -> N
 
 
 def one_start(
-    python: tuple[str, dict[str, str]], workdir: Path, n: int, cluster: Cluster | None
-) -> tuple[float, float, float]:
-    """(seconds from spawn to allocatable == n, peak RSS MiB, load average at the end)."""
+    python: tuple[str, dict[str, str]],
+    workdir: Path,
+    n: int,
+    cluster: Cluster | None,
+    rounds: int = 0,
+) -> tuple[float, float, float, dict[str, Any] | None]:
+    """(seconds from spawn to allocatable == n, peak RSS MiB, load average at the end, and
+    with ``rounds`` the harness's Allocate round trips made once every device was there)."""
     node = f"bench-{uuid.uuid4().hex[:6]}"
     crd = k8s.CustomObjectsApi(cluster.admin) if cluster is not None else None
     if crd is not None:
         node_state(crd, node)
-    harness = start_harness(workdir, n)
+    extra = []
+    if rounds:
+        sock = workdir / "dp" / socket_name(RESOURCE)
+        extra = [f"--rpc-rounds={rounds}", f"--rpc-socket={sock}"]
+    harness = start_harness(workdir, n, *extra)
     t0 = time.time()
     agent = subprocess.Popen(
         agent_argv(python[0], workdir, cluster, node),
@@ -172,10 +182,10 @@ def one_start(
         agent.wait(timeout=60)
         if crd is not None:
             crd.delete_cluster_custom_object(GROUP, VERSION, PLURAL, node)
-    return elapsed, rss, load()
+    return elapsed, rss, load(), res.get("rpc_rounds")
 
 
-def summary(label: str, runs: list[tuple[float, float, float]]) -> str:
+def summary(label: str, runs: list[tuple[float, float, float, dict[str, Any] | None]]) -> str:
     times = [r[0] for r in runs]
     return (
         f"{label}: spawn -> allocatable min {min(times):.3f} s, median "
@@ -191,6 +201,12 @@ def main() -> None:
     ap.add_argument("--sizes", default=",".join(f"{p}x{v}" for p, v in SIZES))
     ap.add_argument("--modes", default="file-cold,file-warm,cluster-cold")
     ap.add_argument("--python", default="installed", choices=["installed", "dev"])
+    ap.add_argument(
+        "--allocate-rounds",
+        type=int,
+        default=0,
+        help="cluster-cold: N Allocate calls from grpc-go (one caller) after each start",
+    )
     args = ap.parse_args()
     modes = args.modes.split(",")
     python = agent_python(args.python)
@@ -216,12 +232,20 @@ def main() -> None:
                             shutil.rmtree(workdir / "state", ignore_errors=True)
                         elif not (workdir / "state").exists():
                             one_start(python, workdir, n, None)  # leaves the lists behind
+                        in_cluster = mode == "cluster-cold"
+                        rounds = args.allocate_rounds if in_cluster else 0
                         runs.append(
-                            one_start(
-                                python, workdir, n, cluster if mode == "cluster-cold" else None
-                            )
+                            one_start(python, workdir, n, cluster if in_cluster else None, rounds)
                         )
                     print(summary(f"{pfs}x{vfs} ({n} VFs) {mode}", runs), flush=True)
+                    for r in (run[3] for run in runs if run[3] is not None):
+                        print(
+                            f"  Allocate round trip (grpc-go, {r['callers']} caller, "
+                            f"{r['calls']} calls, {r['errors']} errors): p50 {r['p50_ms']:.3f} "
+                            f"ms, p99 {r['p99_ms']:.3f} ms, max {r['max_ms']:.3f} ms "
+                            f"(load {load():.2f})",
+                            flush=True,
+                        )
             finally:
                 shutil.rmtree(workdir, ignore_errors=True)
     finally:
