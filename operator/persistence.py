@@ -4,9 +4,12 @@ the request object itself."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import kopf
+
+log = logging.getLogger(__name__)
 
 PREFIX = "hostdev.io"
 DIFFBASE_FIELD = "status.lastHandledConfiguration"
@@ -34,8 +37,20 @@ class DiffBase(kopf.StatusDiffBaseStorage):
         return essence
 
     def fetch(self, *, body: kopf.Body) -> Any:
-        found = super().fetch(body=body)
-        return found if found is not None else self._legacy.fetch(body=body)
+        try:
+            found = super().fetch(body=body)
+            return found if found is not None else self._legacy.fetch(body=body)
+        except ValueError:
+            # Edited by hand into something that is not JSON: act on the request as new (the
+            # handlers are idempotent) instead of failing on every event.
+            meta = body.get("metadata", {})
+            log.warning(
+                "PassthroughRequest %s/%s: %s is not JSON; handling the request as new",
+                meta.get("namespace"),
+                meta.get("name"),
+                DIFFBASE_FIELD,
+            )
+            return None
 
 
 class Progress(kopf.AnnotationsProgressStorage):

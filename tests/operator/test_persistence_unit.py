@@ -39,6 +39,7 @@ def test_diff_base_read_from_status_else_the_legacy_annotation() -> None:
     status = {"lastHandledConfiguration": json.dumps(new)}
     assert store.fetch(body=body(legacy, status)) == new
     assert store.fetch(body=body({})) is None
+    assert store.fetch(body=body({}, {"lastHandledConfiguration": "{not json"})) is None
 
 
 def test_progress_writes_no_marker_annotation() -> None:
