@@ -1,4 +1,5 @@
-"""Shared bits of the device-plugin benchmarks: cached fake nodes and stats.
+"""Shared bits of the device-plugin benchmarks: cached fake nodes, the agent's interpreter,
+the kubelet harness, stats, memory and the load average.
 
 Building a 16x256 fake node with :mod:`hostdev.testing.fakesysfs` takes minutes (the builder
 re-syncs every /dev/vfio node on each bind), so built trees are cached under
@@ -7,10 +8,13 @@ re-syncs every /dev/vfio node on each bind), so built trees are cached under
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import statistics
+import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +27,8 @@ if str(REPO) not in sys.path:
 
 from hostdev.testing.scenarios import sriov_scale  # noqa: E402
 
-CACHE = Path(os.environ.get("HOSTDEV_CACHE", Path.home() / ".cache" / "hostdev")) / "bench-trees"
+HOSTDEV_CACHE = Path(os.environ.get("HOSTDEV_CACHE", Path.home() / ".cache" / "hostdev"))
+CACHE = HOSTDEV_CACHE / "bench-trees"
 SCALES = ((8, 128), (16, 256))
 
 
@@ -57,12 +62,78 @@ def fmt_ms(values: list[float]) -> str:
     )
 
 
-def rss_mib(pid: int) -> float:
+def _status_mib(pid: int, key: str) -> float:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def rss_mib(pid: int) -> float:
+    return _status_mib(pid, "VmRSS")
+
+
+def peak_rss_mib(pid: int) -> float:
+    """The process's high-water mark of resident memory (VmHWM) so far."""
+    return _status_mib(pid, "VmHWM")
+
+
+def load() -> float:
+    """The 1-minute load average (printed beside every figure: the machine is shared)."""
+    return os.getloadavg()[0]
+
+
+def harness_binary() -> Path:
+    """tests/tools/kubelet-harness as built by scripts/setup.d/20-go-tools.sh."""
+    path = Path(os.environ.get("HOSTDEV_TOOLS_BIN", HOSTDEV_CACHE / "bin")) / "kubelet-harness"
+    if not path.is_file():
+        raise SystemExit(f"{path} missing: run scripts/setup.d/20-go-tools.sh")
+    return path
+
+
+def agent_python(kind: str) -> tuple[str, dict[str, str]]:
+    """The interpreter the agent runs under, and its environment. ``dev``: this venv as it is
+    (the editable install's import hook costs every start ~20 ms; with
+    PYTHONDONTWRITEBYTECODE set, as in this workplace, every module is compiled at every
+    start). ``installed``: what the image runs: a throw-away venv whose path entries are this
+    checkout and this venv's site-packages, laid out as a regular install, with compiled
+    bytecode (under the cache, PYTHONPYCACHEPREFIX; compiled once here, as pip does when it
+    installs). Built once per checkout."""
+    env = dict(os.environ)
+    if kind == "dev":
+        return sys.executable, env
+    key = hashlib.sha256(f"{REPO}:{sys.prefix}".encode()).hexdigest()[:12]
+    venv = HOSTDEV_CACHE / "bench-python" / key
+    python = venv / "bin" / "python"
+    if not python.exists():
+        shutil.rmtree(venv, ignore_errors=True)
+        base = getattr(sys, "_base_executable", sys.executable)
+        subprocess.run([base, "-I", "-m", "venv", "--without-pip", str(venv)], check=True)
+        src = venv / "src"
+        src.mkdir()
+        (src / "hostdev").symlink_to(REPO / "hostdev")
+        site = Path(
+            subprocess.run(
+                [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
+        )
+        (site / "hostdev-bench.pth").write_text(
+            f"{venv / 'src'}\n{sysconfig.get_paths()['purelib']}\n", encoding="utf-8"
+        )
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = str(venv / "pycache")
+    subprocess.run(
+        [str(python), "-m", "compileall", "-q", str(venv / "src" / "hostdev")],
+        check=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        cwd="/",  # -m puts the working directory first: the checkout's operator/ would shadow
+    )
+    return str(python), env
 
 
 RESOURCE = "example.com/e810_vf"

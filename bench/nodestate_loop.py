@@ -36,7 +36,7 @@ from hostdev.deviceplugin.nodestate.sync import Syncer  # noqa: E402
 from hostdev.host import PciAddress, Sysfs  # noqa: E402
 from hostdev.testing.fakekernel import FakeKernel  # noqa: E402
 from hostdev.testing.scenarios import sriov_scale  # noqa: E402
-from tests.fixtures.kube import ControlPlane, find_tools  # noqa: E402
+from tests.fixtures.kube import ControlPlane, find_tools, light_client  # noqa: E402
 
 RES = "example.com/bench-vf"
 
@@ -100,7 +100,7 @@ def main() -> None:
                 host = sriov_scale(root, pfs=1, vfs=0)
                 kernel = FakeKernel(host, vf_drivers={"0000:10:00.0": "iavf"})
                 name = f"bench-{uuid.uuid4().hex[:6]}"
-                client = Counting(api, name)
+                client = Counting(light_client(api), name)
                 loop = NodeStateLoop(
                     client,
                     Syncer(Sysfs(str(root)), DriverMemory(str(root / "state")), io=kernel),

@@ -4,7 +4,9 @@
 object), created while the operator runs. Prints: seconds until every request is Applied (and
 until every deletion is released), API writes per request as the API server counted them
 (apiserver_request_total, our own creates/deletes subtracted), the operator's own write
-counter, VM optimistic-lock conflicts, and the operator's peak RSS.
+counter, VM optimistic-lock conflicts, and the operator's RSS: idle, at the end of the burst,
+after the steady period and after every request was deleted (VmRSS) and its peak (VmHWM); the
+load average beside the figures.
 
     .venv/bin/python bench/operator_requests.py [--requests 1000] [--vms 100]
 """
@@ -226,12 +228,14 @@ def main() -> int:
         conflicts = operator_metric(port, "hostdev_operator_api_conflicts_total")
         rss = rss_kib(op.pid, "VmRSS"), rss_kib(op.pid, "VmHWM")
 
+        load_applied = os.getloadavg()[0]
         # steady state: nothing changes, the per-request status timers still run
         cpu_s0, t_s0 = cpu_seconds(op.pid), time.monotonic()
         time.sleep(args.steady)
         steady = (cpu_seconds(op.pid) - cpu_s0) / (time.monotonic() - t_s0) * 100
         steady_writes = apiserver_writes(cluster) - after
         steady_writes.pop("leases", None)
+        rss_steady = rss_kib(op.pid, "VmRSS")
 
         # every VM holds exactly its 10 entries
         bad = 0
@@ -259,12 +263,14 @@ def main() -> int:
                 return 1
             time.sleep(0.25)
         released_s = time.monotonic() - t1
+        time.sleep(5)  # the deletions' last events
+        rss_released = rss_kib(op.pid, "VmRSS")
 
         print(f"operator bench: {args.requests} requests over {args.vms} VMs "
               f"(one node, real kube-apiserver {cluster.server})")  # fmt: skip
         print(f"  created all requests in          {created_s:7.2f} s (16 client threads)")
         print(f"  all Applied after                {applied_s:7.2f} s "
-              f"({args.requests / applied_s:.0f} requests/s)")  # fmt: skip
+              f"({args.requests / applied_s:.0f} requests/s; load {load_applied:.2f})")  # fmt: skip
         print(f"  operator CPU until all Applied   {cpu_applied:7.2f} s "
               f"({cpu_applied / args.requests * 1000:.1f} ms per request; {os.cpu_count()} CPUs "
               "shared with etcd, kube-apiserver and this client)")  # fmt: skip
@@ -278,8 +284,10 @@ def main() -> int:
               f"(VM patches + status, kopf's bookkeeping aside)")  # fmt: skip
         print(f"  VM optimistic-lock conflicts     {conflicts:7.0f}")
         print(f"  VMs with wrong entries           {bad:7d}")
-        print(f"  operator RSS idle / loaded / peak {rss_idle / 1024:6.1f} / {rss[0] / 1024:.1f} / "
-              f"{rss[1] / 1024:.1f} MiB (idle: started, before the requests)")  # fmt: skip
+        print(f"  operator RSS idle / all Applied / after {args.steady:.0f} s / all deleted / peak "
+              f"{rss_idle / 1024:.1f} / {rss[0] / 1024:.1f} / {rss_steady / 1024:.1f} / "
+              f"{rss_released / 1024:.1f} / {rss[1] / 1024:.1f} MiB "
+              f"(load {os.getloadavg()[0]:.2f})")  # fmt: skip
         ok = bad == 0
         return 0 if ok else 1
     finally:

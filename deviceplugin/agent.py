@@ -1,72 +1,84 @@
-"""``hostdev-node``: the node agent's device-plugin side.
+"""``hostdev-node``: the node agent.
 
-Start-up order matters for restarts: saved device lists are served and registered first (a
-few milliseconds), then the host is scanned and the lists corrected. SIGHUP re-reads
-``--config``; SIGTERM/SIGINT stop the servers and save the lists.
+Start-up order matters: what the kubelet sees first decides whether running VMs' pods are
+re-admitted after a restart and how soon a new node offers its devices.
+
+1. File mode (``--config``): the saved lists are served and registered at once, the host is
+   scanned and the lists corrected.
+2. Cluster mode (``--node-name``): the saved lists at once; this node's PassthroughNodeState is
+   read (one GET while the host is scanned) and what the host already has of its spec is
+   served; nothing on the host changes before the spec is read (:mod:`.nodestate.first`).
+
+Only then, once the kubelet holds the lists, come the slower parts: the event sources
+(inotify, uevents), the NodeState loop (the configuration engine, status reports), the DRA
+front end, PodResources, metrics. Their modules are imported at that point, not at start, and
+the cyclic garbage collector is off until then (start-up allocates without making garbage
+cycles; on this kind of machine the collector's passes over the freshly imported modules took
+~50 ms of every start). SIGHUP re-reads ``--config``; SIGTERM/SIGINT stop the servers and save
+the lists.
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import logging
-import os
-import signal
+import gc
 import sys
 from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
-from hostdev.deviceplugin.manager import DEFAULT_PLUGIN_DIR, DEFAULT_STATE_DIR, PluginManager
-from hostdev.deviceplugin.metrics import Metrics, serve_http
-from hostdev.deviceplugin.nodestate.runner import add_cluster_args, cluster_mode, run_cluster
-from hostdev.deviceplugin.podresources import PodResourcesClient
-from hostdev.deviceplugin.resources import ConfigError, ResourceConfig, load_resources_file
-from hostdev.host.sysfs import Sysfs
-from hostdev.policy.nodestatus import PodDevices
+if TYPE_CHECKING:
+    import argparse
 
-log = logging.getLogger("hostdev.node")
+    from hostdev.policy.nodestatus import PodDevices
+
+EXIT_SETUP = 2
+# How long the slower start-up work waits for the kubelet to hold the first lists.
+FIRST_SERVE_WAIT = 5.0
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="hostdev-node", description=__doc__.splitlines()[0])
-    p.add_argument("--host-root", default="/", help="where the host's /sys and /dev are")
-    p.add_argument("--plugin-dir", default=DEFAULT_PLUGIN_DIR, help="kubelet device-plugin dir")
-    p.add_argument(
-        "--state-dir", default=DEFAULT_STATE_DIR, help="where the last device lists are saved"
+    from hostdev.deviceplugin import flags
+
+    return flags.parse_args(
+        None if argv is None else list(argv), description=__doc__.splitlines()[0]
     )
-    p.add_argument("--config", help="YAML list of {resourceName, selector, strategy?}")
-    p.add_argument(
-        "--metrics-port", type=int, default=9101, help="/metrics and /healthz port (0: off)"
-    )
-    p.add_argument("--metrics-addr", default="", help="address for the metrics port")
-    p.add_argument("--resync-seconds", type=float, default=60.0, help="full rescan period")
-    p.add_argument("--no-uevents", action="store_true", help="do not open the kernel uevent socket")
-    p.add_argument("--log-level", default="INFO")
-    add_cluster_args(p)  # --node-name / NODE_NAME: resources come from the node's NodeState
-    return p.parse_args(argv)
 
 
 async def run(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+    import signal
+
+    from hostdev.deviceplugin import flags
+    from hostdev.deviceplugin.manager import PluginManager
+    from hostdev.deviceplugin.metrics import Metrics
+    from hostdev.deviceplugin.resources import ConfigError, ResourceConfig, load_resources_file
+    from hostdev.host.sysfs import Sysfs
+
+    log = logging.getLogger("hostdev.node")
     resources: tuple[ResourceConfig, ...] = ()
     if args.config:
         try:
             resources = load_resources_file(args.config)
         except ConfigError as e:
             log.error("%s", e)
-            return 2
-    metrics = Metrics()
+            return EXIT_SETUP
+    cluster = flags.cluster_mode(args)
+    setup = None
+    if cluster:
+        from hostdev.deviceplugin.nodestate.first import ClusterSetupError, cluster_setup
+
+        try:
+            setup = cluster_setup(args)
+        except ClusterSetupError as e:
+            log.error("%s", e)
+            return EXIT_SETUP
     manager = PluginManager(
         Sysfs(args.host_root),
         args.plugin_dir,
         args.state_dir,
-        metrics,
+        Metrics(),
         resync_interval=args.resync_seconds,
         uevents=not args.no_uevents,
-        in_use_source=_in_use_source(getattr(args, "pod_resources_socket", None)),
-    )
-    http = (
-        serve_http(metrics, args.metrics_port, manager.health, args.metrics_addr)
-        if (args.metrics_port)
-        else None
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -86,36 +98,72 @@ async def run(args: argparse.Namespace) -> int:
     loop.add_signal_handler(signal.SIGINT, stop.set)
     if args.config:
         loop.add_signal_handler(signal.SIGHUP, reload)
-    await manager.start()
+    http: asyncio.Server | None = None
+    await manager.start(watch=False)
     try:
-        await manager.apply(resources)  # saved lists first, then the scan corrects them
-        log.info(
-            "serving %d resources (%s); scanning %s",
-            len(resources),
-            ", ".join(r.resource_name for r in resources) or "none",
-            args.host_root,
-        )
-        manager.request_full_rescan()
-        if cluster_mode(args):
-            return await run_cluster(args, manager, stop)
+        if setup is not None:
+            from hostdev.deviceplugin.nodestate.first import first_serve
+
+            first = await first_serve(manager, setup.api, setup.node)
+        else:
+            await manager.apply(resources)  # saved lists first, then the scan corrects them
+            log.info(
+                "serving %d resources (%s); scanning %s",
+                len(resources),
+                ", ".join(r.resource_name for r in resources) or "none",
+                args.host_root,
+            )
+            manager.request_full_rescan()
+        # The kubelet is being served: the rest of the start-up may take its time.
+        if not await manager.wait_served(FIRST_SERVE_WAIT):
+            log.info("the kubelet does not hold every list yet; going on with the start-up")
+        if not gc.isenabled():
+            gc.freeze()  # what start-up made lives on: later collections need not walk it
+            gc.enable()
+        manager.start_watching()
+        manager.in_use_source = _in_use_source(getattr(args, "pod_resources_socket", None))
+        if args.metrics_port:
+            from hostdev.deviceplugin.metrics import serve_http
+
+            http = await serve_http(
+                manager.metrics, args.metrics_port, manager.health, args.metrics_addr
+            )
+        if setup is not None:
+            from hostdev.deviceplugin.nodestate.runner import run_cluster
+
+            return await run_cluster(
+                args, manager, stop, api=setup.api, memory=setup.memory, first=first
+            )
         await stop.wait()
     finally:
         await manager.close()
         if http is not None:
-            http.shutdown()
+            http.close()
+        if setup is not None:
+            setup.api.close()
     return 0
 
 
 def _in_use_source(socket_path: str | None) -> Callable[[], Iterable[PodDevices]] | None:
     """The kubelet's PodResources List, when its socket is there: devices of ended pods may
     then leave the list once they vanish (without it, once allocated means kept forever)."""
+    import logging
+    import os
+
+    log = logging.getLogger("hostdev.node")
     if not socket_path or not os.path.exists(socket_path):
         log.info("no PodResources socket at %s: allocated devices are never forgotten", socket_path)
         return None
+    from hostdev.deviceplugin.podresources import PodResourcesClient
+
     return PodResourcesClient(socket_path).list
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    gc.disable()  # until the kubelet holds the first lists (see the module doc)
+    import asyncio
+    import logging
+
     args = parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 
 
 def atomic_write(path: str, data: bytes, *, durable: bool = True, mode: int | None = None) -> None:
@@ -13,6 +12,8 @@ def atomic_write(path: str, data: bytes, *, durable: bool = True, mode: int | No
     ``durable``: fsync the file and its directory too, so the new content also survives a power
     loss (the rename alone only survives a killed process). ``mode``: the file's permissions
     (default: the temp file's 0600)."""
+    import tempfile  # not at import: the agent's start path never writes before serving
+
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)

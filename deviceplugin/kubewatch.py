@@ -4,12 +4,11 @@ counts), an expired resourceVersion (HTTP 410) as :class:`WatchExpiredError`."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from kubernetes import watch
-from kubernetes.client.exceptions import ApiException
+from hostdev.deviceplugin.kubeapi import ApiClient, ApiError
 
 GONE = 410
 KINDS = ("ADDED", "MODIFIED", "DELETED", "BOOKMARK")
@@ -26,30 +25,21 @@ class Event:
 
 
 def watch_events(
-    list_fn: Callable[..., Any],
-    *args: Any,
+    api: ApiClient,
+    path: str,
+    *,
     resource_version: str,
     timeout_seconds: int,
-    **kwargs: Any,
+    **query: object,
 ) -> Iterator[Event]:
     """Events after ``resource_version`` until the server ends the watch (the timeout)."""
-    w = watch.Watch()  # type: ignore[no-untyped-call]
+    q = {**query, "resourceVersion": resource_version, "allowWatchBookmarks": True}
     try:
-        for ev in w.stream(  # type: ignore[no-untyped-call]
-            list_fn,
-            *args,
-            resource_version=resource_version,
-            allow_watch_bookmarks=True,
-            timeout_seconds=timeout_seconds,
-            _request_timeout=timeout_seconds + 10,
-            **kwargs,
-        ):
+        for ev in api.watch(path, q, timeout_seconds):
             kind, obj = ev.get("type"), ev.get("object")
             if kind in KINDS and isinstance(obj, Mapping):
                 yield Event(str(kind), obj)
-    except ApiException as e:
+    except ApiError as e:
         if e.status == GONE:
-            raise WatchExpiredError(str(e.reason)) from e
+            raise WatchExpiredError(e.message) from e
         raise
-    finally:
-        w.stop()  # type: ignore[no-untyped-call]

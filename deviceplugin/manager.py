@@ -21,27 +21,26 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable, Coroutine, Iterable, Sequence
-from typing import Any
-
-import grpc
+from typing import TYPE_CHECKING, Any
 
 from hostdev.deviceplugin import persist
-from hostdev.deviceplugin.events import DirWatcher, PciEvent, UeventSource
+from hostdev.deviceplugin.flags import DEFAULT_PLUGIN_DIR, DEFAULT_STATE_DIR
 from hostdev.deviceplugin.hostview import HostView
 from hostdev.deviceplugin.mdev import MdevOwner, MdevPlugin, MdevResult, Writer, sysfs_write
 from hostdev.deviceplugin.metrics import Metrics
 from hostdev.deviceplugin.plugin import KUBELET_SOCKET, ResourcePlugin
 from hostdev.deviceplugin.resources import ResourceConfig, by_name
 from hostdev.deviceplugin.units import ResourceUnits
+from hostdev.deviceplugin.wire.rpc import RpcError
 from hostdev.host.address import PciAddress, PciAddressError
 from hostdev.host.model import Inventory
 from hostdev.host.sysfs import Sysfs
-from hostdev.policy.nodestatus import PodDevices
+
+if TYPE_CHECKING:
+    from hostdev.deviceplugin.events import DirWatcher, PciEvent, UeventSource
+    from hostdev.policy.nodestatus import PodDevices
 
 log = logging.getLogger(__name__)
-
-DEFAULT_PLUGIN_DIR = "/var/lib/kubelet/device-plugins"
-DEFAULT_STATE_DIR = "/var/lib/hostdev"
 
 
 class PluginManager:
@@ -99,13 +98,39 @@ class PluginManager:
         self._watcher: DirWatcher | None = None
         self._vfio_dir = sysfs.path("dev/vfio")
         self._scan_done = asyncio.Event()
+        self._progress = asyncio.Event()  # a scan ended or a list reached the kubelet
         self.scan_count = 0
         self._units_versions: dict[str, int] = {}
+        self._warned: frozenset[str] = frozenset()  # discovery warnings logged already
 
     # ---- lifecycle ----------------------------------------------------------------------
-    async def start(self) -> None:
-        """Start watching (directories, uevents, periodic resync). Servers start in apply()."""
+    async def start(self, *, watch: bool = True) -> None:
+        """Start the rescan worker and the periodic resync, and (``watch``) the event sources.
+        Servers start in apply(). The agent starts watching only once the kubelet holds its
+        first lists (:meth:`start_watching`): inotify and netlink cost the start-up their
+        imports, and nothing they report matters before the first scan."""
         os.makedirs(self.plugin_dir, exist_ok=True)
+        self._tasks.append(asyncio.create_task(self._rescan_worker(), name="rescan"))
+        self._tasks.append(asyncio.create_task(self._resync_timer(), name="resync"))
+        if watch:
+            self._watch()
+
+    def start_watching(self) -> None:
+        """The event sources, late: what they would have said meanwhile is read again (a full
+        rescan), and plugins that found no kubelet socket look again (it may have appeared
+        before the plugin directory was watched)."""
+        if self._watcher is not None:
+            return
+        self._watch()
+        self.request_full_rescan()
+        for plugin in self.plugins.values():
+            task = self._register_tasks.get(plugin.resource)
+            if plugin.serving and not plugin.registered and (task is None or task.done()):
+                self._register_soon(plugin)
+
+    def _watch(self) -> None:
+        from hostdev.deviceplugin.events import DirWatcher, UeventSource
+
         self._watcher = DirWatcher(self._on_dir_event)
         self._watcher.watch(self.plugin_dir)
         self._watcher.watch(self._vfio_dir)
@@ -122,8 +147,6 @@ class PluginManager:
                     e,
                     self.resync_interval,
                 )
-        self._tasks.append(asyncio.create_task(self._rescan_worker(), name="rescan"))
-        self._tasks.append(asyncio.create_task(self._resync_timer(), name="resync"))
 
     async def close(self) -> None:
         for t in [*self._tasks, *self._register_tasks.values()]:
@@ -218,6 +241,7 @@ class PluginManager:
                     self.metrics,
                     self.mdev,
                     on_change=self.schedule_save,
+                    on_delivered=self._progress.set,
                 )
             else:
                 plugin = ResourcePlugin(
@@ -227,6 +251,7 @@ class PluginManager:
                     self.metrics,
                     on_change=self.schedule_save,
                     on_stale=self._rescan_soon,
+                    on_delivered=self._progress.set,
                 )
             units = plugin
             saved = self.saved.get(name)
@@ -331,12 +356,12 @@ class PluginManager:
             try:
                 await plugin.register()
                 return
-            except grpc.aio.AioRpcError as e:
+            except RpcError as e:
                 log.warning(
                     "%s: Register with the kubelet failed (%s: %s); retrying in %.2fs",
                     plugin.resource,
-                    e.code().name,
-                    e.details(),
+                    e.code_name,
+                    e.details,
                     delay,
                 )
             await asyncio.sleep(delay)
@@ -465,6 +490,7 @@ class PluginManager:
                     # Walking every function takes a while on big nodes: keep serving meanwhile.
                     inv = await asyncio.to_thread(self.view.full)
                     self.metrics.rescans.labels("full").inc()
+                    self._log_warnings(inv.warnings)
                 else:
                     inv = self.view.refresh(addrs)
                     self.metrics.rescans.labels("targeted").inc()
@@ -486,6 +512,17 @@ class PluginManager:
             self.scan_count += 1
             self._scan_done.set()
             self._scan_done = asyncio.Event()
+            self._progress.set()
+
+    def _log_warnings(self, warnings: tuple[str, ...]) -> None:
+        """What discovery skipped or could not read (an impossible address such as device
+        number 0x20, garbage in an attribute): logged once when it appears, and when it goes."""
+        now = frozenset(warnings)
+        for w in sorted(now - self._warned):
+            log.warning("host scan: %s", w)
+        for w in sorted(self._warned - now):
+            log.info("host scan: no longer seen: %s", w)
+        self._warned = now
 
     def _check_shared_groups(self, inv: Inventory) -> None:
         """Flag IOMMU groups whose functions are split across resources: each part would be
@@ -516,6 +553,27 @@ class PluginManager:
         """A full rescan now; returns when the servers have the result."""
         self.request_full_rescan()
         await self.wait_scan()
+
+    async def wait_served(self, within: float) -> bool:
+        """Until the host was scanned and the kubelet holds every device-plugin resource's
+        current list (True), or ``within`` seconds passed (False). Without a kubelet socket
+        only the scan is waited for. The agent does its slower start-up work after this."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while True:
+            if self.scanned and (
+                not self._kubelet_socket_exists()
+                or all(p.kubelet_current for p in self.plugins.values())
+            ):
+                return True
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            self._progress.clear()
+            try:
+                await asyncio.wait_for(self._progress.wait(), left)
+            except TimeoutError:
+                return False
 
     async def wait_scan(self) -> None:
         target = self.scan_count

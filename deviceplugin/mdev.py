@@ -25,15 +25,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
-
-from hostdev.deviceplugin.api.deviceplugin.v1beta1 import api_pb2 as pb
 from hostdev.deviceplugin.atomicfile import atomic_write
 from hostdev.deviceplugin.config.facts import open_nodes
 from hostdev.deviceplugin.metrics import Metrics
 from hostdev.deviceplugin.plugin import PERMISSIONS, AllocationRefusedError, ResourcePlugin
 from hostdev.deviceplugin.resources import ResourceConfig
 from hostdev.deviceplugin.units import Advertised, UnitRefusedError
+from hostdev.deviceplugin.wire import rpc
 from hostdev.host.address import PciAddress
 from hostdev.host.mdev import (
     UUID_RE,
@@ -239,8 +237,17 @@ class MdevPlugin(ResourcePlugin):
         *,
         on_change: Callable[[], None] | None = None,
         on_stale: Callable[[Iterable[PciAddress]], None] | None = None,
+        on_delivered: Callable[[], None] | None = None,
     ) -> None:
-        super().__init__(config, sysfs, plugin_dir, metrics, on_change=on_change, on_stale=on_stale)
+        super().__init__(
+            config,
+            sysfs,
+            plugin_dir,
+            metrics,
+            on_change=on_change,
+            on_stale=on_stale,
+            on_delivered=on_delivered,
+        )
         self.env_var = mdev_env_var(self.resource)
         self.owner = owner
         self.instances: dict[str, MdevInstance] = {}
@@ -288,32 +295,29 @@ class MdevPlugin(ResourcePlugin):
             raise UnitRefusedError(f"mdev instance {uuid} is not handed to a VM: {verdict.reason}")
         return inv.instances[uuid]
 
-    def container_response(self, ids: Iterable[str]) -> pb.ContainerAllocateResponse:
+    def container_response(self, ids: Iterable[str]) -> dict[str, Any]:
         """``MDEV_PCI_RESOURCE_<NAME>`` = the UUIDs in the order of ``ids``; ``/dev/vfio/vfio``
         and each instance's group node. Each instance is re-read first: one that is gone, whose
         parent is gone or whose group node is missing is refused with the reason."""
         ids = list(ids)
         if not ids:
-            raise AllocationRefusedError(
-                grpc.StatusCode.INVALID_ARGUMENT, "no device IDs requested"
-            )
+            raise AllocationRefusedError(rpc.INVALID_ARGUMENT, "no device IDs requested")
         instances = []
         for uuid in ids:
             if uuid not in self.devices:
                 raise AllocationRefusedError(
-                    grpc.StatusCode.NOT_FOUND, f"unknown device {uuid!r} for this resource"
+                    rpc.NOT_FOUND, f"unknown device {uuid!r} for this resource"
                 )
             try:
                 instances.append(self._recheck_instance(uuid))
             except UnitRefusedError as e:
-                raise AllocationRefusedError(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
+                raise AllocationRefusedError(rpc.FAILED_PRECONDITION, str(e)) from None
         env, paths = mdev_allocation(self.resource, instances)
-        out = pb.ContainerAllocateResponse()
-        for k, v in env.items():
-            out.envs[k] = v
-        for p in paths:
-            out.devices.add(container_path=p, host_path=p, permissions=PERMISSIONS)
+        specs = [
+            {"container_path": p, "host_path": p, "permissions": PERMISSIONS}
+            for p in dict.fromkeys(paths)
+        ]
         self.mark_allocated(ids)
         self.metrics.allocated_devices.labels(self.resource).inc(len(ids))
         log.info("%s: allocated %s", self.resource, ", ".join(f"{k}={v}" for k, v in env.items()))
-        return out
+        return {"envs": dict(env), "devices": specs}

@@ -17,10 +17,6 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any
 
-import grpc
-
-from hostdev.deviceplugin.api.deviceplugin.v1beta1 import api_pb2 as pb
-from hostdev.deviceplugin.api.deviceplugin.v1beta1 import api_pb2_grpc as pb_grpc
 from hostdev.deviceplugin.metrics import Metrics
 from hostdev.deviceplugin.resources import ResourceConfig
 from hostdev.deviceplugin.units import (
@@ -30,6 +26,9 @@ from hostdev.deviceplugin.units import (
     advertised_from_json,
     advertised_to_json,
 )
+from hostdev.deviceplugin.wire import messages as msg
+from hostdev.deviceplugin.wire import rpc
+from hostdev.deviceplugin.wire.pb import varint
 from hostdev.host.address import PciAddress
 from hostdev.host.sysfs import Sysfs
 from hostdev.policy.allocation import AllocUnit, kubevirt_addresses, preferred_allocation
@@ -42,16 +41,9 @@ KUBELET_SOCKET = "kubelet.sock"
 PERMISSIONS = "mrw"
 VFIO_CONTAINER = "/dev/vfio/vfio"
 IOMMUFD = "/dev/iommu"
-
-# Reconnect quickly while a (re)starting kubelet binds before it listens; and never inherit the
-# connection backoff of an earlier channel to a kubelet.sock that is gone (grpc-python shares
-# subchannels per target unless told otherwise).
-_CHANNEL_OPTIONS = [
-    ("grpc.use_local_subchannel_pool", 1),
-    ("grpc.initial_reconnect_backoff_ms", 20),
-    ("grpc.min_reconnect_backoff_ms", 20),
-    ("grpc.max_reconnect_backoff_ms", 500),
-]
+_OPTIONS = {"pre_start_required": False, "get_preferred_allocation_available": True}
+_OPTIONS_BYTES = msg.DEVICE_PLUGIN_OPTIONS.encode(_OPTIONS)
+_EMPTY = b""
 
 __all__ = [
     "Advertised",
@@ -63,12 +55,37 @@ __all__ = [
 
 
 class AllocationRefusedError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
         self.code = code
 
 
-class ResourcePlugin(ResourceUnits, pb_grpc.DevicePluginServicer):
+def _len_field(tag: bytes, payload: bytes) -> bytes:
+    return tag + varint(len(payload)) + payload
+
+
+_TOPOLOGY: dict[int, bytes] = {}  # NUMA node -> encoded Device.topology field
+
+
+def device_bytes(adv: Advertised) -> bytes:
+    """One ``Device`` of a ListAndWatch list, as the field of the response (tag, length,
+    message): the list is these pieces joined. Encoded by hand (ID, health, topology): lists
+    of thousands of devices are built at start and on every change."""
+    body = _len_field(b"\x0a", adv.unit.id.encode()) + _len_field(
+        b"\x12", adv.verdict.kubelet.encode()
+    )
+    numa = adv.unit.numa_node
+    if numa is not None:
+        topo = _TOPOLOGY.get(numa)
+        if topo is None:
+            topo = _TOPOLOGY[numa] = _len_field(
+                b"\x1a", msg.TOPOLOGY_INFO.encode({"nodes": [{"ID": numa}]})
+            )
+        body += topo
+    return _len_field(b"\x0a", body)
+
+
+class ResourcePlugin(ResourceUnits):
     def __init__(
         self,
         config: ResourceConfig,
@@ -78,31 +95,34 @@ class ResourcePlugin(ResourceUnits, pb_grpc.DevicePluginServicer):
         *,
         on_change: Callable[[], None] | None = None,
         on_stale: Callable[[Iterable[PciAddress]], None] | None = None,
+        on_delivered: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(config, sysfs, metrics, on_change=on_change, on_stale=on_stale)
+        self._on_delivered = on_delivered
+        self.delivered = b""  # the last list a ListAndWatch stream handed to the transport
         self.plugin_dir = plugin_dir
         self.socket_path = os.path.join(plugin_dir, socket_name(self.resource))
         self.env_var = resource_env_var(self.resource)
         self.registered = False
-        self._server: grpc.aio.Server | None = None
+        self._server: rpc.Server | None = None
         self._lifecycle = asyncio.Lock()  # start() and stop() never interleave
         # None in a queue ends that stream (server stopping).
-        self._watchers: set[asyncio.Queue[pb.ListAndWatchResponse | None]] = set()
-        self._msgs: dict[str, pb.Device] = {}
-        self._snapshot = pb.ListAndWatchResponse()
-        self._msg_list: list[pb.Device] = []
+        self._watchers: set[asyncio.Queue[bytes | None]] = set()
+        # unit id -> (health, encoded Device): a unit's bytes are re-encoded only when it changes
+        self._msgs: dict[str, tuple[str, bytes]] = {}
+        self._snapshot = b""  # the encoded ListAndWatchResponse
+        self._msg_list: list[bytes] = []
         self._msg_index: dict[str, int] = {}
 
     # ---- ListAndWatch messages ----------------------------------------------------------
-    def _device_msg(self, adv: Advertised) -> pb.Device:
-        msg = self._msgs.get(adv.unit.id)
-        if msg is not None and msg.health == adv.verdict.kubelet:
-            return msg
-        msg = pb.Device(ID=adv.unit.id, health=adv.verdict.kubelet)
-        if adv.unit.numa_node is not None:
-            msg.topology.nodes.add(ID=adv.unit.numa_node)
-        self._msgs[adv.unit.id] = msg
-        return msg
+    def _device_msg(self, adv: Advertised) -> bytes:
+        cached = self._msgs.get(adv.unit.id)
+        health = adv.verdict.kubelet
+        if cached is not None and cached[0] == health:
+            return cached[1]
+        b = device_bytes(adv)
+        self._msgs[adv.unit.id] = (health, b)
+        return b
 
     def _published_hook(self, changed: Mapping[str, Advertised] | None) -> None:
         if changed is None:
@@ -113,7 +133,7 @@ class ResourcePlugin(ResourceUnits, pb_grpc.DevicePluginServicer):
         else:
             for dev_id, adv in changed.items():
                 self._msg_list[self._msg_index[dev_id]] = self._device_msg(adv)
-        snap = pb.ListAndWatchResponse(devices=self._msg_list)
+        snap = b"".join(self._msg_list)
         self._snapshot = snap
         for q in self._watchers:
             if q.full():
@@ -125,14 +145,31 @@ class ResourcePlugin(ResourceUnits, pb_grpc.DevicePluginServicer):
     def serving(self) -> bool:
         return self._server is not None
 
+    @property
+    def kubelet_current(self) -> bool:
+        """The kubelet was handed the current list (the same bytes object)."""
+        return self.delivered is self._snapshot
+
+    def _methods(self) -> dict[str, rpc.Method]:
+        svc = msg.DEVICE_PLUGIN_SERVICE
+        return {
+            svc + "GetDevicePluginOptions": rpc.Method(msg.EMPTY, self.GetDevicePluginOptions),
+            svc + "ListAndWatch": rpc.Method(msg.EMPTY, self.ListAndWatch, streaming=True),
+            svc + "GetPreferredAllocation": rpc.Method(
+                msg.PREFERRED_ALLOCATION_REQUEST, self.GetPreferredAllocation
+            ),
+            svc + "Allocate": rpc.Method(msg.ALLOCATE_REQUEST, self.Allocate),
+            svc + "PreStartContainer": rpc.Method(
+                msg.PRE_START_CONTAINER_REQUEST, self.PreStartContainer
+            ),
+        }
+
     async def start(self) -> None:
         async with self._lifecycle:  # a stop() racing with this waits for the server to exist
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.socket_path)  # a stale socket from an earlier run
-            server = grpc.aio.server()
-            pb_grpc.add_DevicePluginServicer_to_server(self, server)
-            server.add_insecure_port(f"unix://{self.socket_path}")
-            await server.start()
+            server = rpc.Server(self._methods())
+            await server.start(self.socket_path)
             self._server = server
             self.registered = False
             log.info("%s: serving on %s", self.resource, self.socket_path)
@@ -143,7 +180,7 @@ class ResourcePlugin(ResourceUnits, pb_grpc.DevicePluginServicer):
             server, self._server = self._server, None
             self.registered = False
             for q in self._watchers:
-                # End the streams ourselves: cancelled handlers make grpc log tracebacks.
+                # End the streams ourselves (the kubelet then sees a clean end of the call).
                 if q.full():
                     q.get_nowait()
                 q.put_nowait(None)
@@ -155,91 +192,80 @@ class ResourcePlugin(ResourceUnits, pb_grpc.DevicePluginServicer):
                     os.unlink(self.socket_path)
 
     async def register(self, rpc_timeout: float = 10.0) -> None:
-        """Register with the kubelet (raises grpc.aio.AioRpcError on failure)."""
+        """Register with the kubelet (raises :class:`rpc.RpcError` on failure)."""
         kubelet = os.path.join(self.plugin_dir, KUBELET_SOCKET)
-        req = pb.RegisterRequest(
-            version=API_VERSION,
-            endpoint=os.path.basename(self.socket_path),
-            resource_name=self.resource,
-            options=self._options(),
+        endpoint = os.path.basename(self.socket_path)
+        req = msg.REGISTER_REQUEST.encode(
+            {
+                "version": API_VERSION,
+                "endpoint": endpoint,
+                "resource_name": self.resource,
+                "options": _OPTIONS,
+            }
         )
         try:
-            async with grpc.aio.insecure_channel(
-                f"unix://{kubelet}", options=_CHANNEL_OPTIONS
-            ) as channel:
-                stub = pb_grpc.RegistrationStub(channel)
-                await stub.Register(req, timeout=rpc_timeout, wait_for_ready=True)
-        except grpc.aio.AioRpcError:
+            await rpc.call(kubelet, msg.REGISTER, req, within=rpc_timeout, wait_for_ready=True)
+        except rpc.RpcError:
             self.metrics.registrations.labels(self.resource, "error").inc()
             raise
         self.registered = True
         self.metrics.registrations.labels(self.resource, "ok").inc()
-        log.info("%s: registered with the kubelet as %s", self.resource, req.endpoint)
+        log.info("%s: registered with the kubelet as %s", self.resource, endpoint)
 
     # ---- DevicePlugin RPCs --------------------------------------------------------------
-    @staticmethod
-    def _options() -> pb.DevicePluginOptions:
-        return pb.DevicePluginOptions(
-            pre_start_required=False, get_preferred_allocation_available=True
-        )
+    async def GetDevicePluginOptions(self, request: dict[str, Any]) -> bytes:  # noqa: N802
+        return _OPTIONS_BYTES
 
-    async def GetDevicePluginOptions(  # noqa: N802 (gRPC method name)
-        self, request: pb.Empty, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.DevicePluginOptions:
-        return self._options()
-
-    async def ListAndWatch(  # noqa: N802 (gRPC method name)
-        self, request: pb.Empty, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[pb.ListAndWatchResponse]:
-        q: asyncio.Queue[pb.ListAndWatchResponse | None] = asyncio.Queue(maxsize=1)
+    async def ListAndWatch(self, request: dict[str, Any]) -> AsyncIterator[bytes]:  # noqa: N802
+        q: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=1)
         self._watchers.add(q)
         log.info("%s: kubelet watching (%d devices)", self.resource, len(self.devices))
         try:
-            yield self._snapshot
-            while (msg := await q.get()) is not None:
-                yield msg
+            snap: bytes | None = self._snapshot
+            while snap is not None:
+                yield snap  # returns once it is written out (the stream's flow control)
+                self.delivered = snap
+                if self._on_delivered is not None:
+                    self._on_delivered()
+                snap = await q.get()
         finally:
             self._watchers.discard(q)
 
-    async def GetPreferredAllocation(  # noqa: N802 (gRPC method name)
-        self, request: pb.PreferredAllocationRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.PreferredAllocationResponse:
+    async def GetPreferredAllocation(self, request: dict[str, Any]) -> bytes:  # noqa: N802
         units = {k: a.unit for k, a in self.devices.items()}
-        resp = pb.PreferredAllocationResponse()
-        for creq in request.container_requests:
+        out = []
+        for creq in request["container_requests"]:
             ids = preferred_allocation(
                 units,
-                list(creq.available_deviceIDs),
-                list(creq.must_include_deviceIDs),
-                creq.allocation_size,
+                creq["available_deviceIDs"],
+                creq["must_include_deviceIDs"],
+                creq["allocation_size"],
                 self.config.strategy,
             )
-            resp.container_responses.add(deviceIDs=ids)
-        return resp
+            out.append({"deviceIDs": ids})
+        return msg.PREFERRED_ALLOCATION_RESPONSE.encode({"container_responses": out})
 
-    async def Allocate(  # noqa: N802 (gRPC method name)
-        self, request: pb.AllocateRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.AllocateResponse:
+    async def Allocate(self, request: dict[str, Any]) -> bytes:  # noqa: N802
         start = time.perf_counter()
-        resp = pb.AllocateResponse()
         try:
-            for creq in request.container_requests:
-                resp.container_responses.append(self.container_response(creq.devices_ids))
+            responses = [
+                self.container_response(creq["devices_ids"])
+                for creq in request["container_requests"]
+            ]
         except AllocationRefusedError as e:
             self.metrics.errors.labels(self.resource, "allocate").inc()
             log.error("%s: Allocate refused: %s", self.resource, e)
-            await context.abort(e.code, f"{self.resource}: {e}")
+            raise rpc.RpcError(e.code, f"{self.resource}: {e}") from None
+        out = msg.ALLOCATE_RESPONSE.encode({"container_responses": responses})
         self.metrics.allocations.labels(self.resource).inc()
         self.metrics.allocate_seconds.labels(self.resource).observe(time.perf_counter() - start)
-        return resp
+        return out
 
-    async def PreStartContainer(  # noqa: N802 (gRPC method name)
-        self, request: pb.PreStartContainerRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.PreStartContainerResponse:
-        return pb.PreStartContainerResponse()  # not requested at registration; nothing to do
+    async def PreStartContainer(self, request: dict[str, Any]) -> bytes:  # noqa: N802
+        return _EMPTY  # not requested at registration; nothing to do
 
     # ---- Allocate: the KubeVirt contract ------------------------------------------------
-    def container_response(self, ids: Iterable[str]) -> pb.ContainerAllocateResponse:
+    def container_response(self, ids: Iterable[str]) -> dict[str, Any]:
         """Env ``PCI_RESOURCE_<NAME>``: each unit's primary function first, in the order of
         ``ids`` (KubeVirt attaches one address per VM entry, from the front), then the units'
         companions; VFIO device specs for every unit's group.
@@ -251,35 +277,31 @@ class ResourcePlugin(ResourceUnits, pb_grpc.DevicePluginServicer):
         """
         ids = list(ids)
         if not ids:
-            raise AllocationRefusedError(
-                grpc.StatusCode.INVALID_ARGUMENT, "no device IDs requested"
-            )
+            raise AllocationRefusedError(rpc.INVALID_ARGUMENT, "no device IDs requested")
         units: list[AllocUnit] = []
         cdevs: list[str] = []
         for dev_id in ids:
             if dev_id not in self.devices:
                 raise AllocationRefusedError(
-                    grpc.StatusCode.NOT_FOUND, f"unknown device {dev_id!r} for this resource"
+                    rpc.NOT_FOUND, f"unknown device {dev_id!r} for this resource"
                 )
             try:
                 checked = self.recheck(dev_id)
             except UnitRefusedError as e:
-                raise AllocationRefusedError(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
+                raise AllocationRefusedError(rpc.FAILED_PRECONDITION, str(e)) from None
             units.append(checked.unit)
             cdevs.extend(checked.cdevs)
-        out = pb.ContainerAllocateResponse()
-        out.envs[self.env_var] = ",".join(str(a) for a in kubevirt_addresses(units))
+        env = ",".join(str(a) for a in kubevirt_addresses(units))
         groups = dict.fromkeys(u.group for u in units)
         paths = [VFIO_CONTAINER, *(f"/dev/vfio/{g}" for g in groups)]
         if os.path.exists(self.sysfs.path(IOMMUFD)):
             paths.append(IOMMUFD)
             paths.extend(f"/dev/vfio/devices/{c}" for c in cdevs)
-        seen: set[str] = set()
-        for p in paths:
-            if p not in seen:
-                seen.add(p)
-                out.devices.add(container_path=p, host_path=p, permissions=PERMISSIONS)
+        specs = [
+            {"container_path": p, "host_path": p, "permissions": PERMISSIONS}
+            for p in dict.fromkeys(paths)
+        ]
         self.mark_allocated(ids)
         self.metrics.allocated_devices.labels(self.resource).inc(len(ids))
-        log.info("%s: allocated %s -> %s", self.resource, ",".join(ids), out.envs[self.env_var])
-        return out
+        log.info("%s: allocated %s -> %s", self.resource, ",".join(ids), env)
+        return {"envs": {self.env_var: env}, "devices": specs}

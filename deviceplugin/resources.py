@@ -6,17 +6,15 @@ For now from a YAML file (``--config``); the NodeState-driven mode hands the sam
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import yaml
-
 from hostdev.policy.allocation import Strategy
+from hostdev.policy.frontends import DEVICE_PLUGIN, DRA, Allocation
 from hostdev.policy.mdev import MdevSpec, MdevSpecError
 from hostdev.policy.naming import ResourceNameError, env_collisions, validate_resource_name
-from hostdev.policy.nodeconfig import DEVICE_PLUGIN, DRA, Allocation
 from hostdev.policy.selector import DeviceSelector, SelectorError
 
 _STRATEGIES = ("spread", "pack")
@@ -93,17 +91,20 @@ def parse_resources(data: Any, source: str = "config") -> tuple[ResourceConfig, 
     return tuple(out)
 
 
-def load_resources_file(path: str | Path) -> tuple[ResourceConfig, ...]:
-    p = Path(path)
+def load_resources_file(path: str | os.PathLike[str]) -> tuple[ResourceConfig, ...]:
+    p = os.fspath(path)
     try:
-        text = p.read_text()
+        with open(p, encoding="utf-8") as f:
+            text = f.read()
     except OSError as e:
         raise ConfigError(f"{p}: cannot read: {e.strerror}") from None
+    import yaml  # only here: the cluster mode never reads a resource file
+
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from None
-    return parse_resources(data, str(p))
+    return parse_resources(data, p)
 
 
 def by_name(resources: Sequence[ResourceConfig]) -> dict[str, ResourceConfig]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
@@ -47,7 +47,25 @@ log = logging.getLogger("hostdev.operator.cluster")
 ATTRIBUTION_ANNOTATION = "hostdev.io/policies"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "hostdev-operator"}
 DEBOUNCE_S = 0.2
+# NodeState writes in flight at once (a policy edit can change thousands: one after the other
+# they take a round trip each; the API client's pool has 32 threads).
+NODESTATE_WRITERS = 16
 RETRY_S = 15.0
+
+
+async def concurrently(writes: Sequence[Awaitable[None]], limit: int) -> None:
+    """Await ``writes``, at most ``limit`` at a time; every one runs to its end, then the first
+    error (if any) is raised (the pass is then repeated, see Cluster.run)."""
+    gate = asyncio.Semaphore(limit)
+
+    async def one(write: Awaitable[None]) -> None:
+        async with gate:
+            await write
+
+    results = await asyncio.gather(*(one(w) for w in writes), return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
 
 
 def now() -> str:
@@ -194,49 +212,52 @@ class Cluster:
     # ---- PassthroughNodeStates -------------------------------------------------------------
     async def _node_states(self, snap: Snapshot) -> None:
         current = {str(s["name"]): s for s in values(self.indexes.get("nodestates_idx", {}))}
+        writes: list[Awaitable[None]] = []
         for node, plan in snap.plans.items():
             attribution = json.dumps(plan.attribution(), sort_keys=True, separators=(",", ":"))
             have = current.get(node)
             if have is None:
-                body = {
-                    "apiVersion": f"{GROUP}/{VERSION}",
-                    "kind": "PassthroughNodeState",
-                    "metadata": {
-                        "name": node,
-                        "labels": MANAGED_BY,
-                        "annotations": {ATTRIBUTION_ANNOTATION: attribution},
-                    },
-                    "spec": dict(plan.spec),
-                }
-                obj = await self.api.create_cluster(GROUP, VERSION, "passthroughnodestates", body)
-                self.post(
-                    obj,
-                    "Normal",
-                    reason="Created",
-                    message=f"policies: {', '.join(plan.policies)}",
-                )
-                log.info("PassthroughNodeState %s created (policies %s)", node, plan.policies)
+                writes.append(self._create_node_state(node, plan, attribution))
             elif have.get("spec") != plan.spec or have.get("attribution") != attribution:
-                await self.api.patch(
-                    GROUP,
-                    VERSION,
-                    "passthroughnodestates",
-                    node,
-                    # pfs/devices are lists: a merge patch replaces them whole, as intended.
-                    {
-                        "metadata": {"annotations": {ATTRIBUTION_ANNOTATION: attribution}},
-                        "spec": dict(plan.spec),
-                    },
-                )
-                log.info("PassthroughNodeState %s spec updated", node)
+                writes.append(self._patch_node_state(node, plan, attribution))
         for node, have in current.items():
-            if (
-                node not in snap.plans
-                and have.get("managed")
-                and await self.api.delete(GROUP, VERSION, "passthroughnodestates", node)
-            ):
-                log.info("PassthroughNodeState %s deleted: no policy selects the node", node)
+            if node not in snap.plans and have.get("managed"):
+                writes.append(self._delete_node_state(node))
+        await concurrently(writes, NODESTATE_WRITERS)
         metrics.NODESTATES.set(len(snap.plans))
+
+    async def _create_node_state(self, node: str, plan: NodePlan, attribution: str) -> None:
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "PassthroughNodeState",
+            "metadata": {
+                "name": node,
+                "labels": MANAGED_BY,
+                "annotations": {ATTRIBUTION_ANNOTATION: attribution},
+            },
+            "spec": dict(plan.spec),
+        }
+        obj = await self.api.create_cluster(GROUP, VERSION, "passthroughnodestates", body)
+        self.post(obj, "Normal", reason="Created", message=f"policies: {', '.join(plan.policies)}")
+        log.info("PassthroughNodeState %s created (policies %s)", node, plan.policies)
+
+    async def _patch_node_state(self, node: str, plan: NodePlan, attribution: str) -> None:
+        await self.api.patch(
+            GROUP,
+            VERSION,
+            "passthroughnodestates",
+            node,
+            # pfs/devices are lists: a merge patch replaces them whole, as intended.
+            {
+                "metadata": {"annotations": {ATTRIBUTION_ANNOTATION: attribution}},
+                "spec": dict(plan.spec),
+            },
+        )
+        log.info("PassthroughNodeState %s spec updated", node)
+
+    async def _delete_node_state(self, node: str) -> None:
+        if await self.api.delete(GROUP, VERSION, "passthroughnodestates", node):
+            log.info("PassthroughNodeState %s deleted: no policy selects the node", node)
 
     # ---- KubeVirt CR --------------------------------------------------------------------
     async def _kubevirt(self, snap: Snapshot) -> Condition:

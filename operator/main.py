@@ -8,9 +8,11 @@ Settings kopf and the kubernetes client need, all set here:
   see :mod:`hostdev.operator.leader`): only the holder runs kopf at all; the others stand by
   and take over when it releases the lease (graceful stop) or lets it expire. Without it (the
   default, ``--standalone``) run exactly one replica. kopf itself always runs standalone.
-- Persistence: kopf's handler progress and diff-base live in annotations prefixed
-  ``hostdev.io`` (our status schema has no ``kopf`` field, so status storage would be pruned),
-  the finalizer is ``hostdev.io/finalizer``.
+- Persistence (:mod:`hostdev.operator.persistence`): kopf's diff base lives in
+  ``status.lastHandledConfiguration`` (declared in the PassthroughRequest schema; the only kind
+  with create/update handlers), so the handler's status and the diff base go out as one
+  write. Handler progress (retries only) stays in annotations prefixed ``hostdev.io``, without
+  kopf's marker annotation; the finalizer is ``hostdev.io/finalizer``.
 - Events: only explicit state changes post Kubernetes Events (``settings.posting.loggers``
   stays off, so log lines are not turned into Events).
 """
@@ -37,6 +39,7 @@ from hostdev.operator.handlers import reconfigure as _reconfigure  # noqa: F401 
 from hostdev.operator.handlers import requests as _request_handlers  # noqa: F401  (registers)
 from hostdev.operator.kube import Api, Core, client_configuration
 from hostdev.operator.leader import Elector, LeaseSettings, default_identity
+from hostdev.operator.persistence import DiffBase, Progress
 from hostdev.operator.reconfigure import Reconfigurer
 
 log = logging.getLogger("hostdev.operator")
@@ -62,10 +65,8 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 @kopf.on.startup()
 async def configure(*, settings: kopf.OperatorSettings, memo: Any, **kwargs: Any) -> None:
     settings.persistence.finalizer = "hostdev.io/finalizer"
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="hostdev.io")
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix="hostdev.io", key="last-handled-configuration"
-    )
+    settings.persistence.progress_storage = Progress()
+    settings.persistence.diffbase_storage = DiffBase()
     settings.posting.loggers = False
     settings.posting.level = logging.INFO
     # Watches reconnect on their own every 10 minutes so a silently dead stream cannot linger.

@@ -24,23 +24,20 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
-
 from hostdev.deviceplugin.dra.checkpoint import Checkpoints
 from hostdev.deviceplugin.dra.prepare import Answer, ClaimKey, Offer, Preparer
 from hostdev.deviceplugin.dra.publisher import SlicePublisher
 from hostdev.deviceplugin.dra.server import dra_server, registration_server
 from hostdev.deviceplugin.events import DirWatcher
+from hostdev.deviceplugin.flags import DEFAULT_CDI_DIR, DEFAULT_PLUGINS_DIR, DEFAULT_REGISTRY_DIR
 from hostdev.deviceplugin.manager import PluginManager
 from hostdev.deviceplugin.units import Advertised, ResourceUnits
+from hostdev.deviceplugin.wire.rpc import Server
 from hostdev.host.pciids import PciIds
 from hostdev.policy.dra import DRIVER, DraDevice, PoolEntry, address_of, dra_device, plan_slices
 
 log = logging.getLogger(__name__)
 
-DEFAULT_REGISTRY_DIR = "/var/lib/kubelet/plugins_registry"
-DEFAULT_PLUGINS_DIR = "/var/lib/kubelet/plugins"
-DEFAULT_CDI_DIR = "/var/run/cdi"
 
 HealthRows = tuple[tuple[str, bool, str], ...]  # (device, healthy, why)
 
@@ -100,7 +97,7 @@ class DraFrontEnd:
         self._health_queues: set[asyncio.Queue[HealthRows | None]] = set()
         self._refresh_handle: asyncio.Handle | None = None
         self._lock = asyncio.Lock()  # one prepare/unprepare at a time, as upstream serializes
-        self._servers: list[grpc.aio.Server] = []
+        self._servers: list[Server] = []
         self._watcher: DirWatcher | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
@@ -135,11 +132,9 @@ class DraFrontEnd:
                 os.unlink(path)  # a stale socket of an earlier run
         # The plugin first, then the registration socket the kubelet watches for.
         plugin = dra_server(self)
-        plugin.add_insecure_port(f"unix://{self.socket_path}")
-        await plugin.start()
+        await plugin.start(self.socket_path)
         registrar = registration_server(self)
-        registrar.add_insecure_port(f"unix://{self.registration_path}")
-        await registrar.start()
+        await registrar.start(self.registration_path)
         self._servers = [plugin, registrar]
         self.registered = False
 

@@ -1,6 +1,6 @@
 """The DRA front end's API calls (``resource.k8s.io/v1``): this node's ResourceSlices of driver
 ``pci.hostdev.io`` and the ResourceClaims the kubelet asks to prepare. Thin on purpose: plain
-dicts through the ``kubernetes`` client's generic object API; callers decide."""
+dicts over :mod:`..kubeapi`; callers decide."""
 
 from __future__ import annotations
 
@@ -10,9 +10,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from kubernetes import client
-from kubernetes.client.exceptions import ApiException
-
+from hostdev.deviceplugin.kubeapi import ApiClient, ApiError
 from hostdev.deviceplugin.kubewatch import Event, WatchExpiredError, watch_events
 from hostdev.deviceplugin.metrics import Metrics
 from hostdev.policy.dra import API_VERSION, DRIVER
@@ -23,6 +21,7 @@ GROUP, VERSION = API_VERSION.split("/")
 SLICES = "resourceslices"
 CLAIMS = "resourceclaims"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "hostdev-node"}
+SLICES_PATH = f"/apis/{GROUP}/{VERSION}/{SLICES}"
 
 __all__ = ["MANAGED_BY", "DraApi", "Event", "WatchExpiredError"]
 
@@ -41,11 +40,8 @@ class WriteCounts:
 class DraApi:
     """This node's view of the DRA API. Thread-safe counters of the writes it made."""
 
-    def __init__(
-        self, api_client: client.ApiClient, node: str, metrics: Metrics | None = None
-    ) -> None:
-        self.objects = client.CustomObjectsApi(api_client)
-        self.core = client.CoreV1Api(api_client)
+    def __init__(self, api: ApiClient, node: str, metrics: Metrics | None = None) -> None:
+        self.api = api
         self.node = node
         self.metrics = metrics
         self.writes = WriteCounts()
@@ -63,64 +59,53 @@ class DraApi:
 
     # ---- claims -------------------------------------------------------------------------
     def get_claim(self, namespace: str, name: str) -> Mapping[str, Any]:
-        obj: Mapping[str, Any] = self.objects.get_namespaced_custom_object(  # type: ignore[assignment]
-            GROUP, VERSION, namespace, CLAIMS, name
+        obj: Mapping[str, Any] = self.api.get(
+            f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{CLAIMS}/{name}"
         )
         return obj
 
     # ---- slices -------------------------------------------------------------------------
     def list_slices(self) -> tuple[list[Mapping[str, Any]], str]:
-        resp: Mapping[str, Any] = self.objects.list_cluster_custom_object(  # type: ignore[assignment]
-            GROUP, VERSION, SLICES, field_selector=self.selector
-        )
+        resp = self.api.get(SLICES_PATH, fieldSelector=self.selector)
         rv = str((resp.get("metadata") or {}).get("resourceVersion", ""))
         return list(resp.get("items") or []), rv
 
     def watch_slices(self, resource_version: str, timeout_seconds: int) -> Iterator[Event]:
         return watch_events(
-            self.objects.list_cluster_custom_object,
-            GROUP,
-            VERSION,
-            SLICES,
-            field_selector=self.selector,
+            self.api,
+            SLICES_PATH,
+            fieldSelector=self.selector,
             resource_version=resource_version,
             timeout_seconds=timeout_seconds,
         )
 
     def get_slice(self, name: str) -> Mapping[str, Any] | None:
         try:
-            obj: Mapping[str, Any] = self.objects.get_cluster_custom_object(  # type: ignore[assignment]
-                GROUP, VERSION, SLICES, name
-            )
-        except ApiException as e:
+            obj: Mapping[str, Any] = self.api.get(f"{SLICES_PATH}/{name}")
+        except ApiError as e:
             if e.status == 404:
                 return None
             raise
         return obj
 
     def create_slice(self, body: Mapping[str, Any]) -> Mapping[str, Any]:
-        obj: Mapping[str, Any] = self.objects.create_cluster_custom_object(  # type: ignore[assignment]
-            GROUP, VERSION, SLICES, dict(body)
-        )
+        obj: Mapping[str, Any] = self.api.request("POST", SLICES_PATH, body=dict(body))
         self._wrote("create")
         return obj
 
     def replace_slice(self, name: str, body: Mapping[str, Any]) -> Mapping[str, Any]:
         """PUT with the body's resourceVersion: a concurrent change is a 409, not overwritten."""
-        obj: Mapping[str, Any] = self.objects.replace_cluster_custom_object(  # type: ignore[assignment]
-            GROUP, VERSION, SLICES, name, dict(body)
-        )
+        obj: Mapping[str, Any] = self.api.request("PUT", f"{SLICES_PATH}/{name}", body=dict(body))
         self._wrote("update")
         return obj
 
     def delete_slice(self, name: str, uid: str | None, resource_version: str | None) -> bool:
         """False when it was gone already."""
-        pre = client.V1Preconditions(uid=uid, resource_version=resource_version)
+        pre = {k: v for k, v in (("uid", uid), ("resourceVersion", resource_version)) if v}
+        body = {"apiVersion": "v1", "kind": "DeleteOptions", "preconditions": pre}
         try:
-            self.objects.delete_cluster_custom_object(
-                GROUP, VERSION, SLICES, name, body=client.V1DeleteOptions(preconditions=pre)
-            )
-        except ApiException as e:
+            self.api.request("DELETE", f"{SLICES_PATH}/{name}", body=body)
+        except ApiError as e:
             if e.status == 404:
                 return False
             raise
@@ -132,14 +117,15 @@ class DraApi:
         """The Node's UID (slices are owned by it, so they go with a deleted node); None when
         the agent may not read its Node."""
         try:
-            node = self.core.read_node(self.node)
-        except ApiException as e:
+            node = self.api.get(f"/api/v1/nodes/{self.node}")
+        except ApiError as e:
             if e.status in (401, 403, 404):
                 log.warning(
                     "cannot read Node %s (%s): ResourceSlices are created without an owner",
                     self.node,
-                    e.reason,
+                    e.message,
                 )
                 return None
             raise
-        return None if node.metadata is None else str(node.metadata.uid)
+        uid = (node.get("metadata") or {}).get("uid")
+        return None if uid is None else str(uid)

@@ -1,6 +1,6 @@
 """Keeps this node's ResourceSlices equal to what the DRA front end wants, writing only changes.
 
-Two threads (the ``kubernetes`` client blocks): a watcher lists and watches this node's slices
+Two threads (the API client blocks): a watcher lists and watches this node's slices
 of the driver (field selector ``spec.nodeName``, ``spec.driver``; nothing else is ever seen,
 so nothing else is ever touched) and a writer that reconciles the newest wanted content
 against them. Pool generation follows the upstream resourceslice controller: kept when one
@@ -18,13 +18,12 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from kubernetes.client.exceptions import ApiException
-
 from hostdev.deviceplugin.dra.kube import (
     MANAGED_BY,
     DraApi,
     WatchExpiredError,
 )
+from hostdev.deviceplugin.kubeapi import ApiError
 from hostdev.policy.dra import API_VERSION, DRIVER, SliceContent
 
 log = logging.getLogger(__name__)
@@ -238,7 +237,7 @@ class SlicePublisher:
             name = str(meta["name"])
             try:
                 self.api.delete_slice(name, meta.get("uid"), meta.get("resourceVersion"))
-            except ApiException as e:
+            except ApiError as e:
                 if e.status == 409:
                     self._refresh(name)  # changed meanwhile: look again, retry
                 raise
@@ -249,7 +248,7 @@ class SlicePublisher:
             body["spec"] = s.spec(self.node, generation, count)
             try:
                 self._record(s.name, self.api.replace_slice(s.name, body), (s, generation, count))
-            except ApiException as e:
+            except ApiError as e:
                 if e.status in (404, 409):
                     self._refresh(s.name)  # changed or deleted meanwhile: look again, retry
                 raise
@@ -266,7 +265,7 @@ class SlicePublisher:
             }
             try:
                 self._record(s.name, self.api.create_slice(body), (s, generation, count))
-            except ApiException as e:
+            except ApiError as e:
                 if e.status == 409:
                     self._refresh(s.name)
                 raise
@@ -319,9 +318,8 @@ def _rv(obj: Mapping[str, Any]) -> str:
 
 
 def _reason(e: BaseException) -> str:
-    if isinstance(e, ApiException):
-        body = e.body.decode() if isinstance(e.body, bytes) else (e.body or "")
-        return f"{e.status} {e.reason}: {str(body)[:300]}".strip()
+    if isinstance(e, ApiError):
+        return str(e)[:300]
     return f"{type(e).__name__}: {e}"
 
 

@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+from hostdev.deviceplugin.flags import NODESTATE_RESYNC
 from hostdev.deviceplugin.nodestate.kube import NodeStateClient, WatchExpiredError
 from hostdev.deviceplugin.nodestate.status import StatusWriter
 from hostdev.deviceplugin.nodestate.sync import Syncer, generation_of, utc_now
@@ -72,7 +73,7 @@ class _Gone:
 @dataclass(frozen=True, slots=True)
 class LoopSettings:
     coalesce: float = 1.0  # seconds a status waits for newer ones before it is written
-    resync: float = 300.0  # re-run the sync this often even without a spec change
+    resync: float = NODESTATE_RESYNC  # re-run the sync this often even without a spec change
     allocations_every: float = 30.0  # re-read health and allocations this often
     watch_timeout: int = 60  # seconds per watch request (the server ends it; we re-watch)
     backoff: float = 5.0  # after an API error

@@ -178,8 +178,8 @@ class Sysfs:
         for name in names:
             try:
                 addr = PciAddress.parse(name)
-            except PciAddressError:
-                warnings.append(f"{name}: skipped, not a dddd:bb:dd.f address")
+            except PciAddressError as e:
+                warnings.append(f"{name}: skipped: {e}")
                 continue
             raws.append(self._read_raw(addr, os.path.join(bus, name)))
         raws = self._with_numvfs(raws)

@@ -33,21 +33,16 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from hostdev.host.address import PciAddress, PciAddressError
 from hostdev.host.model import Inventory, is_vfio_driver
+from hostdev.policy.frontends import ALLOCATIONS, DEVICE_PLUGIN, DRA, Allocation
 from hostdev.policy.mdev import MdevSpec, MdevSpecError
 from hostdev.policy.naming import env_collisions
 from hostdev.policy.selector import DeviceSelector, SelectorError
 
 DEFAULT_DRIVER = "vfio-pci"
-# How the kubelet gets a resource's units: a device-plugin server, or DRA (ResourceSlices and a
-# kubelet DRA plugin). One resource is served one way on a node, never both.
-Allocation = Literal["DevicePlugin", "DRA"]
-DEVICE_PLUGIN: Allocation = "DevicePlugin"
-DRA: Allocation = "DRA"
-ALLOCATIONS: tuple[Allocation, ...] = (DEVICE_PLUGIN, DRA)
 # Kernel driver names: what /sys/bus/pci/drivers/<name> can be (no '/', no spaces).
 _DRIVER = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _RESOURCE = re.compile(
@@ -371,3 +366,15 @@ def resolve_devices(config: NodeConfig, inventory: Inventory) -> Resolved:
         if addr not in bad:
             out[addr] = want
     return Resolved(dict(sorted(out.items())), tuple(conflicts))
+
+
+def served_now(config: NodeConfig, inventory: Inventory) -> dict[str, tuple[PciAddress, ...]]:
+    """resource -> the present, unconflicted devices the config gives it (sorted): what the
+    device plugins can serve from the host as it is, before anything is applied."""
+    resolved = resolve_devices(config, inventory)
+    conflicted = {a for a, _ in resolved.conflicts}
+    out: dict[str, list[PciAddress]] = {}
+    for addr, want in resolved.devices.items():
+        if want.resource_name and addr not in conflicted and addr in inventory.devices:
+            out.setdefault(want.resource_name, []).append(addr)
+    return {name: tuple(sorted(addrs)) for name, addrs in sorted(out.items())}

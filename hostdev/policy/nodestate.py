@@ -14,10 +14,10 @@ from typing import Any
 from hostdev.host.address import PciAddress, PciAddressError
 from hostdev.host.model import Inventory, PciDevice, is_vfio_driver
 from hostdev.policy.allocation import AllocUnit, build_units, multi_function_note
+from hostdev.policy.frontends import ALLOCATIONS, DEVICE_PLUGIN, DRA, Allocation
 from hostdev.policy.labels import LabelSelector, LabelSelectorError
 from hostdev.policy.mdev import MdevSpec, MdevSpecError
 from hostdev.policy.naming import env_collisions
-from hostdev.policy.nodeconfig import ALLOCATIONS, DEVICE_PLUGIN, DRA, Allocation
 from hostdev.policy.reported import ReportedNode
 from hostdev.policy.selector import DeviceSelector, PfRange, SelectorError
 

@@ -23,6 +23,7 @@ from hostdev.policy.dra import DRIVER
 from hostdev.policy.health import unit_health
 from hostdev.policy.plan import Refusal
 from hostdev.policy.readiness import node_problems
+from hostdev.policy.runs import COUNT, compact
 
 # Condition type: some resource has units of several functions (only the primary is attached).
 MULTI_FUNCTION = "MultiFunctionUnits"
@@ -31,13 +32,6 @@ SyncState = Literal["Succeeded", "InProgress", "Failed"]
 SUCCEEDED: SyncState = "Succeeded"
 IN_PROGRESS: SyncState = "InProgress"
 FAILED: SyncState = "Failed"
-
-# KubeVirt's virt-launcher pods: label kubevirt.io=virt-launcher, controller ownerReference to
-# the VirtualMachineInstance, annotation kubevirt.io/domain=<vmi name>. vm.kubevirt.io/name is
-# only a convention of VM templates (not set by KubeVirt itself): last resort.
-LAUNCHER_LABEL = ("kubevirt.io", "virt-launcher")
-DOMAIN_ANNOTATION = "kubevirt.io/domain"
-TEMPLATE_VM_LABEL = "vm.kubevirt.io/name"
 
 _ADDRESS_IN_TEXT = re.compile(r"\b[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]\b")
 _PF_NAME = re.compile(r"^pf (\S+)$")
@@ -100,26 +94,6 @@ def served_resources(
     for addr, name in resources.items():
         out.setdefault(name, []).append(addr)
     return {name: tuple(sorted(addrs)) for name, addrs in sorted(out.items())}
-
-
-def vmi_of_pod(meta: Mapping[str, Any]) -> str | None:
-    """The VirtualMachineInstance a pod runs, from its metadata (None: not a VM's pod)."""
-    for ref in meta.get("ownerReferences") or meta.get("owner_references") or ():
-        if not isinstance(ref, Mapping):
-            continue
-        api = str(ref.get("apiVersion") or ref.get("api_version") or "")
-        if ref.get("kind") == "VirtualMachineInstance" and api.startswith("kubevirt.io/"):
-            name = ref.get("name")
-            if isinstance(name, str) and name:
-                return name
-    labels = meta.get("labels") or {}
-    annotations = meta.get("annotations") or {}
-    if labels.get(LAUNCHER_LABEL[0]) == LAUNCHER_LABEL[1]:
-        domain = annotations.get(DOMAIN_ANNOTATION)
-        if isinstance(domain, str) and domain:
-            return domain
-    name = labels.get(TEMPLATE_VM_LABEL)
-    return name if isinstance(name, str) and name else None
 
 
 def _parse(addr: str) -> PciAddress | None:
@@ -361,7 +335,7 @@ def render_status(
         status["lastSyncTime"] = outcome.finished_at
     if allocations is not None:
         rows = [r.to_status() for r in allocations]
-        status["allocations"] = rows
+        status["allocations"] = compact(rows)  # a VM holding consecutive VFs: one entry
         status["allocationCount"] = len(rows)
 
     def conditions(listed: int) -> list[dict[str, Any]]:
@@ -374,9 +348,10 @@ def render_status(
 
     # What the rest takes, with the longer (truncated) wording of the conditions.
     rest = _size({**status, "conditions": conditions(0), "devices": []})
-    listed = _fit(devices, max_bytes - rest - 16)  # 16: the count in the message may grow
+    # Runs of alike VFs as one entry each (hostdev.policy.runs): thousands of VFs take a few KiB.
+    listed = _fit(compact(devices), max_bytes - rest - 16)  # 16: the count may grow
     status["devices"] = listed
-    status["conditions"] = conditions(len(listed))
+    status["conditions"] = conditions(sum(e.get(COUNT, 1) for e in listed))
     return status
 
 
@@ -396,6 +371,14 @@ def comparable(status: Mapping[str, Any] | None) -> dict[str, Any]:
             key=lambda c: str(c.get("type")),
         )
     return out
+
+
+def status_patch(written: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[str, Any]:
+    """The top-level keys of ``new`` that differ from ``written`` (the status as last sent): a
+    merge patch of just those keeps every write small (keys ``new`` leaves out stay)."""
+    if written is None:
+        return dict(new)
+    return {k: v for k, v in new.items() if written.get(k) != v}
 
 
 def status_changed(written: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:

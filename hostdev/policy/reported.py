@@ -9,6 +9,7 @@ from typing import Any
 
 from hostdev.host.address import PciAddress, PciAddressError
 from hostdev.host.model import Inventory, NodeIommu, PciDevice
+from hostdev.policy.runs import expand
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +58,11 @@ def _addr(value: Any) -> PciAddress | None:
         return None
 
 
+def _entries(value: Any) -> list[Mapping[str, Any]]:
+    """A status list with its runs (:mod:`hostdev.policy.runs`) expanded."""
+    return expand(value) if isinstance(value, list) else []
+
+
 def read_node_state(name: str, status: Mapping[str, Any] | None) -> ReportedNode:
     """Build the node's view from its status; entries with unusable addresses are skipped."""
     status = status or {}
@@ -70,17 +76,14 @@ def read_node_state(name: str, status: Mapping[str, Any] | None) -> ReportedNode
             pod=str(a.get("pod", "")),
             vmi=a.get("vmi") or None,
         )
-        for a in status.get("allocations") or ()
-        if isinstance(a, Mapping)
+        for a in _entries(status.get("allocations"))
     )
     if not isinstance(raw_devices, list):
         return ReportedNode(name, None, {}, allocations)
     devices: dict[PciAddress, PciDevice] = {}
     resources: dict[str, list[str]] = {}
     virtfns: dict[PciAddress, list[tuple[int, PciAddress]]] = {}
-    for raw in raw_devices:
-        if not isinstance(raw, Mapping):
-            continue
+    for raw in expand(raw_devices):
         address = _addr(raw.get("pciAddress"))
         if address is None:
             continue

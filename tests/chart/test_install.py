@@ -27,7 +27,7 @@ from hostdev.host import PciAddress
 from hostdev.policy.allocation import AllocUnit
 from hostdev.policy.dra import PoolEntry, dra_device, plan_slices
 from tests.chart.helmtool import CHART, helm
-from tests.fixtures.kube import Cluster
+from tests.fixtures.kube import Cluster, light_client
 
 pytestmark = pytest.mark.kube
 
@@ -426,7 +426,7 @@ def test_agent_may_write_only_its_own_nodes_resourceslices(
         as_a.delete_cluster_custom_object(*rs, f"a-{suffix}")
         # The agent's own publisher under exactly these permissions.
         pub = SlicePublisher(
-            DraApi(impersonating(kube_apiserver, sa, {NODE_NAME_KEY: node_a}), node_a)
+            DraApi(light_client(impersonating(kube_apiserver, sa, {NODE_NAME_KEY: node_a})), node_a)
         )
         pub.start()
         try:
@@ -437,6 +437,7 @@ def test_agent_may_write_only_its_own_nodes_resourceslices(
             assert pub.wait_synced(60), pub.last_error
         finally:
             pub.stop()
+            pub.api.api.close()
         got = admin.list_cluster_custom_object(*rs, field_selector=f"spec.nodeName={node_a}")
         assert [o["spec"]["devices"][0]["name"] for o in got["items"]] == ["pci-0000-17-00-0"]
         for o in got["items"]:

@@ -169,9 +169,9 @@ async def test_metrics_and_healthz(
         client = kubelet.client(name)
         await client.wait_for(lambda d: len(d) == 6)
         await client.allocate([str(h.vf_address("0000:3b:00.0", 0))])
-        http = serve_http(mgr.metrics, 0, mgr.health, "127.0.0.1")
+        http = await serve_http(mgr.metrics, 0, mgr.health, "127.0.0.1")
         try:
-            port = http.server_address[1]
+            port = http.sockets[0].getsockname()[1]
             status, body = await asyncio.to_thread(_get, f"http://127.0.0.1:{port}/healthz")
             assert status == 200 and f"{name}: serving, registered, 6 devices" in body
             status, body = await asyncio.to_thread(_get, f"http://127.0.0.1:{port}/metrics")
@@ -183,17 +183,15 @@ async def test_metrics_and_healthz(
             status, body = await asyncio.to_thread(_get, f"http://127.0.0.1:{port}/healthz")
             assert status == 503 and "DOWN" in body
         finally:
-            http.shutdown()
-            http.server_close()
+            http.close()
+            await http.wait_closed()
 
 
 def test_metrics_registry_is_private() -> None:
     a, b = Metrics(), Metrics()
     a.set_devices("x.io/y", 1, 0)
-    assert (
-        b.registry.get_sample_value("hostdev_devices", {"resource": "x.io/y", "health": "Healthy"})
-        is None
-    )
+    assert a.sample("hostdev_devices", {"resource": "x.io/y", "health": "Healthy"}) == 1.0
+    assert b.sample("hostdev_devices", {"resource": "x.io/y", "health": "Healthy"}) is None
 
 
 async def test_hostdev_node_process_serves_and_stops_cleanly(
@@ -270,3 +268,29 @@ async def test_a_real_kernel_uevent_drives_a_targeted_rescan(
         devs = await client.wait_for(lambda d: d[real].health == "Unhealthy")
         assert "ixgbevf" in (mgr.plugins[name].devices[real].verdict.reason or "")
         assert len(devs) == 1
+
+
+async def test_the_agent_logs_what_discovery_skips(
+    host_root: Path, kubelet: KubeletSim, agent: AgentFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    sriov_nic_dual_socket(host_root, numvfs=1)
+    bus = host_root / "sys/bus/pci/devices"
+    # A function the kernel could never name (device 0x20 > 0x1f): skipped, and said so.
+    os.symlink("../../../devices/pci0000:00/0000:00:20.0", bus / "0000:00:20.0")
+    caplog.set_level("INFO", logger="hostdev.deviceplugin.manager")
+    async with agent(
+        resources({"resourceName": "example.com/vf", "selector": {"devices": ["1889"]}})
+    ) as mgr:
+        said = (
+            "host scan: 0000:00:20.0: skipped: invalid PCI address '0000:00:20.0': "
+            "device number above 1f"
+        )
+        assert [r.levelname for r in caplog.records if r.getMessage() == said] == ["WARNING"]
+        await mgr.rescan()  # seen again: not logged again
+        assert sum(r.getMessage() == said for r in caplog.records) == 1
+        (bus / "0000:00:20.0").unlink()
+        await mgr.rescan()
+        assert any(
+            r.getMessage().startswith("host scan: no longer seen: 0000:00:20.0")
+            for r in caplog.records
+        )

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from hostdev.deviceplugin.api.deviceplugin.v1beta1 import api_pb2 as pb
 from hostdev.deviceplugin.hostview import HostView
 from hostdev.deviceplugin.metrics import Metrics
 from hostdev.deviceplugin.plugin import ResourcePlugin
@@ -25,6 +26,11 @@ SELECTORS = [
 def _plugin(host: Path, selector: dict[str, object]) -> ResourcePlugin:
     (cfg,) = parse_resources([{"resourceName": "example.com/x", "selector": selector}])
     return ResourcePlugin(cfg, Sysfs(str(host)), "/nonexistent", Metrics())
+
+
+def _devices(p: ResourcePlugin) -> list[pb.Device]:
+    """The plugin's current ListAndWatch list, read with the generated stubs."""
+    return list(pb.ListAndWatchResponse.FromString(p._snapshot).devices)
 
 
 def _state(p: ResourcePlugin) -> dict[str, tuple[tuple[str, ...], bool, str | None]]:
@@ -73,7 +79,5 @@ def test_targeted_rescans_match_a_full_scan(tmp_path: Path, selector: dict[str, 
         fresh = _plugin(tmp_path, selector)
         fresh.update(Sysfs(str(tmp_path)).discover())
         assert _state(live) == _state(fresh)
-        assert [d.ID for d in live._snapshot.devices] == list(fresh.devices)
-        assert [d.health for d in live._snapshot.devices] == [
-            d.health for d in fresh._snapshot.devices
-        ]
+        assert [d.ID for d in _devices(live)] == list(fresh.devices)
+        assert [d.health for d in _devices(live)] == [d.health for d in _devices(fresh)]

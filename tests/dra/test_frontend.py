@@ -30,7 +30,7 @@ from hostdev.deviceplugin.manager import PluginManager
 from hostdev.deviceplugin.resources import ResourceConfig
 from hostdev.host import PciAddress, Sysfs
 from hostdev.policy.dra import DRIVER, SliceContent, device_name
-from hostdev.policy.nodeconfig import DRA
+from hostdev.policy.frontends import DRA
 from hostdev.policy.selector import DeviceSelector
 from hostdev.testing import scenarios
 from hostdev.testing.fakesysfs import FakeHost

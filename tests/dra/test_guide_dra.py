@@ -31,7 +31,7 @@ from hostdev.policy.dra import (
 from tests.chart.test_guide import shell_blocks
 from tests.fixtures.dra import RS, create_claim
 from tests.fixtures.draharness import DRAHarness
-from tests.fixtures.kube import Cluster
+from tests.fixtures.kube import Cluster, light_client
 from tests.fixtures.kubevirt import KubeVirtLauncher
 from tests.fixtures.operator import GROUP, Objects, OperatorProcess, wait_for
 
@@ -105,13 +105,14 @@ def test_dra_quick_start(
             ],
         },
     )
-    pub = SlicePublisher(DraApi(kube_apiserver.admin, node))
+    pub = SlicePublisher(DraApi(light_client(kube_apiserver.admin), node))
     pub.start()
     try:
         pub.submit(plan_slices(node, [PoolEntry(device, True)]))
         assert pub.wait_synced(60), pub.last_error
     finally:
         pub.stop()
+        pub.api.api.close()
 
     # kubectl apply -n demo -f examples/5-dra-vm.yaml
     template, vm = _docs("5-dra-vm.yaml")

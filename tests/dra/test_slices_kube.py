@@ -20,7 +20,7 @@ from hostdev.deviceplugin.dra.publisher import SlicePublisher
 from hostdev.host import PciAddress
 from hostdev.policy.allocation import AllocUnit
 from hostdev.policy.dra import DRIVER, PoolEntry, SliceContent, dra_device, plan_slices
-from tests.fixtures.kube import Cluster
+from tests.fixtures.kube import Cluster, light_client
 
 pytestmark = pytest.mark.kube
 
@@ -69,7 +69,7 @@ def publish(kube_apiserver: Cluster, node: str) -> Iterator[Callable[..., SliceP
     started: list[SlicePublisher] = []
 
     def make(api_client: k8s.ApiClient | None = None, **kw: Any) -> SlicePublisher:
-        pub = SlicePublisher(DraApi(api_client or kube_apiserver.admin, node), **kw)
+        pub = SlicePublisher(DraApi(light_client(api_client or kube_apiserver.admin), node), **kw)
         pub.start()
         started.append(pub)
         return pub
@@ -77,6 +77,7 @@ def publish(kube_apiserver: Cluster, node: str) -> Iterator[Callable[..., SliceP
     yield make
     for p in started:
         p.stop()
+        p.api.api.close()
 
 
 def submit(pub: SlicePublisher, node: str, entries: list[PoolEntry]) -> tuple[SliceContent, ...]:

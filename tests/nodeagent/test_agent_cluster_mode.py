@@ -20,6 +20,7 @@ from kubernetes import client as k8s
 
 from hostdev.deviceplugin.nodestate.kube import GROUP, PLURAL, VERSION
 from hostdev.policy.naming import socket_name
+from hostdev.policy.runs import expand
 from hostdev.testing import scenarios
 from tests.fixtures.kube import Cluster
 
@@ -127,7 +128,7 @@ def test_agent_process_in_cluster_mode(kube_apiserver: Cluster, tmp_path: Path) 
         assert agent.proc.poll() is None, f"agent exited early:\n{agent.stop()}"
         assert status.get("syncStatus") == "Succeeded", status
         assert status["observedGeneration"] == 1
-        gpu = next(d for d in status["devices"] if d["pciAddress"] == "0000:17:00.0")
+        gpu = next(d for d in expand(status["devices"]) if d["pciAddress"] == "0000:17:00.0")
         assert gpu["resourceName"] == GPU and gpu["health"] == "Healthy"
         # The device-plugin server for the resource is up (its socket is in the plugin dir).
         assert (plugin_dir / socket_name(GPU)).exists()

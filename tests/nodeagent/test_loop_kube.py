@@ -28,10 +28,11 @@ from hostdev.deviceplugin.nodestate.loop import LoopSettings, NodeStateLoop
 from hostdev.deviceplugin.nodestate.sync import Syncer
 from hostdev.deviceplugin.podresources import PodResourcesClient
 from hostdev.host import PciAddress, Sysfs
+from hostdev.policy.runs import expand
 from hostdev.testing import scenarios
 from hostdev.testing.fakekernel import FakeKernel
 from tests.chart.helmtool import find, render
-from tests.fixtures.kube import Cluster, wait_allowed
+from tests.fixtures.kube import Cluster, light_client, wait_allowed
 
 pytestmark = pytest.mark.kube
 
@@ -229,15 +230,16 @@ def agent(
             },
         },
     )
+    light = light_client(agent_api)
     with fake_kubelet() as kubelet:
-        client = CountingClient(agent_api, name)
+        client = CountingClient(light, name)
         manager = RecordingManager()
         loop = NodeStateLoop(
             client,
             Syncer(sysfs, DriverMemory(str(tmp_path / "state")), io=kernel, settle=1.0),
             manager,
             allocations=KubeletAllocations(
-                PodResourcesClient(kubelet.socket), LauncherPods(agent_api, name)
+                PodResourcesClient(kubelet.socket), LauncherPods(light, name)
             ),
             settings=LoopSettings(
                 coalesce=0.3, resync=3600, allocations_every=0.2, watch_timeout=2
@@ -251,6 +253,7 @@ def agent(
         finally:
             stop.set()
             thread.join(15)
+            light.close()  # after the loop's last status write; ends its blocked watch too
             crd.delete_cluster_custom_object(GROUP, VERSION, PLURAL, name)
             if agent_api is not api:
                 agent_api.close()
@@ -263,7 +266,7 @@ def vfs(*indexes: int) -> tuple[PciAddress, ...]:
 
 
 def by_addr(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {d["pciAddress"]: d for d in status["devices"]}
+    return {d["pciAddress"]: d for d in expand(status["devices"])}
 
 
 @pytest.mark.parametrize("agent", ["admin", "chart-rbac"], indirect=True)
@@ -400,7 +403,8 @@ def test_vmi_names_come_back_once_pods_may_be_listed(
     )
     user = f"agent-{node}"
     api = kube_apiserver.api_client(user=user)
-    pods = LauncherPods(api, node, denied_retry=0.0)
+    light = light_client(api)
+    pods = LauncherPods(light, node, denied_retry=0.0)
     try:
         assert pods.vmis() == {} and not pods.allowed  # no RBAC yet: names unknown, no error
         rbac = k8s.RbacAuthorizationV1Api(kube_apiserver.admin)
@@ -427,4 +431,5 @@ def test_vmi_names_come_back_once_pods_may_be_listed(
         assert pods.vmis() == {(kube_namespace, "virt-launcher-web-xyz12"): "web"}
         assert pods.allowed
     finally:
+        light.close()
         api.close()

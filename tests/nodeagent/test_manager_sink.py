@@ -16,8 +16,9 @@ import pytest
 
 from hostdev.deviceplugin.config.memory import DriverMemory
 from hostdev.deviceplugin.manager import PluginManager
+from hostdev.deviceplugin.nodestate.first import to_resource_configs
 from hostdev.deviceplugin.nodestate.loop import LoopSettings, NodeStateLoop
-from hostdev.deviceplugin.nodestate.runner import ManagerSink, to_resource_configs
+from hostdev.deviceplugin.nodestate.runner import ManagerSink
 from hostdev.deviceplugin.nodestate.sync import Syncer
 from hostdev.host import PciAddress, Sysfs
 from hostdev.testing import scenarios

@@ -10,6 +10,7 @@ import pytest
 
 from hostdev.host import PciAddress, Sysfs
 from hostdev.host.model import Inventory
+from hostdev.policy.launcher import vmi_of_pod
 from hostdev.policy.nodestatus import (
     FAILED,
     IN_PROGRESS,
@@ -23,10 +24,10 @@ from hostdev.policy.nodestatus import (
     render_status,
     served_resources,
     status_changed,
-    vmi_of_pod,
 )
 from hostdev.policy.plan import Refusal
 from hostdev.policy.reported import read_node_state
+from hostdev.policy.runs import expand
 from hostdev.testing import scenarios
 
 A = PciAddress.parse
@@ -40,8 +41,8 @@ def inv_of(build: Any, tmp_path: Path) -> Inventory:
     return Sysfs(str(tmp_path)).discover()
 
 
-def dev(status: dict[str, Any], addr: str) -> dict[str, Any]:
-    return next(d for d in status["devices"] if d["pciAddress"] == addr)
+def dev(status: dict[str, Any], addr: str) -> Any:
+    return next(d for d in expand(status["devices"]) if d["pciAddress"] == addr)
 
 
 def cond(status: dict[str, Any], kind: str) -> dict[str, Any]:
@@ -66,7 +67,7 @@ def test_succeeded_sriov_node(tmp_path: Path) -> None:
         "groupCount": inv.node.group_count,
     }
     # Bridges are not inventory; everything else is, sorted by address.
-    addrs = [d["pciAddress"] for d in st["devices"]]
+    addrs = [d["pciAddress"] for d in expand(st["devices"])]
     assert "0000:00:1c.0" not in addrs and addrs == sorted(addrs)
     assert st["deviceCount"] == len(addrs) == 1 + 1 + 3 * (1 + 4)
     pf = dev(st, "0000:3b:00.0")
@@ -236,10 +237,10 @@ def test_a_status_too_large_for_etcd_lists_the_telling_devices_first(tmp_path: P
     out = SyncOutcome(FAILED, 1, r.describe(), resources=served, refusals=(r,), finished_at=NOW)
     full = render_status(inv, out, (), now=NOW)
     assert cond(full, "InventoryComplete")["status"] == "True"
-    limit = len(json.dumps(full, separators=(",", ":"))) - 1500  # about 7 entries too many
+    limit = len(json.dumps(full, separators=(",", ":"))) - 400  # two or three entries too many
     cut = render_status(inv, out, (), now=NOW, max_bytes=limit)
     assert len(json.dumps(cut, separators=(",", ":"))) <= limit
-    listed = [d["pciAddress"] for d in cut["devices"]]
+    listed = [d["pciAddress"] for d in expand(cut["devices"])]
     assert 0 < len(listed) < cut["deviceCount"] == full["deviceCount"]
     # Served, refused and PFs first; address order kept.
     for must in ("0000:86:02.3", "0000:3b:02.2", "0000:3b:00.0", "0000:3b:00.1", "0000:86:00.0"):
@@ -248,6 +249,28 @@ def test_a_status_too_large_for_etcd_lists_the_telling_devices_first(tmp_path: P
     c = cond(cut, "InventoryComplete")
     assert c["status"] == "False" and c["reason"] == "Truncated"
     assert c["message"].startswith(f"{len(listed)} of {full['deviceCount']} devices are listed")
+
+
+def test_vfs_alike_are_listed_as_runs(tmp_path: Path) -> None:
+    """A PF's idle VFs and its served ones are a few entries, not one each; the reader gets
+    every function back (hostdev.policy.reported)."""
+    inv = inv_of(scenarios.sriov_nic_dual_socket, tmp_path)
+    served = {A(f"0000:3b:02.{i}"): NIC for i in range(4)}
+    st = render_status(
+        inv, SyncOutcome(SUCCEEDED, 1, resources=served, finished_at=NOW), (), now=NOW
+    )
+    runs = [e for e in st["devices"] if "count" in e]
+    assert runs[0] == {
+        "pciAddress": "0000:3b:02.0",
+        "lastPciAddress": "0000:3b:02.3",
+        "count": 4,
+        **{k: v for k, v in dev(st, "0000:3b:02.0").items() if k != "pciAddress"},
+    }
+    assert runs[0]["resourceName"] == NIC and runs[0]["health"] == "Healthy"
+    assert st["deviceCount"] == len(expand(st["devices"])) > len(st["devices"])
+    rep = read_node_state("n", st)
+    assert rep.inventory is not None and len(rep.inventory.devices) == st["deviceCount"]
+    assert rep.resources[NIC] == tuple(str(a) for a in sorted(served))
 
 
 # ---- change detection -------------------------------------------------------------------------

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from hostdev.deviceplugin.agent import parse_args
-from hostdev.deviceplugin.nodestate.runner import EXIT_SETUP, cluster_mode, run_cluster
+from hostdev.deviceplugin.agent import EXIT_SETUP, parse_args, run
+from hostdev.deviceplugin.flags import cluster_mode
 
 
 @pytest.mark.parametrize(
@@ -36,7 +36,7 @@ def test_cluster_mode_switch(
 def test_unreadable_driver_memory_stops_start_up(tmp_path: Path) -> None:
     (tmp_path / "original-drivers.json").write_text("{not json")
     args = parse_args(["--node-name", "n1", "--state-dir", str(tmp_path)])
-    rc = asyncio.run(run_cluster(args, None, asyncio.Event()))  # type: ignore[arg-type]
+    rc = asyncio.run(run(args))
     assert rc == EXIT_SETUP
     assert (tmp_path / "original-drivers.json").read_text() == "{not json"  # left untouched
 
@@ -47,6 +47,6 @@ def test_bad_kubeconfig_stops_start_up(tmp_path: Path, caplog: pytest.LogCapture
     args = parse_args(
         ["--node-name", "n1", "--state-dir", str(tmp_path / "s"), "--kubeconfig", str(bad)]
     )
-    rc = asyncio.run(run_cluster(args, None, asyncio.Event()))  # type: ignore[arg-type]
+    rc = asyncio.run(run(args))
     assert rc == EXIT_SETUP
     assert "cannot reach the API server for NodeState n1" in caplog.text

@@ -29,7 +29,7 @@ from hostdev.host import PciAddress, Sysfs
 from hostdev.testing import scenarios
 from hostdev.testing.fakekernel import FakeKernel
 from hostdev.testing.fakeprocs import hold_open, let_go
-from tests.fixtures.kube import Cluster
+from tests.fixtures.kube import Cluster, light_client
 from tests.fixtures.operator import (
     GROUP,
     KV_GROUP,
@@ -151,19 +151,20 @@ def node(
     name = f"n-{kube_namespace.rsplit('-', 1)[-1]}"
     kube_objects.create_node(name, {"hostdev.io/pool": name})
     api = kube_apiserver.api_client()
+    light = light_client(api)  # the agent's own API client, with the same identity
     with fake_kubelet() as kubelet:
         # Re-planning must come from the pod watch: resync and allocation clocks are an hour.
         loop = NodeStateLoop(
-            NodeStateClient(api, name),
+            NodeStateClient(light, name),
             Syncer(sysfs, DriverMemory(str(tmp_path / "state")), io=kernel, settle=1.0),
             RecordingManager(),
             allocations=KubeletAllocations(
-                PodResourcesClient(kubelet.socket), LauncherPods(api, name)
+                PodResourcesClient(kubelet.socket), LauncherPods(light, name)
             ),
             settings=LoopSettings(
                 coalesce=0.3, resync=3600, allocations_every=3600, watch_timeout=5
             ),
-            pods_gone=LauncherPodWatch(api, name, timeout_seconds=5),
+            pods_gone=LauncherPodWatch(light, name, timeout_seconds=5),
         )
         stop = threading.Event()
         thread = threading.Thread(target=loop.run, args=(stop,), daemon=True)
@@ -174,6 +175,7 @@ def node(
         finally:
             stop.set()
             thread.join(15)
+            light.close()  # after the loop's last write; ends the blocked watches too
             api.close()
     assert not thread.is_alive(), "the agent loop did not stop"
 

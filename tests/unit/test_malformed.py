@@ -57,9 +57,17 @@ def test_dangling_device_link_and_odd_names(host: Path, capsys: pytest.CaptureFi
     bus = host / "sys/bus/pci/devices"
     os.symlink("../../../devices/pci0000:99/0000:99:00.0", bus / "0000:99:00.0")  # points nowhere
     os.symlink("../../../devices/x", bus / "10000:00:00.0")  # VMD domain: not KubeVirt-usable
+    os.symlink("../../../devices/y", bus / "0000:00:20.0")  # device number above 0x1f
     inv = Sysfs(str(host)).discover()
     assert inv.devices[A("0000:99:00.0")].problems[0].startswith("device directory unreadable")
-    assert "10000:00:00.0: skipped, not a dddd:bb:dd.f address" in inv.warnings
+    assert any(
+        w.startswith("10000:00:00.0: skipped: invalid PCI address") and "4-digit hex domain" in w
+        for w in inv.warnings
+    ), inv.warnings
+    assert (
+        "0000:00:20.0: skipped: invalid PCI address '0000:00:20.0': device number above 1f"
+        in inv.warnings
+    )
     assert main(["scan", "--host-root", str(host)]) == 0
     assert "warning: 10000:00:00.0: skipped" in capsys.readouterr().out
 

@@ -35,7 +35,7 @@ from hostdev.deviceplugin.dra.frontend import DraFrontEnd, DraSettings
 from hostdev.deviceplugin.manager import PluginManager
 from hostdev.deviceplugin.resources import ResourceConfig
 from hostdev.policy.dra import DRIVER, device_name
-from hostdev.policy.nodeconfig import DRA
+from hostdev.policy.frontends import DRA
 from hostdev.policy.selector import DeviceSelector
 
 pytestmark = pytest.mark.igb

@@ -5,8 +5,9 @@
 //
 // Usage:
 //
-//	kubelet-harness --dir DIR --resource NAME [--expect N] [--allocate K] [--timeout D]
-//	                [--watch-seconds S] [--numa-nodes M] [--v LEVEL]
+//	kubelet-harness --dir DIR --resource NAME [--expect N] [--allocatable] [--poll D]
+//	                [--allocate K] [--timeout D] [--watch-seconds S] [--numa-nodes M]
+//	                [--rpc-rounds N --rpc-socket PATH [--rpc-callers C]] [--v LEVEL]
 //
 // Flags:
 //
@@ -17,6 +18,9 @@
 //	--resource NAME    extended resource to wait for / allocate, e.g. hostdev.io/nic.
 //	--expect N         wait until capacity (healthy + unhealthy) of NAME is >= N (default 1;
 //	                   0 = do not wait).
+//	--allocatable      wait for the allocatable (healthy) count instead of capacity.
+//	--poll D           how often the manager's counts are read while waiting (Go duration,
+//	                   default 100ms, as often as --watch-seconds polls); benchmarks use 2ms.
 //	--timeout D        how long to wait for --expect (Go duration, default 30s).
 //	--allocate K       allocate K devices of NAME to a fake pod/container through the manager's
 //	                   Allocate path (GetPreferredAllocation if the plugin offers it, Allocate RPC,
@@ -25,6 +29,10 @@
 //	                   change of capacity/allocatable (polled every 100ms, as kubelet's node status
 //	                   would see it), then exit 0.
 //	--numa-nodes M     NUMA node ids 0..M-1 the fake machine has (default 1).
+//	--rpc-rounds N     after the wait, make N Allocate calls (one allocatable device each, in
+//	                   turn) straight to the plugin at --rpc-socket with grpc-go, as the
+//	                   manager's client does, over C concurrent callers (--rpc-callers, default
+//	                   1); latencies as seen by the caller go to "rpc_rounds" (benchmarks).
 //	--v LEVEL          kubelet log verbosity on stderr (default 0; 4 shows the RPCs).
 //
 // Stdout: first line is ONE JSON object
@@ -34,7 +42,9 @@
 //	 "allocate": {"pod_uid": "...", "container": "...", "device_ids": [...], "envs": {...},
 //	              "devices": [{"host_path", "container_path", "permissions"}],
 //	              "mounts": [...], "annotations": {...}, "cdi_devices": [...]},   // if --allocate
-//	 "preferred_called": bool, "prestart_called": bool}
+//	 "preferred_called": bool, "prestart_called": bool,
+//	 "met_unix": s,   // wall-clock time (Unix seconds) the --expect wait was first satisfied
+//	 "rpc_rounds": {"calls", "callers", "p50_ms", "p99_ms", "max_ms", "mean_ms", "errors"}}
 //
 // then, with --watch-seconds, lines {"elapsed": s, "capacity": {...}, "allocatable": {...}}.
 // Exit status: 0 on success; 1 with a message on stderr on timeout or any error; 2 on bad flags.
@@ -109,6 +119,11 @@ type options struct {
 	dir          string
 	resource     string
 	expect       int
+	allocatable  bool
+	poll         time.Duration
+	rpcRounds    int
+	rpcCallers   int
+	rpcSocket    string
 	allocate     int
 	timeout      time.Duration
 	watchSeconds float64
@@ -153,6 +168,8 @@ type result struct {
 	Allocate        *allocateOut           `json:"allocate,omitempty"`
 	PreferredCalled bool                   `json:"preferred_called"`
 	PreStartCalled  bool                   `json:"prestart_called"`
+	MetUnix         float64                `json:"met_unix,omitempty"`
+	RPCRounds       *roundsOut             `json:"rpc_rounds,omitempty"`
 }
 
 type watchLine struct {
@@ -166,6 +183,11 @@ func main() {
 	flag.StringVar(&o.dir, "dir", "", "device-plugin socket directory (required)")
 	flag.StringVar(&o.resource, "resource", "", "extended resource name (required)")
 	flag.IntVar(&o.expect, "expect", 1, "wait until capacity of --resource >= N (0: no wait)")
+	flag.BoolVar(&o.allocatable, "allocatable", false, "wait on the allocatable count, not capacity")
+	flag.DurationVar(&o.poll, "poll", 100*time.Millisecond, "how often counts are read while waiting")
+	flag.IntVar(&o.rpcRounds, "rpc-rounds", 0, "Allocate calls straight to --rpc-socket (0: none)")
+	flag.IntVar(&o.rpcCallers, "rpc-callers", 1, "concurrent callers for --rpc-rounds")
+	flag.StringVar(&o.rpcSocket, "rpc-socket", "", "plugin socket for --rpc-rounds")
 	flag.IntVar(&o.allocate, "allocate", 0, "allocate K devices to a fake pod (0: skip)")
 	flag.DurationVar(&o.timeout, "timeout", 30*time.Second, "how long to wait for --expect")
 	flag.Float64Var(&o.watchSeconds, "watch-seconds", 0, "print capacity changes for S seconds")
@@ -229,11 +251,12 @@ func run(o options) error {
 	}
 	defer func() { _ = manager.Stop(logger) }()
 
-	if err := waitForCapacity(ctx, manager, logger, o); err != nil {
+	met, err := waitForCapacity(ctx, manager, logger, o)
+	if err != nil {
 		return err
 	}
 
-	res := result{Resource: o.resource}
+	res := result{Resource: o.resource, MetUnix: met}
 	if o.allocate > 0 {
 		out, err := allocate(ctx, manager, pod)
 		if err != nil {
@@ -243,6 +266,17 @@ func run(o options) error {
 	}
 	res.Capacity, res.Allocatable = capacity(manager, logger)
 	res.Devices = devices(manager, logger)
+	if o.rpcRounds > 0 {
+		ids := []string{}
+		for _, d := range res.Devices[o.resource] {
+			ids = append(ids, d.ID)
+		}
+		out, err := allocateRounds(ctx, o.rpcSocket, ids, o.rpcRounds, o.rpcCallers)
+		if err != nil {
+			return err
+		}
+		res.RPCRounds = out
+	}
 	res.PreferredCalled = preferredCalled.Load()
 	res.PreStartCalled = preStartCalled.Load()
 	if err := printJSON(res); err != nil {
@@ -273,24 +307,36 @@ func fakePod(resourceName string, k int) *v1.Pod {
 }
 
 func waitForCapacity(ctx context.Context, m *devicemanager.ManagerImpl, logger klog.Logger,
-	o options) error {
+	o options) (float64, error) {
 	if o.expect <= 0 {
-		return nil
+		return 0, nil
+	}
+	what := "capacity"
+	if o.allocatable {
+		what = "allocatable"
 	}
 	deadline := time.After(o.timeout)
-	tick := time.NewTicker(100 * time.Millisecond)
+	poll := o.poll
+	if poll <= 0 {
+		poll = 100 * time.Millisecond
+	}
+	tick := time.NewTicker(poll)
 	defer tick.Stop()
 	for {
-		capa, _ := capacity(m, logger)
-		if capa[o.resource] >= int64(o.expect) {
-			return nil
+		capa, alloc := capacity(m, logger)
+		count := capa[o.resource]
+		if o.allocatable {
+			count = alloc[o.resource]
+		}
+		if count >= int64(o.expect) {
+			return float64(time.Now().UnixNano()) / 1e9, nil
 		}
 		select {
 		case <-ctx.Done():
-			return errors.New("interrupted while waiting for capacity")
+			return 0, errors.New("interrupted while waiting for capacity")
 		case <-deadline:
-			return fmt.Errorf("timeout after %s: capacity of %q is %d, expected >= %d "+
-				"(did a plugin register at %s?)", o.timeout, o.resource, capa[o.resource],
+			return 0, fmt.Errorf("timeout after %s: %s of %q is %d, expected >= %d "+
+				"(did a plugin register at %s?)", o.timeout, what, o.resource, count,
 				o.expect, filepath.Join(o.dir, filepath.Base(pluginapi.KubeletSocket)))
 		case <-tick.C:
 		}
