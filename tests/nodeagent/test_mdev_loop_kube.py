@@ -23,7 +23,7 @@ from hostdev.host import PciAddress, Sysfs
 from hostdev.policy.mdev import MdevSpec
 from hostdev.testing.fakemdev import FakeMdev, FakeType
 from hostdev.testing.fakesysfs import FakeHost
-from tests.fixtures.kube import Cluster
+from tests.fixtures.kube import Cluster, light_client
 
 pytestmark = pytest.mark.kube
 
@@ -65,6 +65,7 @@ def test_spec_mdevs_make_instances_and_status_reports_them(
     sysfs = Sysfs(str(host.root))
     owner = MdevOwner(sysfs, str(tmp_path / "state"), m.write)
     api = kube_apiserver.api_client()
+    light = light_client(api)  # the agent's own API client, with the same identity
     crd = k8s.CustomObjectsApi(api)
     name = f"node-{uuid.uuid4().hex[:8]}"
     spec = {"mdevs": [{"resourceName": RES, "type": "mtty-2", "count": 2}]}
@@ -74,7 +75,7 @@ def test_spec_mdevs_make_instances_and_status_reports_them(
          "metadata": {"name": name}, "spec": spec},
     )  # fmt: skip
     loop = NodeStateLoop(
-        NodeStateClient(api, name),
+        NodeStateClient(light, name),
         Syncer(sysfs, DriverMemory(str(tmp_path / "state"))),
         MdevSink(owner),
         settings=LoopSettings(coalesce=0.3, resync=3600, watch_timeout=2),
@@ -116,6 +117,7 @@ def test_spec_mdevs_make_instances_and_status_reports_them(
     finally:
         stop.set()
         thread.join(15)
+        light.close()  # after the loop's last write; ends the blocked watch too
         crd.delete_cluster_custom_object(GROUP, VERSION, PLURAL, name)
         api.close()
     assert not thread.is_alive()
