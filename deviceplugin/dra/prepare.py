@@ -151,7 +151,8 @@ class Preparer:
             if offer is None:
                 raise ClaimError(
                     f"{where}: device {cd.device} ({cd.address or cd.mdev_uuid}) is not served "
-                    "through DRA on this node (its resource moved to the device plugin, or it is gone)"
+                    "through DRA on this node (its resource moved to the device plugin, or it is "
+                    "gone)"
                 )
             if offer.blocked:
                 raise ClaimError(f"{where}: device {cd.device} is not handed out: {offer.blocked}")
