@@ -6,7 +6,6 @@ KubeVirt v1.9.0's own DRA builders read the mdev UUID from."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -25,7 +24,6 @@ from hostdev.host.mdev import MdevInstance, MdevParent, MdevType, discover_mdev
 from hostdev.policy.allocation import AllocUnit
 from hostdev.policy.dra import (
     DRIVER,
-    METADATA_CONTAINER_DIR,
     ClaimError,
     PreparedUnit,
     claim_devices,
@@ -41,6 +39,7 @@ from hostdev.policy.mdev import MdevSpec
 from hostdev.policy.selector import DeviceSelector
 from hostdev.testing.fakemdev import FakeMdev, FakeType
 from hostdev.testing.fakesysfs import FakeHost
+from tests.dra.test_e2e_real_parts import _in_container
 from tests.dra.test_frontend import POOL, FakePublisher, Rig
 from tests.fixtures.draharness import DRAHarness
 from tests.fixtures.kubeletsim import KubeletSim
@@ -99,7 +98,7 @@ def test_claims_take_mdev_device_names_and_refuse_strangers() -> None:
 
     _, (cd,) = claim_devices(claim(f"mdev-{U1}"), uid="u", pool=POOL)
     assert (cd.address, cd.mdev_uuid) == (None, U1)
-    with pytest.raises(ClaimError, match="is not a pci.hostdev.io device name"):
+    with pytest.raises(ClaimError, match=r"is not a pci\.hostdev\.io device name"):
         claim_devices(claim("mdev-xyz"), uid="u", pool=POOL)
 
 
@@ -168,10 +167,17 @@ async def mrig(short_tmp: str, kubelet: KubeletSim) -> AsyncIterator[Callable[..
     yield make
 
 
+def _metadata_spec(cdi_dir: Path, claim_uid: str) -> Path:
+    [spec] = cdi_dir.glob(f"{DRIVER}_metadata_{claim_uid}_*.json")
+    return spec
+
+
 def _owned(r: Rig) -> list[str]:
     return r.manager.mdev.of(NAME)
 
 
+@pytest.mark.dra
+@pytest.mark.kubevirt
 async def test_instances_are_offered_prepared_and_read_by_kubevirt(
     mrig: Callable[..., Any], dra_harness: DRAHarness, kubevirt_launcher: KubeVirtLauncher
 ) -> None:
@@ -222,12 +228,8 @@ async def test_instances_are_offered_prepared_and_read_by_kubevirt(
             }
             assert merged["env"] == [f"{ENV}={uuid}"]
 
-            [meta_spec] = cdi_dir.glob(f"{DRIVER}_metadata_uid-1_*.json")
-            [mount] = json.loads(meta_spec.read_text())["devices"][0]["containerEdits"]["mounts"]
             base = Path(r.root, "in-container")
-            rel = Path(mount["containerPath"]).relative_to(METADATA_CONTAINER_DIR)
-            (base / rel).parent.mkdir(parents=True)
-            (base / rel).write_bytes(Path(mount["hostPath"]).read_bytes())
+            _in_container(_metadata_spec(cdi_dir, "uid-1"), base)
             decoded = dra_harness.metadata(base=base, claim="a", request="gpu")
             assert decoded["devices"][0]["name"] == name
             assert decoded["devices"][0]["pciBusID"] == ""
@@ -265,7 +267,7 @@ async def test_an_unhealthy_instance_is_withdrawn_and_refused(mrig: Callable[...
         uuid = _owned(r)[0]
         name = f"mdev-{uuid}"
         group = discover_mdev(os.path.join(r.root, "host")).instances[uuid].iommu_group
-        Path(r.root, "host/dev/vfio", str(group)).unlink()
+        os.unlink(os.path.join(r.root, "host/dev/vfio", str(group)))
         async with r.channel(r.fe.socket_path) as ch:
             req = dra_v1.NodePrepareResourcesRequest(claims=[r.claim("uid-1", "a", name)])
             out = (await dra_v1_grpc.DRAPluginStub(ch).NodePrepareResources(req)).claims["uid-1"]
