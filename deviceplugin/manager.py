@@ -26,13 +26,21 @@ from typing import TYPE_CHECKING, Any
 from hostdev.deviceplugin import persist
 from hostdev.deviceplugin.flags import DEFAULT_PLUGIN_DIR, DEFAULT_STATE_DIR
 from hostdev.deviceplugin.hostview import HostView
-from hostdev.deviceplugin.mdev import MdevOwner, MdevPlugin, MdevResult, Writer, sysfs_write
+from hostdev.deviceplugin.mdev import (
+    MdevOwner,
+    MdevPlugin,
+    MdevResult,
+    MdevUnits,
+    Writer,
+    sysfs_write,
+)
 from hostdev.deviceplugin.metrics import Metrics
 from hostdev.deviceplugin.plugin import KUBELET_SOCKET, ResourcePlugin
 from hostdev.deviceplugin.resources import ResourceConfig, by_name
 from hostdev.deviceplugin.units import ResourceUnits
 from hostdev.deviceplugin.wire.rpc import RpcError
 from hostdev.host.address import PciAddress, PciAddressError
+from hostdev.host.mdev import UUID_RE
 from hostdev.host.model import Inventory
 from hostdev.host.sysfs import Sysfs
 
@@ -210,6 +218,11 @@ class PluginManager:
     def mdev_plugins(self) -> dict[str, MdevPlugin]:
         return {n: p for n, p in self.plugins.items() if isinstance(p, MdevPlugin)}
 
+    @property
+    def mdev_units(self) -> dict[str, MdevUnits]:
+        """Every mdev resource's instances, device plugin or DRA."""
+        return {n: u for n, u in self.units.items() if isinstance(u, MdevUnits)}
+
     async def reconcile_mdev(self) -> MdevResult | None:
         """Create/remove this agent's mdev instances to match the mdev resources (never one a
         pod was allocated or whose group is open), then show the servers the result."""
@@ -219,17 +232,21 @@ class PluginManager:
         allocated = dict(self._mdev_orphans)
         for name, p in self.mdev_plugins.items():
             allocated.update((uuid, f"allocated to a pod ({name})") for uuid in p.allocated)
+        # Instances prepared DRA claims hold (the DRA front end's held set names them by UUID).
+        allocated.update((k, v) for k, v in self._held.items() if UUID_RE.match(k))
         async with self._mdev_lock:
             result = await asyncio.to_thread(self.mdev.reconcile, wants, allocated)
             inv = await asyncio.to_thread(self.mdev.inventory)
-        for p in self.mdev_plugins.values():
-            p.update_mdev(inv)
+        for u in self.mdev_units.values():
+            u.update_mdev(inv)
         return result
 
     async def _add(self, cfg: ResourceConfig, previous: ResourceUnits | None = None) -> None:
         name = cfg.resource_name
         units: ResourceUnits
-        if cfg.dra:
+        if cfg.dra and cfg.mdev is not None:
+            units = MdevUnits(cfg, self.sysfs, self.metrics, self.mdev)
+        elif cfg.dra:
             units = ResourceUnits(cfg, self.sysfs, self.metrics)
         else:
             plugin: ResourcePlugin

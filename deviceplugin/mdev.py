@@ -30,13 +30,14 @@ from hostdev.deviceplugin.config.facts import open_nodes
 from hostdev.deviceplugin.metrics import Metrics
 from hostdev.deviceplugin.plugin import PERMISSIONS, AllocationRefusedError, ResourcePlugin
 from hostdev.deviceplugin.resources import ResourceConfig
-from hostdev.deviceplugin.units import Advertised, UnitRefusedError
+from hostdev.deviceplugin.units import Advertised, ResourceUnits, UnitRefusedError
 from hostdev.deviceplugin.wire import rpc
 from hostdev.host.address import PciAddress
 from hostdev.host.mdev import (
     UUID_RE,
     MdevInstance,
     MdevInventory,
+    MdevParent,
     discover_mdev,
     instance_dir,
     read_instance,
@@ -224,33 +225,24 @@ class MdevOwner:
         log.info("%s: removed mdev instance %s (%s)", resource, uuid, why)
 
 
-class MdevPlugin(ResourcePlugin):
-    """The kubelet device-plugin server of one mdev resource (see the module docstring)."""
+class MdevUnits(ResourceUnits):
+    """One mdev resource's instances as units (ID = UUID), health from the instance and its
+    parent; shared by the device-plugin server (:class:`MdevPlugin`) and the DRA front end."""
+
+    owner: MdevOwner
+    instances: dict[str, MdevInstance]
+    parents: dict[str, MdevParent]
 
     def __init__(
-        self,
-        config: ResourceConfig,
-        sysfs: Sysfs,
-        plugin_dir: str,
-        metrics: Metrics,
-        owner: MdevOwner,
-        *,
-        on_change: Callable[[], None] | None = None,
-        on_stale: Callable[[Iterable[PciAddress]], None] | None = None,
-        on_delivered: Callable[[], None] | None = None,
+        self, config: ResourceConfig, sysfs: Sysfs, metrics: Metrics, owner: MdevOwner
     ) -> None:
-        super().__init__(
-            config,
-            sysfs,
-            plugin_dir,
-            metrics,
-            on_change=on_change,
-            on_stale=on_stale,
-            on_delivered=on_delivered,
-        )
-        self.env_var = mdev_env_var(self.resource)
+        super().__init__(config, sysfs, metrics)
+        self._init_mdev(owner)
+
+    def _init_mdev(self, owner: MdevOwner) -> None:
         self.owner = owner
-        self.instances: dict[str, MdevInstance] = {}
+        self.instances = {}
+        self.parents: dict[str, MdevParent] = {}  # of the instances, as last read
 
     def update(self, inventory: Inventory, dirty: Any = None) -> bool:
         """The PCI inventory says nothing about instances: re-read them (a few files each)."""
@@ -270,6 +262,11 @@ class MdevPlugin(ResourcePlugin):
             if old is not None:  # a pod holds it: keep it, Unhealthy (see ResourceUnits.update)
                 new[uuid] = Advertised(old.unit, instance_health(uuid, inv))
         self.instances = {u: inv.instances[u] for u in new if u in inv.instances}
+        self.parents = {
+            p: inv.parents[p]
+            for p in {i.parent for i in self.instances.values() if i.parent}
+            if p in inv.parents
+        }
         if new == self.devices:
             return False
         for uuid, adv in new.items():
@@ -286,14 +283,45 @@ class MdevPlugin(ResourcePlugin):
         self._publish()
         return True
 
-    def _recheck_instance(self, uuid: str) -> MdevInstance:
+    def recheck_instance(self, uuid: str) -> tuple[MdevInstance, MdevInventory]:
+        """The instance re-read: there, its parent there, its group node there (else
+        :class:`UnitRefusedError` with the reason), with the inventory it was read from."""
         if uuid not in self.devices:
             raise UnitRefusedError(f"unknown device {uuid!r} for this resource")
         inv = self.owner.inventory()
         verdict: Verdict = instance_health(uuid, inv)
         if not verdict.healthy:
             raise UnitRefusedError(f"mdev instance {uuid} is not handed to a VM: {verdict.reason}")
-        return inv.instances[uuid]
+        return inv.instances[uuid], inv
+
+
+class MdevPlugin(MdevUnits, ResourcePlugin):
+    """The kubelet device-plugin server of one mdev resource (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: ResourceConfig,
+        sysfs: Sysfs,
+        plugin_dir: str,
+        metrics: Metrics,
+        owner: MdevOwner,
+        *,
+        on_change: Callable[[], None] | None = None,
+        on_stale: Callable[[Iterable[PciAddress]], None] | None = None,
+        on_delivered: Callable[[], None] | None = None,
+    ) -> None:
+        ResourcePlugin.__init__(
+            self,
+            config,
+            sysfs,
+            plugin_dir,
+            metrics,
+            on_change=on_change,
+            on_stale=on_stale,
+            on_delivered=on_delivered,
+        )
+        self._init_mdev(owner)
+        self.env_var = mdev_env_var(self.resource)
 
     def container_response(self, ids: Iterable[str]) -> dict[str, Any]:
         """``MDEV_PCI_RESOURCE_<NAME>`` = the UUIDs in the order of ``ids``; ``/dev/vfio/vfio``
@@ -309,7 +337,7 @@ class MdevPlugin(ResourcePlugin):
                     rpc.NOT_FOUND, f"unknown device {uuid!r} for this resource"
                 )
             try:
-                instances.append(self._recheck_instance(uuid))
+                instances.append(self.recheck_instance(uuid)[0])
             except UnitRefusedError as e:
                 raise AllocationRefusedError(rpc.FAILED_PRECONDITION, str(e)) from None
         env, paths = mdev_allocation(self.resource, instances)

@@ -31,10 +31,21 @@ from hostdev.deviceplugin.dra.server import dra_server, registration_server
 from hostdev.deviceplugin.events import DirWatcher
 from hostdev.deviceplugin.flags import DEFAULT_CDI_DIR, DEFAULT_PLUGINS_DIR, DEFAULT_REGISTRY_DIR
 from hostdev.deviceplugin.manager import PluginManager
+from hostdev.deviceplugin.mdev import MdevUnits
 from hostdev.deviceplugin.units import Advertised, ResourceUnits
 from hostdev.deviceplugin.wire.rpc import Server
+from hostdev.host.model import Inventory
 from hostdev.host.pciids import PciIds
-from hostdev.policy.dra import DRIVER, DraDevice, PoolEntry, address_of, dra_device, plan_slices
+from hostdev.policy.dra import (
+    DRIVER,
+    DraDevice,
+    PoolEntry,
+    address_of,
+    dra_device,
+    mdev_dra_device,
+    mdev_uuid_of,
+    plan_slices,
+)
 
 log = logging.getLogger(__name__)
 
@@ -230,10 +241,11 @@ class DraFrontEnd:
         rows: list[tuple[str, bool, str]] = []
         cache: dict[str, DraDevice] = {}
         for resource, units in sorted(self.manager.dra_units.items()):
+            mdev = units if isinstance(units, MdevUnits) else None
             for adv in units.devices.values():
                 d = self._cache.get(adv.unit.id)
                 if d is None or d.unit is not adv.unit or d.resource != resource:
-                    d = dra_device(adv.unit, resource, inventory, self.ids)
+                    d = self._device(adv, resource, inventory, mdev)
                 cache[adv.unit.id] = d
                 blocked = (
                     "a pod holds it through the device plugin"
@@ -241,7 +253,7 @@ class DraFrontEnd:
                     else units.blocked(adv.unit)
                 )
                 devices[d.name] = d
-                offers[d.name] = Offer(d, blocked, units.advertised_members(adv.unit))
+                offers[d.name] = Offer(d, blocked, units.advertised_members(adv.unit), mdev)
                 entries.append(PoolEntry(d, adv.verdict.healthy and blocked is None))
                 rows.append((d.name, adv.verdict.healthy, adv.verdict.reason or ""))
         self._cache = cache
@@ -266,13 +278,27 @@ class DraFrontEnd:
         self._changed.set()
         self._changed = asyncio.Event()
 
+    def _device(
+        self,
+        adv: Advertised,
+        resource: str,
+        inventory: Inventory | None,
+        mdev: MdevUnits | None,
+    ) -> DraDevice:
+        if mdev is None:
+            return dra_device(adv.unit, resource, inventory, self.ids)
+        inst = mdev.instances.get(adv.unit.id)
+        parent = mdev.parents.get(inst.parent or "") if inst is not None else None
+        return mdev_dra_device(adv.unit, resource, inst, parent)
+
     def _update_held(self) -> None:
         held: dict[str, str] = {}
         for rec in self.checkpoints.records.values():
             for pd in rec.devices:
                 addr = address_of(pd.device)
-                if addr is not None:
-                    held[str(addr)] = f"is held by DRA claim {rec.namespace}/{rec.name}"
+                unit_id = str(addr) if addr is not None else mdev_uuid_of(pd.device)
+                if unit_id is not None:
+                    held[unit_id] = f"is held by DRA claim {rec.namespace}/{rec.name}"
         self.manager.set_held(held)
 
     async def wait_refreshed(self, after: int) -> int:

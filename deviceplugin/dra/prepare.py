@@ -19,7 +19,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from hostdev.deviceplugin.atomicfile import atomic_write
@@ -30,6 +30,7 @@ from hostdev.deviceplugin.dra.checkpoint import (
     ClaimRecord,
     PreparedDevice,
 )
+from hostdev.deviceplugin.mdev import MdevUnits
 from hostdev.deviceplugin.units import UnitRefusedError, recheck_for_handout
 from hostdev.host.address import PciAddress
 from hostdev.host.sysfs import Sysfs
@@ -88,6 +89,7 @@ class Offer:
     # plugin, or its IOMMU group is split across resources
     blocked: str | None = None
     advertised: tuple[PciAddress, ...] | None = None  # its group's members when last judged
+    mdev: MdevUnits | None = None  # set for an mdev instance: re-read through its resource
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,8 +150,9 @@ class Preparer:
             offer = offers.get(cd.device)
             if offer is None:
                 raise ClaimError(
-                    f"{where}: device {cd.device} ({cd.address}) is not served through DRA on "
-                    "this node (its resource moved to the device plugin, or it is gone)"
+                    f"{where}: device {cd.device} ({cd.address or cd.mdev_uuid}) is not served "
+                    "through DRA on this node (its resource moved to the device plugin, or it is "
+                    "gone)"
                 )
             if offer.blocked:
                 raise ClaimError(f"{where}: device {cd.device} is not handed out: {offer.blocked}")
@@ -159,19 +162,22 @@ class Preparer:
                     f"{where}: device {cd.device} is prepared for claim "
                     f"{other.namespace}/{other.name} already"
                 )
-            # The shared re-check (raises UnitRefusedError with the reason).
-            checked = recheck_for_handout(self.sysfs, offer.device.unit, offer.advertised)
-            units.append(
-                (
-                    cd,
-                    offer,
-                    PreparedUnit(cd.device, offer.device.resource, checked.unit, checked.cdevs),
-                )
-            )
+            units.append((cd, offer, self._recheck(offer)))
         for cd, _, _ in units:
             if not _NAME.match(cd.base_request):
                 raise ClaimError(f"{where}: request name {cd.base_request!r} is not a DNS label")
         return self._write(key, ref, units)
+
+    def _recheck(self, offer: Offer) -> PreparedUnit:
+        """The shared re-checks (raise UnitRefusedError with the reason): an mdev instance
+        re-read (there, parent there, group node there), else the unit's IOMMU group."""
+        d = offer.device
+        if offer.mdev is not None:
+            inst, _ = offer.mdev.recheck_instance(d.unit.id)
+            unit = replace(d.unit, group=inst.iommu_group)  # as it is now
+            return PreparedUnit(d.name, d.resource, unit, mdev=True)
+        checked = recheck_for_handout(self.sysfs, d.unit, offer.advertised)
+        return PreparedUnit(d.name, d.resource, checked.unit, checked.cdevs)
 
     def _write(
         self,

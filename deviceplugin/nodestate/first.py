@@ -89,7 +89,12 @@ def to_resource_configs(
         for name, addrs in sorted(served.items())
         if addrs
     )
-    return pci + tuple(ResourceConfig(name, DeviceSelector(), mdev=spec) for name, spec in mdevs)
+    return pci + tuple(
+        ResourceConfig(
+            name, DeviceSelector(), allocation=DRA if name in dra else DEVICE_PLUGIN, mdev=spec
+        )
+        for name, spec in mdevs
+    )
 
 
 def saved_resources(manager: PluginManager) -> dict[str, tuple[PciAddress, ...]]:

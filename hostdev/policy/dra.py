@@ -25,11 +25,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hostdev.host.address import PciAddress, PciAddressError
+from hostdev.host.mdev import UUID_RE, MdevInstance, MdevParent
 from hostdev.host.model import Inventory
 from hostdev.host.pciids import PciIds
 from hostdev.policy.allocation import AllocUnit, kubevirt_addresses
 from hostdev.policy.gojson import marshal_indent, sorted_map
-from hostdev.policy.naming import resource_env_var
+from hostdev.policy.naming import MDEV_PREFIX, resource_env_var
 
 DRIVER = "pci.hostdev.io"
 API_VERSION = "resource.k8s.io/v1"
@@ -38,6 +39,10 @@ ATTR_PCI_BUS_ID = f"{STANDARD_DOMAIN}/pciBusID"
 ATTR_PCIE_ROOT = f"{STANDARD_DOMAIN}/pcieRoot"
 ATTR_NUMA_NODE = f"{STANDARD_DOMAIN}/numaNode"
 ATTR_RESOURCE = "resourceName"
+# KubeVirt v1.9.0 (pkg/dra/metadata MDevUUIDAttribute) reads this key, unqualified, from the
+# metadata file; it takes a device with it as a mediated device (before any pciBusID).
+ATTR_MDEV_UUID = "mdevUUID"
+MDEV_NAME_PREFIX = "mdev-"
 MAX_DEVICES_PER_SLICE = 128  # resourceapi.ResourceSliceMaxDevices
 MAX_ATTRIBUTE_VALUE = 64  # resourceapi.DeviceAttributeMaxValueLength (bytes)
 POD_CLAIM_ANNOTATION = "resource.kubernetes.io/pod-claim-name"
@@ -75,6 +80,19 @@ def address_of(name: str) -> PciAddress | None:
         return PciAddress.parse(f"{m[1]}:{m[2]}:{m[3]}.{m[4]}")
     except PciAddressError:
         return None
+
+
+def mdev_device_name(uuid: str) -> str:
+    """A DNS label, stable for the instance: ``mdev-<uuid>`` (41 characters, lower case)."""
+    return MDEV_NAME_PREFIX + uuid.lower()
+
+
+def mdev_uuid_of(name: str) -> str | None:
+    """The instance UUID a device name stands for (None: not an mdev device name)."""
+    if not name.startswith(MDEV_NAME_PREFIX):
+        return None
+    uuid = name[len(MDEV_NAME_PREFIX) :]
+    return uuid if UUID_RE.match(uuid) else None
 
 
 def clip(text: str, limit: int = MAX_ATTRIBUTE_VALUE) -> str:
@@ -166,6 +184,52 @@ def dra_device(
         resource,
         unit,
         unit_attributes(unit, resource, inventory, ids),
+    )
+
+
+def mdev_attributes(
+    uuid: str,
+    resource: str | None,
+    instance: MdevInstance | None,
+    parent: MdevParent | None,
+) -> dict[str, dict[str, Any]]:
+    """What an mdev instance publishes: resourceName, mdevUUID, its type (id and name), parent
+    (name and, for a PCI parent, its address as parentPciBusID), IOMMU group and the parent's
+    NUMA node. No pciBusID: the instance is no PCI function (KubeVirt would take the parent)."""
+    attrs: dict[str, dict[str, Any]] = {}
+    if resource is not None:
+        attrs[ATTR_RESOURCE] = string(resource)
+    attrs[ATTR_MDEV_UUID] = string(uuid)
+    if instance is not None:
+        if instance.type_id:
+            attrs["mdevType"] = string(instance.type_id)
+        if instance.parent:
+            attrs["mdevParent"] = string(instance.parent)
+        if instance.iommu_group is not None:
+            attrs["iommuGroup"] = integer(instance.iommu_group)
+    if parent is not None:
+        t = parent.type(instance.type_id) if instance and instance.type_id else None
+        if t is not None and t.name:
+            attrs["mdevTypeName"] = string(t.name)
+        if parent.pci is not None:
+            attrs["parentPciBusID"] = string(str(parent.pci))
+        if parent.numa_node is not None:
+            attrs[ATTR_NUMA_NODE] = integer(parent.numa_node)
+    return attrs
+
+
+def mdev_dra_device(
+    unit: AllocUnit,
+    resource: str,
+    instance: MdevInstance | None,
+    parent: MdevParent | None,
+) -> DraDevice:
+    """An mdev instance (``unit.id`` is its UUID) as a DRA device."""
+    return DraDevice(
+        mdev_device_name(unit.id),
+        resource,
+        unit,
+        mdev_attributes(unit.id, resource, instance, parent),
     )
 
 
@@ -279,7 +343,8 @@ class ClaimDevice:
 
     request: str  # as allocated: "<request>" or "<request>/<subrequest>"
     device: str
-    address: PciAddress
+    address: PciAddress | None  # None: an mdev instance (see mdev_uuid)
+    mdev_uuid: str | None = None
 
     @property
     def base_request(self) -> str:
@@ -335,8 +400,8 @@ def claim_devices(
             raise ClaimError(
                 f"{where}: device {dev} is in pool {rpool}, not this node's pool {pool}"
             )
-        addr = address_of(dev)
-        if addr is None:
+        addr, uuid = address_of(dev), mdev_uuid_of(dev)
+        if addr is None and uuid is None:
             raise ClaimError(f"{where}: {dev} is not a {driver} device name")
         if r.get("adminAccess"):
             raise ClaimError(
@@ -346,7 +411,7 @@ def claim_devices(
         if dev in seen:
             raise ClaimError(f"{where}: device {dev} is allocated twice")
         seen.add(dev)
-        out.append(ClaimDevice(request, dev, addr))
+        out.append(ClaimDevice(request, dev, addr, uuid))
     if not out:
         raise ClaimError(f"{where} has no {driver} device")
     for c in _get(allocation, "devices", "config") or ():
@@ -404,6 +469,7 @@ class PreparedUnit:
     resource: str
     unit: AllocUnit
     cdevs: tuple[str, ...] = ()
+    mdev: bool = False  # an mdev instance: unit.id is its UUID, unit.addresses is empty
 
     @property
     def group(self) -> int | None:
@@ -416,8 +482,9 @@ def vfio_cdi_spec(
     """The claim's CDI spec (kind ``pci.hostdev.io/vfio``) and each device's CDI ID.
 
     Claim-wide edits: ``/dev/vfio/vfio`` (and ``/dev/iommu`` when present) and one
-    ``PCI_RESOURCE_<NAME>`` per resource; per device: ``/dev/vfio/<group>`` and, with iommufd,
-    the functions' ``/dev/vfio/devices/vfioN``."""
+    ``PCI_RESOURCE_<NAME>`` per resource (``MDEV_PCI_RESOURCE_<NAME>`` = the UUIDs for mdev
+    resources, as the device plugin's Allocate); per device: ``/dev/vfio/<group>`` and, with
+    iommufd, the functions' ``/dev/vfio/devices/vfioN``."""
     devices: list[dict[str, Any]] = []
     ids: dict[str, str] = {}
     by_resource: dict[str, list[PreparedUnit]] = {}
@@ -431,7 +498,10 @@ def vfio_cdi_spec(
         by_resource.setdefault(u.resource, []).append(u)
     # The device plugin's rule: every unit's primary first, then the companions.
     env = [
-        f"{resource_env_var(r)}=" + ",".join(map(str, kubevirt_addresses([u.unit for u in us])))
+        f"{resource_env_var(r, MDEV_PREFIX)}=" + ",".join(u.unit.id for u in us)
+        if us[0].mdev
+        else f"{resource_env_var(r)}="
+        + ",".join(map(str, kubevirt_addresses([u.unit for u in us])))
         for r, us in sorted(by_resource.items())
     ]
     claim_nodes = [_node(VFIO_CONTAINER)] + ([_node(IOMMUFD)] if iommufd else [])
@@ -489,7 +559,10 @@ _ATTRIBUTE_FIELDS = ("int", "bool", "string", "version", "ints", "bools", "strin
 def qualified(attributes: Mapping[str, Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
     """Attribute names with their domain: in a slice an unqualified name is in the driver's
     domain, a metadata file read on its own should not need that context."""
-    return {(k if "/" in k else f"{DRIVER}/{k}"): v for k, v in attributes.items()}
+    out = {(k if "/" in k else f"{DRIVER}/{k}"): v for k, v in attributes.items()}
+    if ATTR_MDEV_UUID in attributes:
+        out[ATTR_MDEV_UUID] = attributes[ATTR_MDEV_UUID]  # as KubeVirt reads it: unqualified
+    return out
 
 
 def metadata_object(

@@ -103,6 +103,7 @@ class NodeConfig:
     devices: tuple[DeviceConfig, ...] = ()
     rules: tuple[DeviceRule, ...] = ()
     mdevs: tuple[tuple[str, MdevSpec], ...] = ()  # (resourceName, what to keep of it)
+    mdev_dra: frozenset[str] = frozenset()  # the mdev resources served through DRA
 
     @staticmethod
     def from_dict(data: Any) -> NodeConfig:
@@ -118,6 +119,8 @@ class NodeConfig:
         for r in self.rules:
             if r.resource_name is not None:
                 out[r.resource_name] = r.allocation
+        for name, _ in self.mdevs:
+            out[name] = DRA if name in self.mdev_dra else DEVICE_PLUGIN
         return out
 
     def dra_resources(self) -> frozenset[str]:
@@ -282,7 +285,7 @@ def parse_node_config(data: Any) -> NodeConfig:
             if selector.empty:
                 raise NodeConfigError(f"{where}.selector: empty selector matches nothing")
             rules.append(DeviceRule(selector, driver, resource, unsafe, mode))
-    mdevs = _mdevs(spec, {name for _, name in named})
+    mdevs, mdev_dra = _mdevs(spec, {name for _, name in named})
     for c in env_collisions([*(name for _, name in named), *(name for name, _ in mdevs)]):
         at = next((f"devices[{i}]" for i, name in named if name == c.second), None)
         if at is None:
@@ -294,11 +297,14 @@ def parse_node_config(data: Any) -> NodeConfig:
         why = contradiction(pf, hit[1]) if hit is not None else None
         if hit is not None and why is not None:
             raise NodeConfigError(f"pfs[{i}] and devices[{hit[0]}] ({pf.address}): {why}")
-    return NodeConfig(tuple(pfs), tuple(devices), tuple(rules), mdevs)
+    return NodeConfig(tuple(pfs), tuple(devices), tuple(rules), mdevs, mdev_dra)
 
 
-def _mdevs(spec: Mapping[str, Any], pci_resources: set[str]) -> tuple[tuple[str, MdevSpec], ...]:
+def _mdevs(
+    spec: Mapping[str, Any], pci_resources: set[str]
+) -> tuple[tuple[tuple[str, MdevSpec], ...], frozenset[str]]:
     out: list[tuple[str, MdevSpec]] = []
+    dra: set[str] = set()
     for i, item in enumerate(_list(spec, "mdevs")):
         where = f"mdevs[{i}]"
         resource = _resource(item.get("resourceName"), f"{where}.resourceName")
@@ -311,16 +317,20 @@ def _mdevs(spec: Mapping[str, Any], pci_resources: set[str]) -> tuple[tuple[str,
             )
         if any(resource == name for name, _ in out):
             raise NodeConfigError(f"{where}: resource {resource} is listed twice")
+        if _allocation(item.get("allocation"), resource, f"{where}.allocation") == DRA:
+            dra.add(resource)
         try:
             out.append(
                 (
                     resource,
-                    MdevSpec.from_dict({k: v for k, v in item.items() if k != "resourceName"}),
+                    MdevSpec.from_dict(
+                        {k: v for k, v in item.items() if k not in ("resourceName", "allocation")}
+                    ),
                 )
             )
         except MdevSpecError as e:
             raise NodeConfigError(f"{where}: {e}") from None
-    return tuple(out)
+    return tuple(out), frozenset(dra)
 
 
 def contradiction(pf: PfConfig, wish: DeviceConfig) -> str | None:

@@ -78,8 +78,6 @@ class Policy:
                     f"policy {name}: set exactly one of selector (PCI functions) or mdev "
                     "(mediated-device instances); sriov does not go with mdev"
                 )
-            if (spec.get("allocation") or DEVICE_PLUGIN) != DEVICE_PLUGIN:
-                raise PolicyError(f"policy {name}: mdev resources are served by DevicePlugin")
         elif selector.empty:
             raise PolicyError(f"policy {name}: spec.selector is empty and would claim nothing")
         sriov = spec.get("sriov")
@@ -234,7 +232,10 @@ def render_node(
                 )
             )
         elif p.mdev_spec is not None:
-            mdevs.append({"resourceName": p.resource_name, **p.mdev_spec})
+            entry = {"resourceName": p.resource_name, **p.mdev_spec}
+            if p.dra:
+                entry["allocation"] = DRA
+            mdevs.append(entry)
         else:
             ordered.append(p)
     pfs: dict[str, dict[str, Any]] = {}

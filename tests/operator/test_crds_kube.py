@@ -23,6 +23,14 @@ DRA_POLICY = yaml.safe_load((EXAMPLES / "4-dra-policy.yaml").read_text())
 DRA_REQUEST = yaml.safe_load((EXAMPLES / "6-dra-request.yaml").read_text())
 REQUEST = yaml.safe_load((EXAMPLES / "3-request.yaml").read_text())
 MDEV_POLICY = yaml.safe_load((EXAMPLES / "7-mdev-policy.yaml").read_text())
+MDEV_NODESTATE = {
+    "apiVersion": "hostdev.io/v1alpha1",
+    "kind": "PassthroughNodeState",
+    "metadata": {"name": "node-m"},
+    "spec": {
+        "mdevs": [{"resourceName": "a.b/vgpu", "type": "mtty-2", "count": 2, "allocation": "DRA"}]
+    },
+}
 NODESTATE = {
     "apiVersion": "hostdev.io/v1alpha1",
     "kind": "PassthroughNodeState",
@@ -67,6 +75,18 @@ def causes(cluster: Cluster, obj: dict[str, Any], namespace: str) -> list[tuple[
 )
 def test_examples_are_valid(kube_apiserver: Cluster, kube_namespace: str, obj: dict) -> None:
     create(kube_apiserver, obj, kube_namespace)  # raises on rejection
+
+
+def test_mdev_resources_may_be_served_through_dra(
+    kube_apiserver: Cluster, kube_namespace: str
+) -> None:
+    create(kube_apiserver, edit(MDEV_POLICY, pspec(allocation="DRA")), kube_namespace)
+    create(kube_apiserver, MDEV_NODESTATE, kube_namespace)
+    bad = edit(MDEV_NODESTATE, lambda o: o["spec"]["mdevs"][0].update(allocation="Both"))
+    assert any(
+        f == "spec.mdevs[0].allocation" and m.startswith('Unsupported value: "Both"')
+        for f, m in causes(kube_apiserver, bad, kube_namespace)
+    )
 
 
 def edit(base: dict[str, Any], fn: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
@@ -167,9 +187,10 @@ RULES = [
      "set exactly one of selector (PCI functions) or mdev (mediated-device instances)"),
     ("mdev-no-sriov", MDEV_POLICY, pspec(sriov={"numVfs": 2}), "spec",
      "sriov creates VFs of PCI functions; it does not go with mdev"),
-    ("mdev-no-dra", MDEV_POLICY, pspec(allocation="DRA"), "spec",
-     "mdev resources are served through the device plugin (allocation DevicePlugin); DRA for "
-     "mediated devices is not supported yet"),
+    ("mdev-dra-resource-length", MDEV_POLICY,
+     pspec(allocation="DRA", resourceName="example.com/" + "v" * 60), "spec",
+     "with allocation DRA the resourceName is published as a device attribute, whose values "
+     "hold at most 64 characters: shorten resourceName"),
     ("mdev-count", MDEV_POLICY, lambda o: o["spec"]["mdev"].update(count=-1), "spec.mdev.count",
      "spec.mdev.count in body should be greater than or equal to 0"),
     ("nodestate-pf-one-name", NODESTATE,

@@ -48,6 +48,26 @@ def test_policy_with_mdev_renders_spec_mdevs_and_the_agent_serves_them() -> None
     assert cfg.resource_name == VGPU and cfg.mdev == p.mdev and not cfg.dra
 
 
+def test_an_mdev_policy_with_allocation_dra_is_served_through_dra() -> None:
+    obj = mdev_policy("vgpu")
+    obj["spec"]["allocation"] = "DRA"
+    p = Policy.from_object(obj)
+    plan = render_node("n1", [p])
+    assert plan.spec["mdevs"] == [
+        {
+            "resourceName": VGPU,
+            "type": "GRID M60-2Q",
+            "count": 4,
+            "parents": ["0000:3b:*"],
+            "allocation": "DRA",
+        }
+    ]
+    config = parse_node_config(plan.spec)
+    assert config.mdevs == ((VGPU, p.mdev),) and config.dra_resources() == {VGPU}
+    (cfg,) = to_resource_configs({}, config.dra_resources(), config.mdevs)
+    assert cfg.mdev == p.mdev and cfg.dra
+
+
 def test_pci_only_specs_stay_as_they_were() -> None:
     plan = render_node("n1", [Policy.from_object(policy("nic"))])
     assert "mdevs" not in plan.spec
@@ -68,7 +88,6 @@ def test_precedence_decides_pci_or_mdev_for_one_resource() -> None:
     [
         ({"selector": {"vendors": ["10de"]}}, "set exactly one of selector"),
         ({"sriov": {"numVfs": 2}}, "sriov does not go with mdev"),
-        ({"allocation": "DRA"}, "served by DevicePlugin"),
         ({"mdev": {"type": "x"}}, "mdev.count"),
     ],
 )
