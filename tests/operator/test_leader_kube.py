@@ -118,8 +118,12 @@ def test_two_processes_started_together_never_lead_at_once(
     name = f"le-{sfx}"
     o.create_policy(policy(name, f"vendor.example/le-{sfx}", {"devices": ["154c"]}, sfx))
     leases = k8s.CoordinationV1Api(replicas.cluster.admin)
-    late = []
-    for i in range(ROUNDS):
+    # A round whose spawns ended after the common start (a loaded machine) did not start both
+    # processes together: its checks still run, but it is repeated, up to ROUNDS more times.
+    together, late = 0, []
+    for i in range(2 * ROUNDS):
+        if together == ROUNDS:
+            break
         if i % 2 == 0:
             with contextlib.suppress(k8s.ApiException):
                 leases.delete_namespaced_lease(replicas.lease, replicas.ns)
@@ -128,11 +132,14 @@ def test_two_processes_started_together_never_lead_at_once(
                 "holderIdentity": None, "leaseDurationSeconds": 1}})  # fmt: skip
         gen = bump(o, name, i)
         a, b = replicas.make(f"{i}a"), replicas.make(f"{i}b")
-        start_at = time.time() + 0.3
+        start_at = time.time() + 1.0
         for op in (a, b):
             op.prefix = (sys.executable, "-c", BARRIER, repr(start_at))
             op.start()
-        late.append(time.time() - start_at)  # > 0: a spawn ended after the common start
+        if time.time() < start_at:  # both spawns ended before the common start
+            together += 1
+        else:
+            late.append(round(time.time() - start_at, 3))
         leader = wait_for(f"round {i}: a leader answered", lambda g=gen: observed(o, name) == g
                           and replicas.holder(), timeout=60)  # fmt: skip
         by = {op.user: len(replicas.writes(op)) for op in (a, b)}
@@ -148,9 +155,9 @@ def test_two_processes_started_together_never_lead_at_once(
         for op in (a, b):
             op.assert_alive()
             op.stop(signal.SIGKILL)  # quick; the next round resets the Lease itself
-    # Both processes of each round exec'd the operator at the same instant (the barrier):
-    # their spawns had finished before it.
-    assert max(late) < 0, late
+    # ROUNDS rounds in which both processes exec'd the operator at the same instant (the
+    # barrier): their spawns had finished before it.
+    assert together == ROUNDS, f"{together} of {ROUNDS} rounds started together; late by {late}"
 
 
 def test_kill9_hands_over_after_the_lease_and_sigterm_at_once(
