@@ -86,6 +86,8 @@ export PATH=/bin
 mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev
 say() { echo "rk-init: $*" > /dev/console; }
 bye() { poweroff -f; sleep 5; echo o > /proc/sysrq-trigger; }   # the host kills QEMU if this hangs
+# For the host's hang report (sysrq keys through the monitor), and hung tasks named within 60 s.
+echo 1 > /proc/sys/kernel/sysrq; echo 60 > /proc/sys/kernel/hung_task_timeout_secs
 say "kernel up at $(cut -d' ' -f1 /proc/uptime)s"
 while read -r m; do insmod "$m" 2>/dev/null || say "insmod $m failed"; done < /modules.order
 O="trans=virtio,version=9p2000.L,msize=262144"
@@ -180,12 +182,19 @@ port; DEV+=(-drive "file=$RUN/disk0.img,if=none,id=disk0,format=raw" -device "nv
 
 # no_timer_check: under TCG on a loaded host the IO-APIC timer check can fail and panic the boot
 # ("timer doesn't work through Interrupt-remapped IO-APIC"; about one boot in six without it).
-CMDLINE="console=ttyS0 quiet intel_iommu=on iommu=pt panic=-1 no_timer_check ${RK_APPEND:-}"
+# lapic=notscdeadline nohz=off highres=off: a periodic local-APIC tick, which QEMU re-arms by
+# itself. With the default one-shot (TSC-deadline) tick, a timer interrupt lost under TCG on a
+# loaded host left a CPU asleep for good ("rcu: ... Possible timer handling issue on cpu=0");
+# once both CPUs were, the guest froze without a word until the run's timeout (CI, 3 Dec).
+CMDLINE="console=ttyS0 quiet intel_iommu=on iommu=pt panic=-1 no_timer_check"
+CMDLINE+=" lapic=notscdeadline nohz=off highres=off ${RK_APPEND:-}"
 CON=(-serial "file:$RUN/console.log")
 [ "$VERBOSE" = 1 ] && CON=(-chardev "stdio,id=c0,logfile=$RUN/console.log,signal=off" -serial chardev:c0)
 note "qemu: $QV, accel=$ACCEL, kernel=$KVER, igb=$HAS_IGB, mem=${MEM}M, run dir $RUN"
 T1=$(date +%s.%N)
-timeout -k 5 "$((TIMEOUT + 30))" "$QEMU" "${QEMU_L[@]}" -nodefaults -no-reboot -display none -monitor none \
+MON=$RUN/monitor.sock
+timeout -k 5 "$((TIMEOUT + 60))" "$QEMU" "${QEMU_L[@]}" -nodefaults -no-reboot -display none \
+  -monitor "unix:$MON,server=on,wait=off" \
   "${ACC[@]}" -m "$MEM" -smp "$CPUS" "${NUMA_ARGS[@]}" "${CON[@]}" \
   -kernel "$KIMG" -initrd "$IRD" -append "$CMDLINE" "${DEV[@]}" \
   < /dev/null > "$RUN/qemu.log" 2>&1 &
@@ -193,13 +202,44 @@ QPID=$!
 trap 'kill "$QPID" 2>/dev/null; exit 125' INT TERM HUP
 trap 'kill "$QPID" 2>/dev/null' EXIT
 END=$((SECONDS + TIMEOUT)) DONE_AT='' TIMED_OUT=0
+# hmp CMD...: each QEMU monitor command's answer, from the monitor socket.
+hmp() {
+  "${RK_PYTHON:-python3}" - "$MON" "$@" <<'PY'
+import socket, sys
+s = socket.socket(socket.AF_UNIX); s.settimeout(20); s.connect(sys.argv[1])
+def until_prompt():
+    buf = b""
+    while not buf.endswith(b"(qemu) "):
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+    return buf.decode(errors="replace")
+until_prompt()
+for cmd in sys.argv[2:]:
+    s.sendall(cmd.encode() + b"\n")
+    print(f"### {cmd}\n{until_prompt().removesuffix('(qemu) ')}")
+PY
+}
+# On a timeout, before QEMU is killed: where each vCPU is (twice, 10 s apart: a frozen guest
+# shows the same instruction pointers), and the guest kernel's own account of every blocked task
+# and every CPU (sysrq w and l, console log level 9), so a hang is explained, not just reported.
+hang_report() {
+  local f=$RUN/hang-report.txt
+  note "guest still running after ${TIMEOUT}s: collecting a hang report ($f)"
+  { hmp "info status" "info cpus" "info registers -a"
+    hmp "sendkey alt-sysrq-9" "sendkey alt-sysrq-w" "sendkey alt-sysrq-l"
+    sleep 10
+    hmp "info cpus" "info registers -a"; } > "$f" 2>&1
+  grep -E '^(### info cpus|\*? *CPU #|RIP=)' "$f" | sed 's/^/[hang] /' >&2
+}
 while kill -0 "$QPID" 2>/dev/null; do
   if [ -s "$RUN/rc" ]; then          # command finished: allow 15 s for a clean power-off
     DONE_AT=${DONE_AT:-$SECONDS}
     if [ $((SECONDS - DONE_AT)) -ge 15 ]; then
       note "guest finished but did not power off within 15s; killing QEMU"; kill "$QPID"; break
     fi
-  elif [ "$SECONDS" -ge "$END" ]; then TIMED_OUT=1; kill "$QPID"; break
+  elif [ "$SECONDS" -ge "$END" ]; then TIMED_OUT=1; hang_report; kill "$QPID"; break
   fi
   sleep 0.5
 done
@@ -209,7 +249,8 @@ GT=$(awk -v a="$T1" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}')
 [ -s "$RUN/qemu.log" ] && grep -v 'has no peer' "$RUN/qemu.log" | sed 's/^/[qemu] /' >&2
 [ -f "$RUN/output.log" ] && cat "$RUN/output.log"
 if [ "$QRC" = 124 ] || [ "$QRC" = 137 ]; then
-  note "TIMEOUT after ${TIMEOUT}s (guest ran ${GT}s); console tail:"; tail -20 "$RUN/console.log" >&2; exit 124
+  note "TIMEOUT after ${TIMEOUT}s (guest ran ${GT}s); hang report in $RUN/hang-report.txt; console tail:"
+  tail -60 "$RUN/console.log" >&2; exit 124
 fi
 if [ ! -s "$RUN/rc" ]; then
   note "guest gave no exit status (qemu rc=$QRC); console tail:"; tail -30 "$RUN/console.log" >&2; exit 125
