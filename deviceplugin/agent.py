@@ -11,7 +11,8 @@ re-admitted after a restart and how soon a new node offers its devices.
 
 Only then, once the kubelet holds the lists, come the slower parts: the event sources
 (inotify, uevents), the NodeState loop (the configuration engine, status reports), the DRA
-front end, PodResources, metrics. Their modules are imported at that point, not at start, and
+front end, PodResources, metrics. Their modules are imported at that point (in a worker thread:
+the kubelet may already call Allocate), not at start, and
 the cyclic garbage collector is off until then (start-up allocates without making garbage
 cycles; on this kind of machine the collector's passes over the freshly imported modules took
 ~50 ms of every start). SIGHUP re-reads ``--config``; SIGTERM/SIGINT stop the servers and save
