@@ -11,7 +11,8 @@ re-admitted after a restart and how soon a new node offers its devices.
 
 Only then, once the kubelet holds the lists, come the slower parts: the event sources
 (inotify, uevents), the NodeState loop (the configuration engine, status reports), the DRA
-front end, PodResources, metrics. Their modules are imported at that point, not at start, and
+front end, PodResources, metrics. Their modules are imported at that point (in a worker thread:
+the kubelet may already call Allocate), not at start, and
 the cyclic garbage collector is off until then (start-up allocates without making garbage
 cycles; on this kind of machine the collector's passes over the freshly imported modules took
 ~50 ms of every start). SIGHUP re-reads ``--config``; SIGTERM/SIGINT stop the servers and save
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 EXIT_SETUP = 2
 # How long the slower start-up work waits for the kubelet to hold the first lists.
 FIRST_SERVE_WAIT = 5.0
+SWITCH_INTERVAL = 0.0005  # seconds (see main)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -120,6 +122,13 @@ async def run(args: argparse.Namespace) -> int:
         if not gc.isenabled():
             gc.freeze()  # what start-up made lives on: later collections need not walk it
             gc.enable()
+        # The slower modules are imported in a worker thread: the kubelet may already be
+        # calling Allocate, and importing the NodeState loop, the configuration engine and
+        # the DRA front end on the event loop held every call for 0.1-0.3 s.
+        await _import_off_loop(
+            "hostdev.deviceplugin.events",
+            *(("hostdev.deviceplugin.nodestate.runner",) if setup is not None else ()),
+        )
         manager.start_watching()
         manager.in_use_source = _in_use_source(getattr(args, "pod_resources_socket", None))
         if args.metrics_port:
@@ -144,6 +153,14 @@ async def run(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _import_off_loop(*modules: str) -> None:
+    import asyncio
+    import importlib
+
+    for name in modules:
+        await asyncio.to_thread(importlib.import_module, name)
+
+
 def _in_use_source(socket_path: str | None) -> Callable[[], Iterable[PodDevices]] | None:
     """The kubelet's PodResources List, when its socket is there: devices of ended pods may
     then leave the list once they vanish (without it, once allocated means kept forever)."""
@@ -161,6 +178,11 @@ def _in_use_source(socket_path: str | None) -> Callable[[], Iterable[PodDevices]
 
 def main(argv: Sequence[str] | None = None) -> None:
     gc.disable()  # until the kubelet holds the first lists (see the module doc)
+    # The event loop (Allocate, ListAndWatch) shares the interpreter with the NodeState loop's
+    # and the rescans' threads: each of its syscalls (an Allocate re-reads the unit's group)
+    # gives up the GIL and may wait the switch interval to get it back; 5 ms by default, which
+    # made the tail of Allocate round trips during a sync.
+    sys.setswitchinterval(SWITCH_INTERVAL)
     import asyncio
     import logging
 

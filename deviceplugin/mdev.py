@@ -20,13 +20,11 @@ import errno
 import json
 import logging
 import os
-import uuid as uuidlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from hostdev.deviceplugin.atomicfile import atomic_write
-from hostdev.deviceplugin.config.facts import open_nodes
 from hostdev.deviceplugin.metrics import Metrics
 from hostdev.deviceplugin.plugin import PERMISSIONS, AllocationRefusedError, ResourcePlugin
 from hostdev.deviceplugin.resources import ResourceConfig
@@ -131,6 +129,10 @@ class MdevOwner:
 
     def in_use(self, inv: MdevInventory, allocated: Mapping[str, str]) -> dict[str, str]:
         """UUID -> why it must stay: allocated to a pod, or its VFIO group open."""
+        # Imported here: the facts module (ctypes, ipaddress) is not on the way to the first
+        # registration, and only a node with mdev resources gets this far.
+        from hostdev.deviceplugin.config.facts import open_nodes
+
         out = dict(allocated)
         nodes = {
             f"/dev/vfio/{i.iommu_group}": i.uuid
@@ -146,6 +148,8 @@ class MdevOwner:
     ) -> MdevResult:
         """Create and remove this agent's instances so every resource in ``wants`` has its
         count. Blocking (sysfs writes): run it off the event loop."""
+        import uuid as uuidlib  # here, not at start: uuid imports platform
+
         inv = self.inventory()
         gone = [u for u in self.owned if u not in inv.instances]
         for u in gone:

@@ -35,18 +35,41 @@ def state_path(state_dir: str) -> str:
     return os.path.join(state_dir, FILE_NAME)
 
 
-def encode(resources: Mapping[str, SavedResource]) -> bytes:
-    doc = {
-        "format": FORMAT,
-        "resources": {
-            name: {
-                "devices": [advertised_to_json(a) for a in r.devices],
-                "allocated": sorted(r.allocated),
-            }
-            for name, r in sorted(resources.items())
-        },
-    }
-    return json.dumps(doc, separators=(",", ":")).encode()
+def encode(resources: Mapping[str, SavedResource], cache: EncodeCache | None = None) -> bytes:
+    """The state file's bytes. ``cache``: the encodings of the devices of the previous call,
+    reused for the devices that are the same objects (a save after an Allocate re-encodes
+    one device, not 4,096)."""
+    fresh: dict[int, tuple[Advertised, bytes]] = {}
+    old = cache.devices if cache is not None else {}
+    parts = []
+    for name, r in sorted(resources.items()):
+        devices = []
+        for adv in r.devices:
+            hit = old.get(id(adv))
+            if hit is None or hit[0] is not adv:
+                hit = (adv, _dumps(advertised_to_json(adv)))
+            fresh[id(adv)] = hit
+            devices.append(hit[1])
+        parts.append(
+            b'%s:{"devices":[%s],"allocated":%s}'
+            % (_dumps(name), b",".join(devices), _dumps(sorted(r.allocated)))
+        )
+    if cache is not None:
+        cache.devices = fresh
+    return b'{"format":%d,"resources":{%s}}' % (FORMAT, b",".join(parts))
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+class EncodeCache:
+    """What :func:`encode` keeps between calls: id(device) -> (device, its JSON)."""
+
+    __slots__ = ("devices",)
+
+    def __init__(self) -> None:
+        self.devices: dict[int, tuple[Advertised, bytes]] = {}
 
 
 def save(state_dir: str, payload: bytes) -> None:

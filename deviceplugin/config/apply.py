@@ -13,6 +13,7 @@ from hostdev.deviceplugin.config.executor import ExecResult, Executor, KernelIO
 from hostdev.deviceplugin.config.facts import AddressSource, gather_facts
 from hostdev.deviceplugin.config.memory import DriverMemory
 from hostdev.host.address import PciAddress
+from hostdev.host.model import Inventory
 from hostdev.host.sysfs import Sysfs
 from hostdev.policy.nodeconfig import NodeConfig
 from hostdev.policy.plan import Plan, Refusal, Step, plan
@@ -28,6 +29,9 @@ class ApplyResult:
     refusals: tuple[Refusal, ...]
     converged: bool
     dry_run: bool
+    # The host as the last round read it, when that round changed nothing (the caller need
+    # not read all of it again: a second discovery of a 4,096-VF node cost ~4 MiB and ~0.3 s)
+    inventory: Inventory | None = None
 
     @property
     def exit_code(self) -> int:
@@ -74,7 +78,7 @@ def converge(
         say(f"round {rnd}: " + p.render())
         if dry_run or not p.steps:
             return ApplyResult(
-                tuple(plans), tuple(executed), None, p.refusals, p.converged, dry_run
+                tuple(plans), tuple(executed), None, p.refusals, p.converged, dry_run, inv
             )
         res = executor.run(p.steps)
         executed += res.done

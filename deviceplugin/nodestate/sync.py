@@ -127,7 +127,7 @@ class Syncer:
                 self.discover(),
                 None,
             )
-        inventory = self.discover()
+        inventory = result.inventory if result.inventory is not None else self.discover()
         last = result.plans[-1] if result.plans else None
         wanted = dict(last.resources) if last is not None else {}
         refused = refused_devices(result.refusals, inventory)

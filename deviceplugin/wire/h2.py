@@ -149,6 +149,7 @@ class Connection(asyncio.Protocol):
         self.closed = False
         self.last_peer_stream = 0
         self.goaway_received: int | None = None
+        self._corked: list[bytes] | None = None  # frames held back by cork()
 
     # ---- asyncio.Protocol -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -352,8 +353,21 @@ class Connection(asyncio.Protocol):
 
     # ---- frames out -----------------------------------------------------------------------
     def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.closed:
+        if self._corked is not None:
+            self._corked.append(data)
+        elif self.transport is not None and not self.closed:
             self.transport.write(data)
+
+    def cork(self) -> None:
+        """Hold frames back until :meth:`uncork`, which sends them in one write: a unary
+        answer (headers, data, trailers) is one send and one wake-up of the peer, not three."""
+        if self._corked is None:
+            self._corked = []
+
+    def uncork(self) -> None:
+        held, self._corked = self._corked, None
+        if held:
+            self.write(b"".join(held))
 
     def send_headers(self, s: Stream, block: bytes, *, end_stream: bool = False) -> None:
         """A header block on ``s`` (split into CONTINUATION frames when large)."""

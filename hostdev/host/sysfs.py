@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
@@ -72,7 +73,7 @@ def _hex_id(raw: str | None, width: int, what: str, problems: list[str]) -> str 
     if len(text) != width or any(c not in "0123456789abcdef" for c in text):
         problems.append(f"{what}: unexpected content {raw[:32]!r}")
         return None
-    return text
+    return sys.intern(text)  # the same few ids on thousands of VFs: one string each
 
 
 def _int(raw: str | None) -> int | None:
@@ -235,6 +236,8 @@ class Sysfs:
         if numa is not None and numa < 0:
             numa = None
         driver = _readlink_name(j(path, "driver")) if "driver" in entries else None
+        if driver is not None:
+            driver = sys.intern(driver)
         group: int | None = None
         if "iommu_group" in entries:
             gname = _readlink_name(j(path, "iommu_group"))
@@ -309,7 +312,7 @@ def _pcie_root(link: str, addr: PciAddress) -> str | None:
     parts = os.path.normpath(os.path.join("bus/pci/devices", target)).split(os.sep)
     if len(parts) < 3 or parts[0] != "devices" or not parts[1].startswith("pci"):
         return None
-    return parts[1] if parts[-1] == str(addr) else None
+    return sys.intern(parts[1]) if parts[-1] == str(addr) else None
 
 
 def _read_all(path: str) -> str | None:

@@ -117,6 +117,47 @@ def test_config_file_errors_name_the_entry(tmp_path: Path) -> None:
         load_resources_file(tmp_path / "missing.yaml")
 
 
+def test_state_encoding_with_cache_is_the_plain_json(tmp_path: Path) -> None:
+    """The cached encoder writes what json.dumps of the whole document writes, on the first
+    save and after a device changed (the changed one re-encoded, not the stale cached one)."""
+    from hostdev.deviceplugin.units import Advertised
+    from hostdev.policy.allocation import AllocUnit
+    from hostdev.policy.health import Verdict
+
+    def adv(addr: str, healthy: bool) -> Advertised:
+        a = PciAddress.parse(addr)
+        why = None if healthy else 'gone "away" \u00e9'
+        return Advertised(
+            AllocUnit(id=addr, addresses=(a,), group=7, numa_node=0, pf=None), Verdict(healthy, why)
+        )
+
+    def plain(res: dict[str, persist.SavedResource]) -> bytes:
+        doc = {
+            "format": persist.FORMAT,
+            "resources": {
+                n: {
+                    "devices": [persist.advertised_to_json(d) for d in r.devices],
+                    "allocated": sorted(r.allocated),
+                }
+                for n, r in sorted(res.items())
+            },
+        }
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    cache = persist.EncodeCache()
+    first = (adv("0000:3b:02.0", True), adv("0000:3b:02.1", True))
+    res = {
+        "b.io/y": persist.SavedResource(first, frozenset({"0000:3b:02.1"})),
+        "a.io/x": persist.SavedResource(),
+    }
+    assert persist.encode(res, cache) == plain(res)
+    res["b.io/y"] = persist.SavedResource((first[0], adv("0000:3b:02.1", False)))
+    assert persist.encode(res, cache) == plain(res)
+    persist.save(str(tmp_path), persist.encode(res, cache))
+    loaded = persist.load(str(tmp_path))
+    assert [d.verdict.healthy for d in loaded["b.io/y"].devices] == [True, False]
+
+
 def test_damaged_state_file_is_survived(tmp_path: Path) -> None:
     assert persist.load(str(tmp_path)) == {}
     Path(persist.state_path(str(tmp_path))).write_text("{not json")
