@@ -202,7 +202,9 @@ class Cluster:
         self._reported = seen
         before = self._rendered
         self._rendered = rerender(policies, nodes, reported, before)
-        self.renders += sum(1 for n, r in self._rendered.items() if before.get(n) is not r)
+        rendered = sum(1 for n, r in self._rendered.items() if before.get(n) is not r)
+        self.renders += rendered
+        metrics.NODESTATE_RENDERS.inc(rendered)
         plans = {n: r.plan for n, r in self._rendered.items()}
         self._snapshot = Snapshot(tuple(policies), invalid, plans, reported, settings)
         return self._snapshot
