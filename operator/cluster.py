@@ -34,8 +34,9 @@ from hostdev.policy.nodestate import (
     NodePlan,
     Policy,
     PolicyError,
+    Rendered,
     policy_outcomes,
-    render_cluster,
+    rerender,
 )
 from hostdev.policy.nodestatus import multi_function_condition
 from hostdev.policy.reconfigure import HolderState, Reconfigure, status_fields
@@ -114,6 +115,17 @@ class Cluster:
     dirty: asyncio.Event = field(default_factory=asyncio.Event)
     _snapshot: Snapshot | None = None
     _stale: bool = True
+    # What the last snapshot parsed and rendered, by name: reused while its inputs are the
+    # same objects (or equal), rebuilt from the live indexes on every snapshot so nothing of a
+    # deleted object stays.
+    _policies: dict[str, tuple[Mapping[str, Any], Policy | str, Reconfigure | None]] = field(
+        default_factory=dict
+    )
+    _reported: dict[str, tuple[Mapping[str, Any] | None, ReportedNode]] = field(
+        default_factory=dict
+    )
+    _rendered: dict[str, Rendered] = field(default_factory=dict)
+    renders: int = 0  # NodeState specs rendered so far (the rest were reused)
     kubevirt_missing: bool = False
     # Set when a pass must be repeated later (KubeVirt CR missing, API error). A kopf timer
     # (handlers.cluster.retry_cluster) turns it into a pass; a standby replica runs no kopf
@@ -149,26 +161,51 @@ class Cluster:
         self.indexes.update(indexes)
 
     def snapshot(self) -> Snapshot:
-        """The desired state from the indexes as they are now (recomputed only when stale)."""
+        """The desired state from the indexes as they are now (recomputed only when stale;
+        only what changed is parsed or rendered again, see hostdev.policy.nodestate.rerender)."""
         if self._snapshot is not None and not self._stale:
             return self._snapshot
         self._stale = False
         policies: list[Policy] = []
         invalid: dict[str, str] = {}
         settings: dict[str, Reconfigure] = {}
+        parsed: dict[str, tuple[Mapping[str, Any], Policy | str, Reconfigure | None]] = {}
         for obj in values(self.indexes.get("policies_idx", {})):
+            name = str(obj["metadata"]["name"])
+            was = self._policies.get(name)
+            if was is not None and was[0] is obj:
+                parsed[name] = was  # kopf keeps the index entry until the object changes
+                continue
             try:
                 policy = Policy.from_object(obj)
-                settings[policy.name] = Reconfigure.from_object(obj)
-                policies.append(policy)
+                parsed[name] = (obj, policy, Reconfigure.from_object(obj))
             except PolicyError as e:
-                invalid[str(obj["metadata"]["name"])] = str(e)
+                parsed[name] = (obj, str(e), None)
+        for name, (_, policy_or_error, reconfigure) in parsed.items():
+            if isinstance(policy_or_error, str):
+                invalid[name] = policy_or_error
+            else:
+                policies.append(policy_or_error)
+                settings[name] = cast(Reconfigure, reconfigure)
+        self._policies = parsed
         nodes = {str(n["name"]): n["labels"] for n in values(self.indexes.get("nodes_idx", {}))}
-        reported = {
-            str(s["name"]): read_node_state(str(s["name"]), s.get("status"))
-            for s in values(self.indexes.get("nodestates_idx", {}))
-        }
-        plans = render_cluster(policies, nodes, reported)
+        reported: dict[str, ReportedNode] = {}
+        seen: dict[str, tuple[Mapping[str, Any] | None, ReportedNode]] = {}
+        for s in values(self.indexes.get("nodestates_idx", {})):
+            name, status = str(s["name"]), s.get("status")
+            had = self._reported.get(name)
+            if had is not None and (had[0] is status or had[0] == status):
+                seen[name] = had  # e.g. our own spec write: the status is what it was
+            else:
+                seen[name] = (status, read_node_state(name, status))
+            reported[name] = seen[name][1]
+        self._reported = seen
+        before = self._rendered
+        self._rendered = rerender(policies, nodes, reported, before)
+        rendered = sum(1 for n, r in self._rendered.items() if before.get(n) is not r)
+        self.renders += rendered
+        metrics.NODESTATE_RENDERS.inc(rendered)
+        plans = {n: r.plan for n, r in self._rendered.items()}
         self._snapshot = Snapshot(tuple(policies), invalid, plans, reported, settings)
         return self._snapshot
 

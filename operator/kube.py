@@ -1,4 +1,5 @@
-"""The operator's API calls: the kubernetes client, run in threads so the event loop stays free.
+"""The operator's API calls: the kubernetes client's transport (plain dicts), run in threads
+so the event loop stays free.
 
 Every write goes through here so it is counted (metric hostdev_operator_api_writes_total).
 """
@@ -11,6 +12,7 @@ import json
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from urllib.parse import quote
 
 import kubernetes
 
@@ -18,6 +20,7 @@ from hostdev.operator.metrics import API_WRITES
 
 GROUP, VERSION = "hostdev.io", "v1alpha1"
 KUBEVIRT_GROUP, KUBEVIRT_VERSION = "kubevirt.io", "v1"
+MERGE_PATCH = "application/merge-patch+json"
 
 
 class ConflictError(Exception):
@@ -38,8 +41,20 @@ def client_configuration() -> kubernetes.client.Configuration:
     return config
 
 
+def _path(group: str, version: str, plural: str, namespace: str | None, *rest: str) -> str:
+    base = f"/apis/{group}/{version}" if group else f"/api/{version}"
+    ns = f"/namespaces/{quote(namespace, safe='')}" if namespace else ""
+    return f"{base}{ns}/{plural}" + "".join(f"/{quote(r, safe='')}" for r in rest)
+
+
 class Api:
-    """Thin async facade over ``kubernetes.client.CustomObjectsApi``."""
+    """Thin async facade over the kubernetes client's transport (``ApiClient``: configuration,
+    auth, pooled connections), objects as plain dicts.
+
+    The generated API classes are not used: each call validates its arguments through pydantic
+    (a few ms of CPU per write, which a 2,000-NodeState policy edit pays 2,000 times) and
+    ``CoreV1Api`` alone loads ~19 MiB of pydantic models for the two core calls made here.
+    """
 
     def __init__(
         self, client: kubernetes.client.ApiClient | None = None, concurrency: int = 32
@@ -49,15 +64,41 @@ class Api:
             # One pooled connection per thread.
             config.connection_pool_maxsize = concurrency
             client = kubernetes.client.ApiClient(config)
-        self.objects = kubernetes.client.CustomObjectsApi(client)
+        self.client = client
         # Own pool: asyncio's default has min(32, CPUs + 4) threads, which caps concurrent
         # API calls at 6 on a 2-CPU node while every call mostly waits on the network.
         self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="hostdev-api")
 
-    async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    def _request(
+        self, method: str, path: str, body: Any = None, content_type: str = "application/json"
+    ) -> Any:
+        """One call, in a pool thread: the answer's JSON, ApiException on an error status."""
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = content_type
+        params = self.client.param_serialize(
+            method=method,
+            resource_path=path,
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        resp = self.client.call_api(*params)
+        data = resp.read()  # type: ignore[no-untyped-call]
+        if not 200 <= resp.status <= 299:
+            raise kubernetes.client.ApiException.from_response(
+                http_resp=resp, body=data.decode("utf-8", "replace"), data=None
+            )
+        return json.loads(data) if data else None
+
+    async def _call(
+        self, method: str, path: str, body: Any = None, content_type: str = "application/json"
+    ) -> Any:
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self.pool, functools.partial(fn, *args, **kwargs))
+            return await loop.run_in_executor(
+                self.pool, functools.partial(self._request, method, path, body, content_type)
+            )
         except kubernetes.client.ApiException as e:
             if e.status == 409:
                 raise ConflictError(str(e.reason)) from e
@@ -69,19 +110,7 @@ class Api:
         self, group: str, version: str, plural: str, name: str, namespace: str | None = None
     ) -> dict[str, Any] | None:
         try:
-            if namespace is None:
-                obj = await self._call(
-                    self.objects.get_cluster_custom_object, group, version, plural, name
-                )
-            else:
-                obj = await self._call(
-                    self.objects.get_namespaced_custom_object,
-                    group,
-                    version,
-                    namespace,
-                    plural,
-                    name,
-                )
+            obj = await self._call("GET", _path(group, version, plural, namespace, name))
         except NotFoundError:
             return None
         return dict(obj)
@@ -97,41 +126,24 @@ class Api:
         *,
         status: bool = False,
     ) -> dict[str, Any]:
-        """JSON merge patch (the client's default content type for custom objects)."""
+        """JSON merge patch (what the client sends for custom objects, and for the node)."""
         API_WRITES.labels(plural + ("/status" if status else ""), "patch").inc()
-        o = self.objects
-        if namespace is None:
-            cfn = o.patch_cluster_custom_object_status if status else o.patch_cluster_custom_object
-            return dict(await self._call(cfn, group, version, plural, name, dict(body)))
-        nfn = (
-            o.patch_namespaced_custom_object_status if status else o.patch_namespaced_custom_object
-        )
-        return dict(await self._call(nfn, group, version, namespace, plural, name, dict(body)))
+        rest = (name, "status") if status else (name,)
+        path = _path(group, version, plural, namespace, *rest)
+        return dict(await self._call("PATCH", path, dict(body), MERGE_PATCH))
 
     async def create_cluster(
         self, group: str, version: str, plural: str, body: Mapping[str, Any]
     ) -> dict[str, Any]:
         API_WRITES.labels(plural, "create").inc()
-        return dict(
-            await self._call(
-                self.objects.create_cluster_custom_object, group, version, plural, dict(body)
-            )
-        )
+        return dict(await self._call("POST", _path(group, version, plural, None), dict(body)))
 
     async def create_namespaced(
         self, group: str, version: str, plural: str, namespace: str, body: Mapping[str, Any]
     ) -> dict[str, Any]:
         API_WRITES.labels(plural, "create").inc()
-        return dict(
-            await self._call(
-                self.objects.create_namespaced_custom_object,
-                group,
-                version,
-                namespace,
-                plural,
-                dict(body),
-            )
-        )
+        path = _path(group, version, plural, namespace)
+        return dict(await self._call("POST", path, dict(body)))
 
     async def delete(
         self, group: str, version: str, plural: str, name: str, namespace: str | None = None
@@ -139,19 +151,7 @@ class Api:
         """False when it was already gone."""
         API_WRITES.labels(plural, "delete").inc()
         try:
-            if namespace is None:
-                await self._call(
-                    self.objects.delete_cluster_custom_object, group, version, plural, name
-                )
-            else:
-                await self._call(
-                    self.objects.delete_namespaced_custom_object,
-                    group,
-                    version,
-                    namespace,
-                    plural,
-                    name,
-                )
+            await self._call("DELETE", _path(group, version, plural, namespace, name))
         except NotFoundError:
             return False
         return True
@@ -163,20 +163,19 @@ class Core:
 
     def __init__(self, api: Api) -> None:
         self.api = api
-        self.core = kubernetes.client.CoreV1Api(api.objects.api_client)
 
     async def evict(self, namespace: str, pod: str) -> str | None:
         """Evict through the Eviction API (policy/v1), so PodDisruptionBudgets and KubeVirt's
         eviction webhook decide; never a plain delete. None: accepted (or the pod is gone);
         else the API server's reason for refusing (HTTP 429 from a PDB, KubeVirt's denial)."""
         API_WRITES.labels("pods/eviction", "create").inc()
-        body = kubernetes.client.V1Eviction(
-            api_version="policy/v1",
-            kind="Eviction",
-            metadata=kubernetes.client.V1ObjectMeta(name=pod, namespace=namespace),
-        )
+        body = {
+            "apiVersion": "policy/v1",
+            "kind": "Eviction",
+            "metadata": {"name": pod, "namespace": namespace},
+        }
         try:
-            await self.api._call(self.core.create_namespaced_pod_eviction, pod, namespace, body)
+            await self.api._call("POST", _path("", "v1", "pods", namespace, pod, "eviction"), body)
         except NotFoundError:
             return None
         except kubernetes.client.ApiException as e:
@@ -186,8 +185,7 @@ class Core:
         return None
 
     async def patch_node(self, name: str, body: Mapping[str, Any]) -> None:
-        API_WRITES.labels("nodes", "patch").inc()
-        await self.api._call(self.core.patch_node, name, dict(body))
+        await self.api.patch("", "v1", "nodes", name, body)
 
 
 def _message(e: kubernetes.client.ApiException) -> str:

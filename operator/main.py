@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlparse
 
+import aiohttp
 import kopf
 import kubernetes
 from aiohttp import web
@@ -57,9 +58,30 @@ INDEXES = (
 )
 
 
+# kopf's own session opens as many connections as there are concurrent calls (a 1,000-request
+# burst held ~110, each with a 128 KiB TLS read buffer plus OpenSSL's): at most this many, the
+# watch streams (one per watched resource, ~10) included; the rest wait for a free connection.
+KOPF_CONNECTIONS = 32
+
+
 @kopf.on.login()
-def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-    return kopf.login_via_client(**kwargs)
+async def login(**kwargs: Any) -> kopf.AiohttpSession | None:
+    info = kopf.login_via_client(**kwargs)
+    if info is None:
+        return None
+    # What kopf builds from a ConnectionInfo, with a bounded pool.
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=KOPF_CONNECTIONS, ssl=info.as_ssl_context()),
+        headers=info.as_http_headers(),  # the token or basic auth too
+        proxy=info.proxy_url,
+        trust_env=info.trust_env,
+    )
+    return kopf.AiohttpSession(
+        server=info.server,
+        default_namespace=info.default_namespace,
+        expiration=info.expiration,
+        aiohttp_session=session,
+    )
 
 
 @kopf.on.startup()

@@ -19,6 +19,10 @@ API_CONFLICTS = Counter(
     "Optimistic-lock conflicts (HTTP 409) that were retried.",
     ["resource"],
 )
+NODESTATE_RENDERS = Counter(
+    "hostdev_operator_nodestate_renders_total",
+    "NodeState specs rendered (a cluster pass renders only nodes whose inputs changed).",
+)
 NODESTATES = Gauge("hostdev_operator_nodestates", "PassthroughNodeStates the operator manages.")
 POLICY_CONFLICTS = Gauge(
     "hostdev_operator_policy_conflicts", "Devices or PFs lost to a policy with precedence."

@@ -398,11 +398,53 @@ def render_cluster(
 ) -> dict[str, NodePlan]:
     """One plan per node that at least one policy selects (nodes no policy selects get none:
     their PassthroughNodeState is deleted)."""
+    return {n: r.plan for n, r in rerender(policies, nodes, reported, {}).items()}
+
+
+def assign(
+    policies: Iterable[Policy], nodes: Mapping[str, Mapping[str, str]]
+) -> dict[str, tuple[Policy, ...]]:
+    """node -> the policies selecting it, sorted by node (nodes no policy selects: absent)."""
     by_node: dict[str, list[Policy]] = {}
     for p in policies:
         for n in select_nodes(p, nodes):
             by_node.setdefault(n, []).append(p)
-    return {n: render_node(n, ps, reported.get(n)) for n, ps in sorted(by_node.items())}
+    return {n: tuple(ps) for n, ps in sorted(by_node.items())}
+
+
+@dataclass(frozen=True, slots=True)
+class Rendered:
+    """A node's plan with the inputs it was rendered from (all render_node reads)."""
+
+    policies: tuple[Policy, ...]
+    inventory: Inventory | None
+    plan: NodePlan
+
+
+def rerender(
+    policies: Iterable[Policy],
+    nodes: Mapping[str, Mapping[str, str]],
+    reported: Mapping[str, ReportedNode],
+    previous: Mapping[str, Rendered],
+) -> dict[str, Rendered]:
+    """render_cluster's plans, each reused from ``previous`` when that node's inputs (the
+    policies selecting it, its reported inventory) are unchanged. A policy edit re-renders the
+    nodes it selects, a label change that node, an agent's report its node only when the
+    devices changed (allocations and blockers feed no spec); the rest costs a comparison."""
+    out: dict[str, Rendered] = {}
+    for n, ps in assign(policies, nodes).items():
+        seen = reported.get(n)
+        inventory = seen.inventory if seen is not None else None
+        was = previous.get(n)
+        if was is not None and was.policies == ps and _same(was.inventory, inventory):
+            out[n] = was
+        else:
+            out[n] = Rendered(ps, inventory, render_node(n, ps, seen))
+    return out
+
+
+def _same(a: Inventory | None, b: Inventory | None) -> bool:
+    return a is b or a == b
 
 
 @dataclass(frozen=True, slots=True)

@@ -109,3 +109,80 @@ async def test_a_colliding_resource_name_is_a_conflict_in_the_losers_status() ->
     assert first_cond["status"] == "False"
     multi = {c["type"]: c for c in statuses["first"]["conditions"]}["MultiFunctionUnits"]
     assert (multi["status"], multi["reason"]) == ("False", "OneFunctionPerUnit")
+
+
+async def test_only_what_a_change_can_affect_is_rendered_and_nothing_unchanged_written() -> None:
+    """A NodeState status change renders nothing (allocations) or that node (devices); a
+    policy edit renders the nodes it selects; a label change that node; none writes a NodeState
+    that stays the same. Nothing of a deleted node stays in the render memo."""
+    api = RecordingApi()
+    cluster = Cluster(api, post=lambda *a, **k: None)  # type: ignore[arg-type]
+    pa = policy("pa", "vendor.example/a", node_selector={"matchLabels": {"pool": "a"}})
+    pb = policy("pb", "vendor.example/b", node_selector={"matchLabels": {"pool": "b"}})
+    nodes = {f"n{i}": {"name": f"n{i}", "labels": {"pool": "ab"[i % 2]}} for i in range(6)}
+    states: dict[str, Any] = {}
+    cluster.use(
+        policies_idx=index(pa=pa, pb=pb), nodes_idx=index(**nodes),
+        nodestates_idx=states, kubevirts_idx={},
+    )  # fmt: skip
+    await cluster.reconcile()
+    assert cluster.renders == 6
+
+    def nodestate_writes() -> list[str]:
+        """The NodeStates written, each echoed into the index as kopf's watch would."""
+        got = []
+        for verb, plural, name, body in api.writes:
+            if plural != "passthroughnodestates":
+                continue
+            got.append(name)
+            if verb in ("create", "patch"):
+                states[name] = [{
+                    **(states.get(name) or [{"status": {}, "managed": True}])[0],
+                    "name": name, "spec": body["spec"],
+                    "attribution": body["metadata"]["annotations"]["hostdev.io/policies"],
+                }]  # fmt: skip
+        api.writes.clear()
+        return got
+
+    assert len(nodestate_writes()) == 6
+
+    async def step() -> tuple[int, list[str]]:
+        before = cluster.renders
+        cluster._stale = True  # what mark() does, without starting the task
+        await cluster.reconcile()
+        return cluster.renders - before, nodestate_writes()
+
+    assert await step() == (0, [])  # our own writes came back: nothing to do
+
+    # An agent reports allocations only: no render, no write.
+    alloc = {"pciAddress": "0000:3b:02.0", "resourceName": "vendor.example/a",
+             "namespace": "ns", "pod": "virt-launcher-vm-x", "vmi": "vm"}  # fmt: skip
+    states["n0"] = [{**states["n0"][0], "status": {"allocations": [alloc]}}]
+    assert await step() == (0, [])
+    assert cluster.snapshot().reported["n0"].allocations[0].vmi == "vm"  # yet it is read
+
+    # An agent reports devices: that node is rendered again (conflicts may need it), no write.
+    dev = {"pciAddress": "0000:3b:02.0", "vendor": "8086", "device": "154c", "driver": "iavf"}
+    states["n0"] = [{**states["n0"][0], "status": {"devices": [dev]}}]
+    assert await step() == (1, [])
+
+    # A policy edit renders the nodes it selects (n1, n3, n5) and writes each once.
+    pb2 = policy("pb", "vendor.example/b", node_selector={"matchLabels": {"pool": "b"}},
+                 num_vfs=4)  # fmt: skip
+    pb2["spec"]["selector"]["pfNames"] = ["ens1f0"]
+    cluster.use(policies_idx=index(pa=pa, pb=pb2))
+    renders, written = await step()
+    assert (renders, sorted(written)) == (3, ["n1", "n3", "n5"])
+
+    # A node changes pool: that node alone.
+    nodes["n0"] = {"name": "n0", "labels": {"pool": "b"}}
+    cluster.use(nodes_idx=index(**nodes))
+    assert await step() == (1, ["n0"])
+
+    # A node goes: its NodeState is deleted, nothing of it stays in the memos.
+    del nodes["n2"]
+    cluster.use(nodes_idx=index(**nodes))
+    assert await step() == (0, ["n2"])
+    del states["n2"]
+    await step()
+    assert "n2" not in cluster._rendered and "n2" not in cluster._reported

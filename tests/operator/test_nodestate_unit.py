@@ -14,6 +14,7 @@ from hostdev.policy.nodestate import (
     PolicyError,
     policy_outcomes,
     render_cluster,
+    rerender,
 )
 from hostdev.policy.reported import read_node_state
 from tests.operator.helpers import device, policy, report
@@ -312,3 +313,23 @@ def test_a_policy_putting_a_pf_with_vfs_on_vfio_is_a_contradiction() -> None:
         read_node_state("n1", reports["n1"]).inventory,
     )
     assert [str(a) for a in resolved.devices] == ["0000:3b:00.0", "0000:3b:02.0"]
+
+
+def test_rerender_reuses_exactly_the_plans_whose_inputs_did_not_change() -> None:
+    nic = {"matchLabels": {"hostdev.io/nic": "x710"}}
+    ps = [
+        Policy.from_object(policy("a", "example.com/a")),
+        Policy.from_object(policy("b", "example.com/b", node_selector=nic, priority=1)),
+    ]
+    dev = device("0000:3b:02.0")
+    reported = {"n1": read_node_state("n1", report(dev)), "n2": read_node_state("n2", report(dev))}
+    first = rerender(ps, NODES, reported, {})
+    assert {n: r.plan for n, r in first.items()} == render_cluster(ps, NODES, reported)
+    # The same inputs (equal, not identical: a fresh parse of the same report) reuse every plan.
+    again = {**reported, "n2": read_node_state("n2", report(dev))}
+    assert all(r is first[n] for n, r in rerender(ps, NODES, again, first).items())
+    # b changes: only n1 (the node it selects) is rendered again, to what a full render gives.
+    ps2 = [ps[0], Policy.from_object(policy("b", "example.com/b2", node_selector=nic, priority=1))]
+    second = rerender(ps2, NODES, again, first)
+    assert [n for n, r in second.items() if r is not first[n]] == ["n1"]
+    assert {n: r.plan for n, r in second.items()} == render_cluster(ps2, NODES, again)

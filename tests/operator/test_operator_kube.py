@@ -140,10 +140,28 @@ def test_policies_render_nodestates_conflicts_and_node_selection(
         for a in ("0000:3b:02.0", "0000:3b:02.1")
     ]
 
-    # A node no policy selects any more loses its NodeState.
+    # The agent reports an allocation (no device change), then n2 leaves every policy: n1 is
+    # not rendered again (nor written), n2's NodeState is deleted and nothing else is written.
+    def counter(name: str) -> float:
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in hostdev_operator.metrics().splitlines()
+            if line.startswith(name)
+        )
+
+    deleted = 'hostdev_operator_api_writes_total{resource="passthroughnodestates",verb="delete"}'
+    renders = counter("hostdev_operator_nodestate_renders_total")
+    writes = counter('hostdev_operator_api_writes_total{resource="passthroughnodestates"')
+    deletes = counter(deleted)
+    held = {"pciAddress": "0000:3b:02.0", "resourceName": "vendor.example/vf",
+            "namespace": "ns", "pod": "virt-launcher-vm-abcde", "vmi": "vm"}  # fmt: skip
+    o.report(n1, inventory(vf("0000:3b:02.0", 0), vf("0000:3b:02.1", 1), allocations=[held]))
     o.core.patch_node(n2, {"metadata": {"labels": {"hostdev.io/pool": None}}})
     wait_for(f"{n2} NodeState deleted", lambda: o.nodestate(n2) is None)
     assert o.nodestate(n1) is not None
+    assert counter("hostdev_operator_nodestate_renders_total") == renders
+    assert (counter('hostdev_operator_api_writes_total{resource="passthroughnodestates"'),
+            counter(deleted)) == (writes + 1, deletes + 1)  # fmt: skip
 
 
 def test_resource_names_sharing_an_env_var_are_refused_naming_both(
