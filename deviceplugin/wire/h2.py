@@ -149,7 +149,7 @@ class Connection(asyncio.Protocol):
         self.closed = False
         self.last_peer_stream = 0
         self.goaway_received: int | None = None
-        self._corked: list[bytes] | None = None  # frames held back by cork()
+        self._corked: list[bytes] | None = None  # frames held back by send_whole()
 
     # ---- asyncio.Protocol -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -358,16 +358,19 @@ class Connection(asyncio.Protocol):
         elif self.transport is not None and not self.closed:
             self.transport.write(data)
 
-    def cork(self) -> None:
-        """Hold frames back until :meth:`uncork`, which sends them in one write: a unary
-        answer (headers, data, trailers) is one send and one wake-up of the peer, not three."""
-        if self._corked is None:
-            self._corked = []
-
-    def uncork(self) -> None:
-        held, self._corked = self._corked, None
-        if held:
-            self.write(b"".join(held))
+    def send_whole(self, s: Stream, block: bytes, data: bytes, trailers: bytes) -> None:
+        """A whole unary message on ``s``: the header ``block``, ``data`` and the end (see
+        :meth:`end_stream`), in one write as far as the windows allow: one send and one
+        wake-up of the peer, not three."""
+        self._corked = []
+        try:
+            self.send_headers(s, block)
+            self.send_data(s, data)
+            self.end_stream(s, trailers)
+        finally:
+            held, self._corked = self._corked, None
+            if held:
+                self.write(b"".join(held))
 
     def send_headers(self, s: Stream, block: bytes, *, end_stream: bool = False) -> None:
         """A header block on ``s`` (split into CONTINUATION frames when large)."""

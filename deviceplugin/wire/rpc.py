@@ -218,13 +218,7 @@ class _ServerConnection(h2.Connection):
                 msg = await method.handler(request)  # type: ignore[misc]
                 if s.reset is not None or self.closed:
                     return
-                self.cork()
-                try:
-                    self.send_headers(s, _RESPONSE_HEADERS)
-                    self.send_data(s, _frame_message(msg))
-                    self.end_stream(s, _OK_TRAILERS)
-                finally:
-                    self.uncork()
+                self.send_whole(s, _RESPONSE_HEADERS, _frame_message(msg), _OK_TRAILERS)
         except RpcError as e:
             self._finish(s, e)
         except asyncio.CancelledError:
@@ -369,11 +363,7 @@ async def call(
             ("te", "trailers"),
             ("grpc-timeout", _timeout_header(max(0.001, deadline - loop.time()))),
         ]
-        conn.cork()
-        conn.send_headers(s, h2.encode_headers(head))
-        conn.send_data(s, _frame_message(request))
-        conn.end_stream(s, b"")
-        conn.uncork()
+        conn.send_whole(s, h2.encode_headers(head), _frame_message(request), b"")
         try:
             await asyncio.wait_for(s.owner, max(0.0, deadline - loop.time()))
         except TimeoutError:
