@@ -92,6 +92,10 @@ def harness_binary() -> Path:
     return path
 
 
+# Parts of the stdlib the agent never imports (compiling them would only cost time).
+_NOT_IMPORTED = r"/(test|tests|idlelib|tkinter|turtledemo|lib2to3|ensurepip|pydoc_data)/"
+
+
 def agent_python(kind: str) -> tuple[str, dict[str, str]]:
     """The interpreter the agent runs under, and its environment. ``dev``: this venv as it is
     (the editable install's import hook costs every start ~20 ms; with
@@ -126,6 +130,22 @@ def agent_python(kind: str) -> tuple[str, dict[str, str]]:
         )
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     env["PYTHONPYCACHEPREFIX"] = str(venv / "pycache")
+    marker = venv / "pycache" / ".libraries-compiled"
+    if not marker.exists():
+        # The prefix hides the stdlib's own __pycache__: without this, the first start on a
+        # fresh machine compiles every stdlib and site-packages module it imports (seen: 1.24 s
+        # and 38.9 MiB instead of 0.14-0.20 s and 25 MiB), which an installed image never does.
+        paths = sysconfig.get_paths()
+        libs = [paths["stdlib"], paths["purelib"]]
+        subprocess.run(
+            [str(python), "-m", "compileall", "-q", "-j0", "-x", _NOT_IMPORTED, *libs],
+            check=False,  # a module that does not compile (a Python 2 leftover) is never imported
+            env=env,
+            stdout=subprocess.DEVNULL,
+            cwd="/",
+        )
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
     subprocess.run(
         [str(python), "-m", "compileall", "-q", str(venv / "src" / "hostdev")],
         check=True,
