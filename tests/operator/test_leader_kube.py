@@ -77,6 +77,13 @@ class Replicas:
         return [e for e in self.cluster.audit(user=op.user, stage="ResponseComplete")
                 if (e.get("objectRef") or {}).get("resource") != "leases"]  # fmt: skip
 
+    def logged_writes(self, op: OperatorProcess, what: str) -> list[dict[str, Any]]:
+        """``op``'s writes once at least one is in the audit log: the API server logs a
+        ResponseComplete event after the response, so a write seen through the API may not be
+        in the log yet (seen once in a loaded run)."""
+        wait_for(what, lambda: self.writes(op), timeout=30)
+        return self.writes(op)
+
     def stop_all(self) -> None:
         for op in self.all:
             op.stop()
@@ -142,8 +149,10 @@ def test_two_processes_started_together_never_lead_at_once(
             late.append(round(time.time() - start_at, 3))
         leader = wait_for(f"round {i}: a leader answered", lambda g=gen: observed(o, name) == g
                           and replicas.holder(), timeout=60)  # fmt: skip
-        by = {op.user: len(replicas.writes(op)) for op in (a, b)}
-        assert leader in by, (leader, by)
+        ops = {op.user: op for op in (a, b)}
+        assert leader in ops, (leader, list(ops))
+        replicas.logged_writes(ops[leader], f"round {i}: the leader's write in the audit log")
+        by = {user: len(replicas.writes(op)) for user, op in ops.items()}
         assert sorted(by.values())[0] == 0 and by[leader] >= 1, f"round {i}: writes {by}"
         standby = a if leader == b.user else b
         # On a loaded machine the standby may still be importing when the leader answers:
@@ -182,7 +191,7 @@ def test_kill9_hands_over_after_the_lease_and_sigterm_at_once(
     wait_for("second leads", lambda: replicas.holder() == second.user, timeout=60)
     took = time.monotonic() - killed
     wait_for("second answered", lambda: observed(o, name) == gen, timeout=60)
-    assert replicas.writes(second), "the new leader wrote nothing"
+    replicas.logged_writes(second, "the new leader's write in the audit log")
     print(f"handover after kill -9: {took:.2f}s (lease duration {DURATION}s, retry {RETRY}s)")
 
     # SIGTERM: kopf stops, the lease is released, a standby takes it at its next look.
@@ -234,6 +243,6 @@ def test_foreign_holder_is_respected_until_its_lease_expires(
     wait_for("it works", lambda: observed(o, name) == 1, timeout=60)
     first_write = min(
         datetime.fromisoformat(e["stageTimestamp"].replace("Z", "+00:00"))
-        for e in replicas.writes(op)
+        for e in replicas.logged_writes(op, "its writes in the audit log")
     )
     assert (first_write - last).total_seconds() >= foreign_duration
