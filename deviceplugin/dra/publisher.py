@@ -78,6 +78,10 @@ class SlicePublisher:
         # a slice still at that resourceVersion needs no deep comparison (a 4,096-unit pool
         # has 32 slices; one unit flipping should cost one slice's work).
         self._written: dict[str, tuple[SliceContent, int, int, str]] = {}
+        # name -> DELETED events the watch has seen: an API answer read before a deletion the
+        # watch reports after it must not bring the slice back into ``_actual`` (nothing would
+        # ever say it is gone again, and the pool would stay a slice short).
+        self._deletions: dict[str, int] = {}
         self.synced_version = 0  # bumped whenever actual == desired after a reconcile
         self.submitted_version = 0
         self.last_error: str | None = None
@@ -146,6 +150,7 @@ class SlicePublisher:
                     name = str((ev.obj.get("metadata") or {}).get("name"))
                     with self._cv:
                         if ev.type == "DELETED":
+                            self._deletions[name] = self._deletions.get(name, 0) + 1
                             if self._actual.pop(name, None) is not None:
                                 log.info("DRA: ResourceSlice %s was deleted", name)
                                 self._dirty = True
@@ -246,8 +251,10 @@ class SlicePublisher:
         for s in changed:
             body = dict(actual[s.name])
             body["spec"] = s.spec(self.node, generation, count)
+            seen = self._deletions_of(s.name)
             try:
-                self._record(s.name, self.api.replace_slice(s.name, body), (s, generation, count))
+                obj = self.api.replace_slice(s.name, body)
+                self._record(s.name, obj, (s, generation, count), seen)
             except ApiError as e:
                 if e.status in (404, 409):
                     self._refresh(s.name)  # changed or deleted meanwhile: look again, retry
@@ -263,8 +270,9 @@ class SlicePublisher:
                 },
                 "spec": s.spec(self.node, generation, count),
             }
+            seen = self._deletions_of(s.name)
             try:
-                self._record(s.name, self.api.create_slice(body), (s, generation, count))
+                self._record(s.name, self.api.create_slice(body), (s, generation, count), seen)
             except ApiError as e:
                 if e.status == 409:
                     self._refresh(s.name)
@@ -290,13 +298,26 @@ class SlicePublisher:
             return mine[:3] == (want, generation, count)
         return _same(obj, want.spec(self.node, generation, count))
 
+    def _deletions_of(self, name: str) -> int:
+        with self._cv:
+            return self._deletions.get(name, 0)
+
     def _record(
         self,
         name: str,
         obj: Mapping[str, Any] | None,
         wrote: tuple[SliceContent, int, int] | None = None,
+        seen: int | None = None,
     ) -> None:
+        """Take an API answer for ``name`` into ``_actual``. ``seen``: the deletions of it the
+        watch had reported before the call; if it reported one since, the answer is older than
+        that deletion and only the watch knows what is there: look again."""
         with self._cv:
+            if obj is not None and seen is not None and self._deletions.get(name, 0) != seen:
+                self._written.pop(name, None)
+                self._dirty = True
+                self._cv.notify_all()
+                return
             if obj is None:
                 self._actual.pop(name, None)
             else:
@@ -307,8 +328,9 @@ class SlicePublisher:
                 self._written[name] = (*wrote, _rv(obj))
 
     def _refresh(self, name: str) -> None:
+        seen = self._deletions_of(name)
         try:
-            self._record(name, self.api.get_slice(name))
+            self._record(name, self.api.get_slice(name), seen=seen)
         except Exception as e:
             log.warning("DRA: cannot re-read ResourceSlice %s: %s", name, _reason(e))
 
