@@ -81,8 +81,7 @@ class Replicas:
         """``op``'s writes once at least one is in the audit log: the API server logs a
         ResponseComplete event after the response, so a write seen through the API may not be
         in the log yet (seen once in a loaded run)."""
-        wait_for(what, lambda: self.writes(op), timeout=30)
-        return self.writes(op)
+        return wait_for(what, lambda: self.writes(op), timeout=30)
 
     def stop_all(self) -> None:
         for op in self.all:
