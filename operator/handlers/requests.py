@@ -12,7 +12,7 @@ from typing import Any, cast
 import kopf
 
 from hostdev.operator import metrics
-from hostdev.operator.cluster import Cluster, concurrently, now, values
+from hostdev.operator.cluster import Cluster, now, values
 from hostdev.operator.dra import delete_claim_template, sync_claim_template
 from hostdev.operator.kube import (
     GROUP,
@@ -29,6 +29,7 @@ from hostdev.policy.request import (
     OWNERS_ANNOTATION,
     Request,
     RequestError,
+    RequestStatus,
     VmChange,
     apply_to_vm,
     check_request,
@@ -440,62 +441,98 @@ async def refresh(
 ) -> None:
     """The refresher's look at these requests (compact views from requests_idx): status from
     the VMI and the agents' reports, one status write only when it changed; a VM that lost a
-    request's entries gets them again through the apply path."""
+    request's entries gets them again through the apply path.
+
+    The decisions are made here, synchronously, for all of them; only the few that need a
+    write get a coroutine (a pass after a burst looks at every request, and a coroutine per
+    request would raise the operator's peak memory for nothing)."""
     cluster: Cluster = memo["cluster"]
     allocations = _allocations(cluster)  # once per pass, not once per request
-    await concurrently(
-        [_refresh_one(memo, vmis_idx, vms_idx, v, allocations) for v in views], REFRESH_WRITERS
-    )
+    jobs: list[tuple[Mapping[str, Any], Request, kopf.Patch | None, RequestStatus | None]] = []
+    for view in views:
+        try:
+            req = Request.from_object(view)
+        except RequestError:
+            continue
+        job = _look(view, req, vmis_idx, vms_idx, allocations)
+        if job is not None:
+            jobs.append((view, req, *job))
+    queue = iter(jobs)
+
+    async def writer() -> None:
+        for view, req, patch, st in queue:
+            await _refresh_one(memo, vmis_idx, view, req, patch=patch, st=st)
+
+    await asyncio.gather(*(writer() for _ in range(min(REFRESH_WRITERS, len(jobs)))))
+
+
+def _look(
+    view: Mapping[str, Any],
+    req: Request,
+    vmis_idx: kopf.Index[Any, Any],
+    vms_idx: kopf.Index[Any, Any],
+    allocations: Sequence[Any],
+) -> tuple[kopf.Patch | None, RequestStatus | None] | None:
+    """None: nothing to do; (None, None): apply again; else the status patch to write."""
+    status: Mapping[str, Any] = view.get("status") or {}
+    owners = next(iter(vms_idx.get((req.namespace, req.vm_name), ())), None)
+    if _waiting_for_vm(status):
+        # Still no VM: nothing to do, its creation wakes the refresher.
+        return None if owners is None else (None, None)
+    if owners is None or req.name not in owners:
+        log.info(
+            "PassthroughRequest %s/%s: VM %s lacks its entries; applying again",
+            req.namespace,
+            req.name,
+            req.vm_name,
+        )
+        return None, None
+    names = list(status.get("vmEntries") or ())
+    vmi = _vmi(vmis_idx, req.namespace, req.vm_name)
+    st = running_status(req, names, vmi, allocations, _eviction(status))
+    patch = kopf.Patch()
+    generation = (view.get("metadata") or {}).get("generation")
+    if not _set_status(patch, status, generation, st.fields(), list(st.conditions)):
+        return None
+    return patch, st
 
 
 async def _refresh_one(
     memo: Any,
     vmis_idx: kopf.Index[Any, Any],
-    vms_idx: kopf.Index[Any, Any],
     view: Mapping[str, Any],
-    allocations: Sequence[Any],
+    req: Request,
+    *,
+    patch: kopf.Patch | None,
+    st: RequestStatus | None,
 ) -> None:
     status: Mapping[str, Any] = view.get("status") or {}
-    meta = view.get("metadata") or {}
-    try:
-        req = Request.from_object(view)
-    except RequestError:
-        return
-    patch = kopf.Patch()
-    owners = next(iter(vms_idx.get((req.namespace, req.vm_name), ())), None)
-    try:
-        if _waiting_for_vm(status):
-            if owners is None:
-                return  # still no VM: its creation wakes the refresher
+    if patch is None:
+        patch = kopf.Patch()
+        try:
             await _apply(view, status, patch, memo, vmis_idx)
-        elif owners is None or req.name not in owners:
-            log.info(
-                "PassthroughRequest %s/%s: VM %s lacks its entries; applying again",
-                req.namespace,
-                req.name,
-                req.vm_name,
-            )
-            await _apply(view, status, patch, memo, vmis_idx)
-        else:
-            names = list(status.get("vmEntries") or ())
-            vmi = _vmi(vmis_idx, req.namespace, req.vm_name)
-            st = running_status(req, names, vmi, allocations, _eviction(status))
-            if _set_status(patch, status, meta.get("generation"), st.fields(),
-                           list(st.conditions)) and status.get("phase") != st.phase:  # fmt: skip
-                kopf.info(cast(kopf.Body, view), reason=st.phase, message=st.message)
-    except (kopf.TemporaryError, kopf.PermanentError):
-        pass  # the status in the patch says why; the next look (or a change) tries again
-    except Exception:
-        log.exception("PassthroughRequest %s/%s: refresh failed", req.namespace, req.name)
-        return
-    if not patch:
-        return
+        except (kopf.TemporaryError, kopf.PermanentError):
+            pass  # the status in the patch says why; the next look (or a change) tries again
+        except Exception:
+            log.exception("PassthroughRequest %s/%s: applying again failed", req.namespace,
+                          req.name)  # fmt: skip
+            return
+        if not patch:
+            return
     api: Api = memo["api"]
     # Based on the version looked at: should the request have changed meanwhile (kopf's own
     # handlers), the write is refused and the change brings a new look instead.
-    body = {**dict(patch), "metadata": {"resourceVersion": meta.get("resourceVersion")}}
-    with contextlib.suppress(ConflictError, NotFoundError):
+    rv = (view.get("metadata") or {}).get("resourceVersion")
+    body = {**dict(patch), "metadata": {"resourceVersion": rv}}
+    try:
         await api.patch(GROUP, VERSION, PLURAL, req.name, body, req.namespace, status=True)
+    except (ConflictError, NotFoundError):
+        return
+    except Exception:
+        log.exception("PassthroughRequest %s/%s: status write failed", req.namespace, req.name)
+        return
+    if st is not None and status.get("phase") != st.phase:
+        kopf.info(cast(kopf.Body, view), reason=st.phase, message=st.message)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)
