@@ -64,11 +64,6 @@ INDEXES = (
 # burst held ~110, each with a 128 KiB TLS read buffer plus OpenSSL's): at most this many, the
 # watch streams (one per watched resource, ~10) included; the rest wait for a free connection.
 KOPF_CONNECTIONS = 32
-KOPF_WORKER_IDLE_S = 1.0  # kopf's default 5 s (see configure)
-KOPF_EVENT_POSTERS = 8  # Events posted at once (kopf's default: no limit)
-# A poster holds its slot this long after its object's last Event (kopf's default 1 s would
-# cap posting at KOPF_EVENT_POSTERS Events a second).
-KOPF_EVENT_POSTER_IDLE_S = 0.1
 
 
 @kopf.on.login()
@@ -98,17 +93,6 @@ async def configure(*, settings: kopf.OperatorSettings, memo: Any, **kwargs: Any
     settings.persistence.diffbase_storage = DiffBase()
     settings.posting.loggers = False
     settings.posting.level = logging.INFO
-    # Memory at a burst's peak (bench/operator_requests.py: 1,000 requests) was mostly kopf's
-    # transient per-object state, and Python keeps the pages the peak took:
-    # - a per-object worker idled 5 s after each object's last event, holding its queue and
-    #   the last full body (~850 alive at the peak): 1 s is enough to take an object's next
-    #   event in the same worker, and kopf still waits out its own patches' versions.
-    # - an Event poster per object, ~300-400 of them at once, each waiting inside aiohttp for
-    #   one of the KOPF_CONNECTIONS: a few post at once and the rest wait as queued Events
-    #   (much smaller). Their connections are left to the handlers' patches and the watches.
-    settings.queueing.idle_timeout = KOPF_WORKER_IDLE_S
-    settings.posting.worker_limit = KOPF_EVENT_POSTERS
-    settings.posting.idle_timeout = KOPF_EVENT_POSTER_IDLE_S
     # Watches reconnect on their own every 10 minutes so a silently dead stream cannot linger.
     settings.watching.server_timeout = 600
     settings.watching.client_timeout = 660
