@@ -229,7 +229,7 @@ def main() -> int:
         rss = rss_kib(op.pid, "VmRSS"), rss_kib(op.pid, "VmHWM")
 
         load_applied = os.getloadavg()[0]
-        # steady state: nothing changes, the per-request status timers still run
+        # steady state: nothing changes, the request refresher still looks every 15 s
         cpu_s0, t_s0 = cpu_seconds(op.pid), time.monotonic()
         time.sleep(args.steady)
         steady = (cpu_seconds(op.pid) - cpu_s0) / (time.monotonic() - t_s0) * 100

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -37,11 +38,12 @@ from prometheus_client import start_http_server
 from hostdev.operator.cluster import Cluster
 from hostdev.operator.handlers import cluster as _cluster_handlers  # noqa: F401  (registers)
 from hostdev.operator.handlers import reconfigure as _reconfigure  # noqa: F401  (registers)
-from hostdev.operator.handlers import requests as _request_handlers  # noqa: F401  (registers)
+from hostdev.operator.handlers import requests as _request_handlers  # registers; refresh
 from hostdev.operator.kube import Api, Core, client_configuration
 from hostdev.operator.leader import Elector, LeaseSettings, default_identity
 from hostdev.operator.persistence import DiffBase, Progress
 from hostdev.operator.reconfigure import Reconfigurer
+from hostdev.operator.refresher import Refresher
 
 log = logging.getLogger("hostdev.operator")
 
@@ -105,6 +107,15 @@ async def configure(*, settings: kopf.OperatorSettings, memo: Any, **kwargs: Any
     memo["vm_locks"] = {}
     memo["vm_cache"] = {}
     memo["node_labels"] = {}
+    # One task refreshes every applied request's status (not a kopf timer per request); the
+    # request handlers' events start it and wake it.
+    memo["refresher"] = Refresher(
+        look=functools.partial(
+            _request_handlers.refresh, memo, kwargs["vmis_idx"], kwargs["vms_idx"]
+        ),
+        requests=kwargs["requests_idx"],
+        changes=cluster.next_change,
+    )
 
 
 @kopf.on.cleanup()
@@ -112,6 +123,9 @@ async def stop(*, memo: Any, **_: Any) -> None:
     cluster = memo.get("cluster")
     if cluster is not None:
         cluster.stop()
+    refresher = memo.get("refresher")
+    if refresher is not None:
+        refresher.stop()
     # kopf stopped on its own SIGTERM handler: settle the stop flag it was given too, or kopf
     # waits 5 s for its still-pending waiter task (delaying the Lease release by as much).
     flag = memo.get("stop_flag")

@@ -6,8 +6,8 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
 
 import kopf
 
@@ -23,11 +23,13 @@ from hostdev.operator.kube import (
     ConflictError,
     NotFoundError,
 )
+from hostdev.operator.refresher import Refresher
 from hostdev.policy.conditions import Condition, merge_conditions, same_conditions
 from hostdev.policy.request import (
     OWNERS_ANNOTATION,
     Request,
     RequestError,
+    RequestStatus,
     VmChange,
     apply_to_vm,
     check_request,
@@ -41,8 +43,6 @@ CONFLICT_RETRIES = 8
 RETRY_REFUSED_S = 60.0  # a VM that conflicts with the request (someone else's entries)
 RETRY_PENDING_S = 10.0  # the VM does not exist yet
 RETRY_MAX_S = 600.0
-STATUS_INTERVAL_S = 15.0
-STATUS_SETTLE_S = 5.0  # first look soon after a change; then every STATUS_INTERVAL_S
 
 log = logging.getLogger("hostdev.operator.requests")
 
@@ -184,14 +184,17 @@ def _backoff(base: float, retry: int) -> float:
 
 
 async def _apply(
-    body: kopf.Body,
-    status: kopf.Status,
+    body: Mapping[str, Any],
+    status: Mapping[str, Any],
     patch: kopf.Patch,
     memo: Any,
     vmis_idx: kopf.Index[Any, Any],
     *,
     retry: int = 0,
 ) -> None:
+    # Called with kopf's body, or with the refresher's compact view of it: Events need only
+    # apiVersion, kind and metadata, which both have.
+    obj = cast(kopf.Body, body)
     generation = body.get("metadata", {}).get("generation")
     try:
         req = Request.from_object(body)
@@ -217,7 +220,7 @@ async def _apply(
             {"phase": phase, "message": verdict.message},
             [Condition("Accepted", "False", verdict.reason, verdict.message)],
         ):
-            (kopf.warn if verdict.final else kopf.info)(body, reason=phase, message=verdict.message)
+            (kopf.warn if verdict.final else kopf.info)(obj, reason=phase, message=verdict.message)
         metrics.RECONCILES.labels("request", phase.lower()).inc()
         # Capacity can appear (new node, new policy, an agent's report): recheck_request looks
         # again as soon as the cluster view changes. No kopf retry: each would be a write.
@@ -239,7 +242,7 @@ async def _apply(
                 Condition("Applied", "False", "ClaimTemplateConflict", refusal),
             ],
         )
-        kopf.warn(body, reason="Refused", message=refusal)
+        kopf.warn(obj, reason="Refused", message=refusal)
         raise kopf.TemporaryError(refusal, delay=_backoff(RETRY_REFUSED_S, retry))
     vm, change = await _patch_vm(
         api,
@@ -272,7 +275,7 @@ async def _apply(
                 Condition("Applied", "False", "VmConflict", change.refusal),
             ],
         )
-        kopf.warn(body, reason="Refused", message=change.refusal)
+        kopf.warn(obj, reason="Refused", message=change.refusal)
         raise kopf.TemporaryError(change.refusal, delay=_backoff(RETRY_REFUSED_S, retry))
 
     names = list(change.entries)
@@ -293,7 +296,7 @@ async def _apply(
         await api.delete(
             KUBEVIRT_GROUP, KUBEVIRT_VERSION, "virtualmachineinstances", req.vm_name, req.namespace
         )
-        kopf.info(body, reason="Restarted", message=f"deleted VMI {req.vm_name} ({uid}) once")
+        kopf.info(obj, reason="Restarted", message=f"deleted VMI {req.vm_name} ({uid}) once")
         patch.status["restartedVmiUid"] = uid
         vmi = None
     st = running_status(req, names, vmi, _allocations(cluster), change.eviction)
@@ -302,7 +305,7 @@ async def _apply(
         _set_status(patch, status, generation, fields, list(st.conditions))
         and status.get("phase") != st.phase
     ):
-        kopf.info(body, reason=st.phase, message=st.message)
+        kopf.info(obj, reason=st.phase, message=st.message)
     metrics.RECONCILES.labels("request", "applied").inc()
 
 
@@ -355,47 +358,72 @@ def _allocations(cluster: Cluster) -> list[Any]:
     return [a for r in cluster.snapshot().reported.values() for a in r.allocations]
 
 
-@kopf.timer(
-    GROUP,
-    VERSION,
-    PLURAL,
-    interval=STATUS_INTERVAL_S,
-    initial_delay=STATUS_SETTLE_S,
-    idle=STATUS_SETTLE_S,
-)
-async def refresh_request(
-    *,
-    body: kopf.Body,
-    status: kopf.Status,
-    patch: kopf.Patch,
-    memo: Any,
-    **kwargs: Any,
-) -> None:
-    """Running/Allocated come from the VMI and the node agents' reports: poll the indexes.
-    A VM that lost this request's entries (deleted and recreated, annotation edited away) gets
-    them again through the apply path."""
-    vmis_idx: kopf.Index[Any, Any] = kwargs["vmis_idx"]
-    vms_idx: kopf.Index[Any, Any] = kwargs["vms_idx"]
-    if status.get("phase") not in {"Applied", "Running", "Allocated"}:
-        return
-    if body.get("metadata", {}).get("deletionTimestamp"):
-        return
-    try:
-        req = Request.from_object(body)
-    except RequestError:
-        return
-    owners = next(iter(vms_idx.get((req.namespace, req.vm_name), ())), None)
-    if owners is None or req.name not in owners:
-        log.info(
-            "PassthroughRequest %s/%s: VM %s lacks its entries; applying again",
-            req.namespace,
-            req.name,
-            req.vm_name,
-        )
-        await _apply(body, status, patch, memo, vmis_idx)
-        return
-    names = list(status.get("vmEntries") or ())
-    eviction = next(
+REFRESHED = frozenset({"Applied", "Running", "Allocated"})
+# What a look at a request needs of its status (not kopf's diff base: the largest field).
+VIEW_STATUS = ("phase", "message", "node", "pciAddresses", "allocated", "vmEntries",
+               "conditions", "observedGeneration", "restartedVmiUid")  # fmt: skip
+REFRESH_WRITERS = 16  # status writes of one refresh pass in flight at once
+
+
+def _waiting_for_vm(status: Mapping[str, Any]) -> bool:
+    """Accepted, but its VM did not exist when it was applied (e.g. deleted and recreated)."""
+    return status.get("phase") == "Pending" and any(
+        c.get("type") == "Applied" and c.get("reason") == "VmNotFound"
+        for c in status.get("conditions") or ()
+        if isinstance(c, Mapping)
+    )
+
+
+def refresh_view(body: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The part of a request the refresher reads, or None when there is nothing to refresh
+    (not applied yet, being deleted): then it holds no index entry at all."""
+    meta = body.get("metadata") or {}
+    status = body.get("status") or {}
+    if meta.get("deletionTimestamp"):
+        return None
+    if status.get("phase") not in REFRESHED and not _waiting_for_vm(status):
+        return None
+    keep = ("name", "namespace", "uid", "generation", "resourceVersion")
+    return {
+        "apiVersion": body.get("apiVersion"),
+        "kind": body.get("kind"),
+        "metadata": {k: meta[k] for k in keep if k in meta},
+        "spec": dict(body.get("spec") or {}),
+        "status": {k: status[k] for k in VIEW_STATUS if k in status},
+    }
+
+
+@kopf.index(GROUP, VERSION, PLURAL)
+async def requests_idx(
+    *, name: str, namespace: str | None, body: kopf.Body, **_: Any
+) -> dict[Any, Any]:
+    view = refresh_view(body)
+    return {} if view is None else {(namespace, name): view}
+
+
+def _refresher(memo: Any) -> Refresher:
+    refresher: Refresher = memo["refresher"]  # shared: made at startup
+    return refresher
+
+
+# These only wake the one refresher (hostdev.operator.refresher); it decides what to look at.
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def request_changed(*, memo: Any, **_: Any) -> None:
+    _refresher(memo).request_changed()
+
+
+@kopf.on.event(KUBEVIRT_GROUP, KUBEVIRT_VERSION, "virtualmachineinstances")
+async def vmi_changed(*, memo: Any, name: str, namespace: str | None, **_: Any) -> None:
+    _refresher(memo).vm_changed(str(namespace), name)  # a VMI is named after its VM
+
+
+@kopf.on.event(KUBEVIRT_GROUP, KUBEVIRT_VERSION, "virtualmachines")
+async def vm_changed(*, memo: Any, name: str, namespace: str | None, **_: Any) -> None:
+    _refresher(memo).vm_changed(str(namespace), name)
+
+
+def _eviction(status: Mapping[str, Any]) -> Condition | None:
+    return next(
         (
             Condition("EvictionSafe", c["status"], c.get("reason", ""), c.get("message", ""))
             for c in status.get("conditions") or ()
@@ -403,14 +431,108 @@ async def refresh_request(
         ),
         None,
     )
+
+
+async def refresh(
+    memo: Any,
+    vmis_idx: kopf.Index[Any, Any],
+    vms_idx: kopf.Index[Any, Any],
+    views: Sequence[Mapping[str, Any]],
+) -> None:
+    """The refresher's look at these requests (compact views from requests_idx): status from
+    the VMI and the agents' reports, one status write only when it changed; a VM that lost a
+    request's entries gets them again through the apply path.
+
+    The decisions are made here, synchronously, for all of them; only the few that need a
+    write get a coroutine (a pass after a burst looks at every request, and a coroutine per
+    request would raise the operator's peak memory for nothing)."""
     cluster: Cluster = memo["cluster"]
-    st = running_status(
-        req, names, _vmi(vmis_idx, req.namespace, req.vm_name), _allocations(cluster), eviction
-    )
-    if _set_status(
-        patch, status, body.get("metadata", {}).get("generation"), st.fields(), list(st.conditions)
-    ):
-        kopf.info(body, reason=st.phase, message=st.message)
+    allocations = _allocations(cluster)  # once per pass, not once per request
+    jobs: list[tuple[Mapping[str, Any], Request, kopf.Patch | None, RequestStatus | None]] = []
+    for view in views:
+        try:
+            req = Request.from_object(view)
+        except RequestError:
+            continue
+        job = _look(view, req, vmis_idx, vms_idx, allocations)
+        if job is not None:
+            jobs.append((view, req, *job))
+    queue = iter(jobs)
+
+    async def writer() -> None:
+        for view, req, patch, st in queue:
+            await _refresh_one(memo, vmis_idx, view, req, patch=patch, st=st)
+
+    await asyncio.gather(*(writer() for _ in range(min(REFRESH_WRITERS, len(jobs)))))
+
+
+def _look(
+    view: Mapping[str, Any],
+    req: Request,
+    vmis_idx: kopf.Index[Any, Any],
+    vms_idx: kopf.Index[Any, Any],
+    allocations: Sequence[Any],
+) -> tuple[kopf.Patch | None, RequestStatus | None] | None:
+    """None: nothing to do; (None, None): apply again; else the status patch to write."""
+    status: Mapping[str, Any] = view.get("status") or {}
+    owners = next(iter(vms_idx.get((req.namespace, req.vm_name), ())), None)
+    if _waiting_for_vm(status):
+        # Still no VM: nothing to do, its creation wakes the refresher.
+        return None if owners is None else (None, None)
+    if owners is None or req.name not in owners:
+        log.info(
+            "PassthroughRequest %s/%s: VM %s lacks its entries; applying again",
+            req.namespace,
+            req.name,
+            req.vm_name,
+        )
+        return None, None
+    names = list(status.get("vmEntries") or ())
+    vmi = _vmi(vmis_idx, req.namespace, req.vm_name)
+    st = running_status(req, names, vmi, allocations, _eviction(status))
+    patch = kopf.Patch()
+    generation = (view.get("metadata") or {}).get("generation")
+    if not _set_status(patch, status, generation, st.fields(), list(st.conditions)):
+        return None
+    return patch, st
+
+
+async def _refresh_one(
+    memo: Any,
+    vmis_idx: kopf.Index[Any, Any],
+    view: Mapping[str, Any],
+    req: Request,
+    *,
+    patch: kopf.Patch | None,
+    st: RequestStatus | None,
+) -> None:
+    status: Mapping[str, Any] = view.get("status") or {}
+    if patch is None:
+        patch = kopf.Patch()
+        try:
+            await _apply(view, status, patch, memo, vmis_idx)
+        except (kopf.TemporaryError, kopf.PermanentError):
+            pass  # the status in the patch says why; the next look (or a change) tries again
+        except Exception:
+            log.exception("PassthroughRequest %s/%s: applying again failed", req.namespace,
+                          req.name)  # fmt: skip
+            return
+        if not patch:
+            return
+    api: Api = memo["api"]
+    # Based on the version looked at: should the request have changed meanwhile (kopf's own
+    # handlers), the write is refused and the change brings a new look instead.
+    rv = (view.get("metadata") or {}).get("resourceVersion")
+    body = {**dict(patch), "metadata": {"resourceVersion": rv}}
+    try:
+        await api.patch(GROUP, VERSION, PLURAL, req.name, body, req.namespace, status=True)
+    except (ConflictError, NotFoundError):
+        return
+    except Exception:
+        log.exception("PassthroughRequest %s/%s: status write failed", req.namespace, req.name)
+        return
+    if st is not None and status.get("phase") != st.phase:
+        kopf.info(cast(kopf.Body, view), reason=st.phase, message=st.message)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)
@@ -436,9 +558,13 @@ async def release_request(*, body: kopf.Body, memo: Any, **_: Any) -> None:
 __all__ = [
     "apply_request",
     "recheck_request",
-    "refresh_request",
+    "refresh",
     "release_request",
+    "request_changed",
+    "requests_idx",
     "values",
+    "vm_changed",
+    "vmi_changed",
     "vmis_idx",
     "vms_idx",
 ]

@@ -1,0 +1,132 @@
+"""The one request refresher: when it looks at which request (hostdev.operator.refresher.due),
+what of a request it keeps (handlers.requests.refresh_view), and what wakes its task."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from hostdev.operator.handlers.requests import refresh_view
+from hostdev.operator.refresher import Item, Refresher, Schedule, due
+
+A = Item(("ns", "a"), ("ns", "vm1"), "1")
+B = Item(("ns", "b"), ("ns", "vm2"), "1")
+
+
+def test_first_look_once_settled_then_every_interval() -> None:
+    s = Schedule()
+    kw: dict[str, Any] = {"vms": set(), "everything": False, "settle": 5.0, "interval": 15.0}
+    assert due([A], s, now=100.0, **kw) == ([], 105.0)  # just seen: wait until settled
+    assert due([A], s, now=104.9, **kw) == ([], 105.0)
+    assert due([A], s, now=105.0, **kw) == ([A.key], 120.0)
+    s.looked[A.key] = 105.0
+    assert due([A], s, now=110.0, **kw) == ([], 120.0)  # nothing changed
+    assert due([A], s, now=120.0, **kw) == ([A.key], 135.0)  # periodic
+
+
+def test_a_change_of_the_request_waits_for_it_to_settle_again() -> None:
+    s = Schedule(seen={A.key: ("1", 0.0)}, looked={A.key: 10.0})
+    kw: dict[str, Any] = {"vms": set(), "everything": False, "settle": 5.0, "interval": 15.0}
+    changed = Item(A.key, A.vm, "2")
+    assert due([changed], s, now=12.0, **kw) == ([], 17.0)
+    assert due([changed], s, now=17.0, **kw) == ([A.key], 32.0)
+
+
+def test_vm_and_cluster_changes_look_at_once_at_settled_requests_only() -> None:
+    s = Schedule(seen={A.key: ("1", 0.0), B.key: ("1", 0.0)}, looked={A.key: 10.0, B.key: 10.0})
+    kw: dict[str, Any] = {"settle": 5.0, "interval": 15.0}
+    assert due([A, B], s, vms={("ns", "vm2")}, everything=False, now=11.0, **kw)[0] == [B.key]
+    assert due([A, B], s, vms=set(), everything=True, now=11.0, **kw)[0] == [A.key, B.key]
+    fresh = Item(("ns", "c"), ("ns", "vm2"), "1")  # just changed: its own settle comes first
+    got = due([A, B, fresh], s, vms={("ns", "vm2")}, everything=True, now=11.0, **kw)
+    assert got == ([A.key, B.key], 16.0)
+
+
+def test_gone_requests_are_forgotten() -> None:
+    s = Schedule(seen={A.key: ("1", 0.0), B.key: ("1", 0.0)}, looked={A.key: 1.0, B.key: 1.0})
+    assert due([A], s, vms=set(), everything=False, now=6.0) == ([], 16.0)
+    assert set(s.seen) == set(s.looked) == {A.key}
+    assert due([], s, vms=set(), everything=False, now=3.0) == ([], None)
+
+
+def body(phase: str | None, **extra: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "hostdev.io/v1alpha1",
+        "kind": "PassthroughRequest",
+        "metadata": {
+            "name": "r",
+            "namespace": "ns",
+            "uid": "u",
+            "generation": 2,
+            "resourceVersion": "7",
+            "managedFields": [{"manager": "kubectl"}],
+            **extra,
+        },
+        "spec": {"vmName": "vm1", "devices": [{"name": "nic", "resourceName": "x/y"}]},
+        "status": {
+            "phase": phase,
+            "vmEntries": ["r-nic-0"],
+            "conditions": [{"type": "Applied", "status": "True", "reason": "VmSpecUpdated"}],
+            "lastHandledConfiguration": '{"spec": "large"}',
+        },
+    }
+
+
+def test_view_keeps_only_what_a_look_needs() -> None:
+    view = refresh_view(body("Applied"))
+    assert view is not None
+    assert view["metadata"] == {
+        "name": "r", "namespace": "ns", "uid": "u", "generation": 2, "resourceVersion": "7",
+    }  # fmt: skip
+    assert "lastHandledConfiguration" not in view["status"]
+    assert view["status"]["vmEntries"] == ["r-nic-0"]
+    assert view["apiVersion"] == "hostdev.io/v1alpha1" and view["kind"] == "PassthroughRequest"
+
+
+def test_view_only_for_requests_there_is_something_to_refresh() -> None:
+    assert refresh_view(body("Running")) is not None
+    assert refresh_view(body("Allocated")) is not None
+    for phase in (None, "Pending", "Refused", "Failed"):
+        assert refresh_view(body(phase)) is None, phase
+    assert refresh_view(body("Applied", deletionTimestamp="2026-12-03T00:00:00Z")) is None
+    # Accepted, but its VM was missing when applied: looked at again once the VM is there.
+    waiting = body("Pending")
+    waiting["status"]["conditions"] = [{"type": "Applied", "status": "False",
+                                        "reason": "VmNotFound"}]  # fmt: skip
+    assert refresh_view(waiting) is not None
+
+
+def view_of(name: str, vm: str, rv: str = "1") -> dict[str, Any]:
+    return {"metadata": {"name": name, "namespace": "ns", "resourceVersion": rv},
+            "spec": {"vmName": vm}}  # fmt: skip
+
+
+async def test_task_looks_when_woken_by_a_vm_or_the_cluster_view() -> None:
+    looked: list[list[str]] = []
+    woke = asyncio.Event()
+
+    async def look(views: Sequence[Mapping[str, Any]]) -> None:
+        looked.append(sorted(v["metadata"]["name"] for v in views))
+        woke.set()
+
+    index = {("ns", "a"): [view_of("a", "vm1")], ("ns", "b"): [view_of("b", "vm2")]}
+    changes = [asyncio.Event()]  # as Cluster.next_change: a new event after each change
+    r = Refresher(look=look, requests=index, changes=lambda: changes[-1],
+                  settle=0.0, interval=3600.0)  # fmt: skip
+
+    async def next_look() -> list[str]:
+        await asyncio.wait_for(woke.wait(), 5)
+        woke.clear()
+        return looked[-1]
+
+    try:
+        r.request_changed()  # starts the task: both new, settled at once
+        assert await next_look() == ["a", "b"]
+        r.vm_changed("ns", "vm2")
+        assert await next_look() == ["b"]
+        changes.append(asyncio.Event())
+        changes[-2].set()  # e.g. an agent's report: everything may have changed
+        assert await next_look() == ["a", "b"]
+    finally:
+        r.stop()
