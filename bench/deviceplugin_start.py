@@ -11,6 +11,9 @@ allocatable count holding every VF. Modes:
   with a PassthroughNodeState naming the VFs and no saved lists: the agent reads the NodeState
   before serving anything (the production mode). Peak RSS is read once the NodeState status
   says Succeeded (the whole first sync, its status write and the DRA front end included).
+  The agent gets the credentials a DaemonSet pod has (a service-account directory and
+  KUBERNETES_SERVICE_HOST/PORT; ``--credentials kubeconfig``: a kubeconfig file instead, the
+  development path, which also reads YAML).
 
 The agent runs in an "installed" interpreter layout (``--python installed``, the default): a
 throw-away venv whose path entries are the repository and this venv's site-packages, so it
@@ -21,6 +24,7 @@ figure.
 
 Usage: .venv/bin/python bench/deviceplugin_start.py [--runs N] [--sizes 1x8,8x128,16x256]
        [--modes file-cold,file-warm,cluster-cold] [--python installed|dev]
+       [--credentials in-cluster|kubeconfig] [--allocate-rounds N]
 """
 
 from __future__ import annotations
@@ -93,7 +97,23 @@ def harness_result(proc: subprocess.Popen[bytes]) -> dict[str, Any]:
     return res
 
 
-def agent_argv(python: str, workdir: Path, cluster: Cluster | None, node: str) -> list[str]:
+def in_cluster_credentials(workdir: Path, cluster: Cluster) -> tuple[list[str], dict[str, str]]:
+    """What a DaemonSet pod has: a service-account directory (token, ca.crt) and
+    KUBERNETES_SERVICE_HOST/PORT; the agent then reads no kubeconfig (and imports no YAML)."""
+    sa = workdir / "serviceaccount"
+    sa.mkdir(exist_ok=True)
+    (sa / "token").write_text(cluster.admin_token)
+    shutil.copy(cluster.ca_cert, sa / "ca.crt")
+    host, _, port = cluster.server.removeprefix("https://").rpartition(":")
+    return [f"--service-account-dir={sa}"], {
+        "KUBERNETES_SERVICE_HOST": host,
+        "KUBERNETES_SERVICE_PORT": port,
+    }
+
+
+def agent_argv(
+    python: str, workdir: Path, cluster: Cluster | None, node: str, credentials: list[str]
+) -> list[str]:
     argv = [
         python,
         "-m",
@@ -109,7 +129,7 @@ def agent_argv(python: str, workdir: Path, cluster: Cluster | None, node: str) -
     return [
         *argv,
         f"--node-name={node}",
-        f"--kubeconfig={cluster.kubeconfig}",
+        *credentials,
         f"--pod-resources-socket={workdir / 'no-kubelet.sock'}",
         f"--kubelet-registry-dir={workdir / 'reg'}",
         f"--kubelet-plugins-dir={workdir / 'plugins'}",
@@ -150,6 +170,7 @@ def one_start(
     n: int,
     cluster: Cluster | None,
     rounds: int = 0,
+    kubeconfig: bool = False,
 ) -> tuple[float, float, float, dict[str, Any] | None]:
     """(seconds from spawn to allocatable == n, peak RSS MiB, load average at the end, and
     with ``rounds`` the harness's Allocate round trips made once every device was there)."""
@@ -161,13 +182,20 @@ def one_start(
     if rounds:
         sock = workdir / "dp" / socket_name(RESOURCE)
         extra = [f"--rpc-rounds={rounds}", f"--rpc-socket={sock}"]
+    credentials: list[str] = []
+    env = {k: v for k, v in python[1].items() if not k.startswith(("KUBERNETES_", "KUBECONFIG"))}
+    if cluster is not None and kubeconfig:
+        credentials = [f"--kubeconfig={cluster.kubeconfig}"]
+    elif cluster is not None:
+        credentials, sa_env = in_cluster_credentials(workdir, cluster)
+        env.update(sa_env)
     harness = start_harness(workdir, n, *extra)
     t0 = time.time()
     agent = subprocess.Popen(
-        agent_argv(python[0], workdir, cluster, node),
+        agent_argv(python[0], workdir, cluster, node, credentials),
         stderr=subprocess.DEVNULL,
         cwd="/",
-        env=python[1],
+        env=env,
     )
     try:
         res = harness_result(harness)
@@ -202,6 +230,12 @@ def main() -> None:
     ap.add_argument("--modes", default="file-cold,file-warm,cluster-cold")
     ap.add_argument("--python", default="installed", choices=["installed", "dev"])
     ap.add_argument(
+        "--credentials",
+        default="in-cluster",
+        choices=["in-cluster", "kubeconfig"],
+        help="cluster-cold: the pod's service account (as the DaemonSet runs) or a kubeconfig",
+    )
+    ap.add_argument(
         "--allocate-rounds",
         type=int,
         default=0,
@@ -210,7 +244,11 @@ def main() -> None:
     args = ap.parse_args()
     modes = args.modes.split(",")
     python = agent_python(args.python)
-    print(f"agent interpreter: {args.python} ({python[0]}); load {load():.2f}", flush=True)
+    print(
+        f"agent interpreter: {args.python} ({python[0]}); cluster-cold credentials: "
+        f"{args.credentials}; load {load():.2f}",
+        flush=True,
+    )
     plane = cluster = None
     work = Path(tempfile.mkdtemp(prefix="hb-kube-", dir="/tmp"))
     try:
@@ -235,7 +273,14 @@ def main() -> None:
                         in_cluster = mode == "cluster-cold"
                         rounds = args.allocate_rounds if in_cluster else 0
                         runs.append(
-                            one_start(python, workdir, n, cluster if in_cluster else None, rounds)
+                            one_start(
+                                python,
+                                workdir,
+                                n,
+                                cluster if in_cluster else None,
+                                rounds,
+                                kubeconfig=args.credentials == "kubeconfig",
+                            )
                         )
                     print(summary(f"{pfs}x{vfs} ({n} VFs) {mode}", runs), flush=True)
                     for r in (run[3] for run in runs if run[3] is not None):

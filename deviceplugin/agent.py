@@ -127,7 +127,12 @@ async def run(args: argparse.Namespace) -> int:
         # the DRA front end on the event loop held every call for 0.1-0.3 s.
         await _import_off_loop(
             "hostdev.deviceplugin.events",
-            *(("hostdev.deviceplugin.nodestate.runner",) if setup is not None else ()),
+            # The NodeState loop reports status.mdev (manager.mdev loads the mdev code).
+            *(
+                ("hostdev.deviceplugin.nodestate.runner", "hostdev.deviceplugin.mdev")
+                if setup is not None
+                else ()
+            ),
         )
         manager.start_watching()
         manager.in_use_source = _in_use_source(getattr(args, "pod_resources_socket", None))

@@ -22,14 +22,15 @@ import json
 import os
 import socket
 import ssl
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+from hostdev.deviceplugin.flags import DEFAULT_SERVICE_ACCOUNT_DIR
+
+SA_DIR = DEFAULT_SERVICE_ACCOUNT_DIR  # the pod's own, unless --service-account-dir
 JSON = "application/json"
 MERGE_PATCH = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
@@ -149,6 +150,8 @@ def from_kubeconfig(path: str) -> Credentials:
         value = where.get(key)
         if not value:
             return None
+        import tempfile  # kubeconfig files only: not on the in-cluster start path
+
         fd, tmp = tempfile.mkstemp(prefix="hostdev-kube-")
         with os.fdopen(fd, "wb") as f:
             f.write(base64.b64decode(value))
@@ -170,8 +173,8 @@ def from_kubeconfig(path: str) -> Credentials:
     )
 
 
-def load(kubeconfig: str | None) -> Credentials:
-    return from_kubeconfig(kubeconfig) if kubeconfig else in_cluster()
+def load(kubeconfig: str | None, sa_dir: str = SA_DIR) -> Credentials:
+    return from_kubeconfig(kubeconfig) if kubeconfig else in_cluster(sa_dir)
 
 
 class ApiClient:

@@ -26,13 +26,13 @@ from typing import Any
 
 from hostdev.deviceplugin.atomicfile import atomic_write
 from hostdev.deviceplugin.metrics import Metrics
+from hostdev.deviceplugin.persist import MDEV_OWNED_FILE
 from hostdev.deviceplugin.plugin import PERMISSIONS, AllocationRefusedError, ResourcePlugin
 from hostdev.deviceplugin.resources import ResourceConfig
 from hostdev.deviceplugin.units import Advertised, ResourceUnits, UnitRefusedError
 from hostdev.deviceplugin.wire import rpc
 from hostdev.host.address import PciAddress
 from hostdev.host.mdev import (
-    UUID_RE,
     MdevInstance,
     MdevInventory,
     MdevParent,
@@ -41,6 +41,7 @@ from hostdev.host.mdev import (
     read_instance,
     type_dir,
 )
+from hostdev.host.mdevuuid import UUID_RE
 from hostdev.host.model import Inventory
 from hostdev.host.sysfs import Sysfs
 from hostdev.policy.allocation import AllocUnit
@@ -56,7 +57,7 @@ from hostdev.policy.mdev import (
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "mdev-owned.json"
+STATE_FILE = MDEV_OWNED_FILE
 Writer = Callable[[str, str], None]
 
 

@@ -22,6 +22,9 @@ from hostdev.host.address import PciAddress
 log = logging.getLogger(__name__)
 
 FILE_NAME = "deviceplugin-state.json"
+# The mdev instances this agent made (hostdev.deviceplugin.mdev.MdevOwner); named here so the
+# start path can tell whether there are any without loading the mdev code.
+MDEV_OWNED_FILE = "mdev-owned.json"
 FORMAT = 1
 
 

@@ -9,13 +9,15 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hostdev.policy.allocation import Strategy
 from hostdev.policy.frontends import DEVICE_PLUGIN, DRA, Allocation
-from hostdev.policy.mdev import MdevSpec, MdevSpecError
 from hostdev.policy.naming import ResourceNameError, env_collisions, validate_resource_name
 from hostdev.policy.selector import DeviceSelector, SelectorError
+
+if TYPE_CHECKING:
+    from hostdev.policy.mdev import MdevSpec
 
 _STRATEGIES = ("spread", "pack")
 
@@ -65,10 +67,10 @@ def parse_resources(data: Any, source: str = "config") -> tuple[ResourceConfig, 
         try:
             validate_resource_name(name)
             selector = DeviceSelector.from_dict(entry.get("selector") or {})
-            if "mdev" in entry:
-                mdev = MdevSpec.from_dict(entry["mdev"])
-        except (ResourceNameError, SelectorError, MdevSpecError) as e:
+        except (ResourceNameError, SelectorError) as e:
             raise ConfigError(f"{where} ({name}): {e}") from None
+        if "mdev" in entry:
+            mdev = _mdev_spec(entry["mdev"], f"{where} ({name})")
         if mdev is not None and not selector.empty:
             raise ConfigError(
                 f"{where} ({name}): give either selector (PCI functions) or mdev (mediated "
@@ -89,6 +91,16 @@ def parse_resources(data: Any, source: str = "config") -> tuple[ResourceConfig, 
         i = next(i for i, r in enumerate(out) if r.resource_name == c.second)
         raise ConfigError(f"{source}: resources[{i}]: {c.message}")
     return tuple(out)
+
+
+def _mdev_spec(raw: Any, where: str) -> MdevSpec:
+    # Imported here: the mdev model is not needed to serve PCI functions (the agent's start).
+    from hostdev.policy.mdev import MdevSpec, MdevSpecError
+
+    try:
+        return MdevSpec.from_dict(raw)
+    except MdevSpecError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def load_resources_file(path: str | os.PathLike[str]) -> tuple[ResourceConfig, ...]:

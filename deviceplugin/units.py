@@ -27,7 +27,7 @@ from hostdev.deviceplugin.metrics import Metrics
 from hostdev.deviceplugin.recheck import recheck
 from hostdev.deviceplugin.resources import ResourceConfig
 from hostdev.host.address import PciAddress, PciAddressError
-from hostdev.host.mdev import UUID_RE
+from hostdev.host.mdevuuid import UUID_RE
 from hostdev.host.model import Inventory, IommuGroup, PciDevice
 from hostdev.host.sysfs import Sysfs
 from hostdev.policy.allocation import AllocUnit, build_units

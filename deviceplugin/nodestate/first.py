@@ -58,7 +58,7 @@ def cluster_setup(args: argparse.Namespace) -> ClusterSetup:
     except StateFileError as e:
         raise ClusterSetupError(str(e)) from None
     try:
-        api = ApiClient(load_credentials(args.kubeconfig))
+        api = ApiClient(load_credentials(args.kubeconfig, args.service_account_dir))
     except (ConfigError, OSError) as e:
         raise ClusterSetupError(f"cannot reach the API server for NodeState {node}: {e}") from None
     return ClusterSetup(node, api, memory)

@@ -12,7 +12,6 @@ and its ``mdev_supported_types/<type-id>/`` directories carry ``name`` (optional
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -21,7 +20,6 @@ from hostdev.host.bounded import read_attr
 
 MDEV_CLASS = "sys/class/mdev_bus"
 MDEV_DEVICES = "sys/bus/mdev/devices"
-UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hostdev.host.address import PciAddress, PciAddressError
-from hostdev.host.mdev import UUID_RE, MdevInstance, MdevParent
+from hostdev.host.mdev import MdevInstance, MdevParent
+from hostdev.host.mdevuuid import UUID_RE
 from hostdev.host.model import Inventory
 from hostdev.host.pciids import PciIds
 from hostdev.policy.allocation import AllocUnit, kubevirt_addresses

@@ -33,14 +33,16 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hostdev.host.address import PciAddress, PciAddressError
 from hostdev.host.model import Inventory, is_vfio_driver
 from hostdev.policy.frontends import ALLOCATIONS, DEVICE_PLUGIN, DRA, Allocation
-from hostdev.policy.mdev import MdevSpec, MdevSpecError
 from hostdev.policy.naming import env_collisions
 from hostdev.policy.selector import DeviceSelector, SelectorError
+
+if TYPE_CHECKING:
+    from hostdev.policy.mdev import MdevSpec
 
 DEFAULT_DRIVER = "vfio-pci"
 # Kernel driver names: what /sys/bus/pci/drivers/<name> can be (no '/', no spaces).
@@ -305,7 +307,13 @@ def _mdevs(
 ) -> tuple[tuple[tuple[str, MdevSpec], ...], frozenset[str]]:
     out: list[tuple[str, MdevSpec]] = []
     dra: set[str] = set()
-    for i, item in enumerate(_list(spec, "mdevs")):
+    items = _list(spec, "mdevs")
+    if not items:
+        return (), frozenset()
+    # Imported here: the node agent parses this at start, and most nodes have no mdevs.
+    from hostdev.policy.mdev import MdevSpec, MdevSpecError
+
+    for i, item in enumerate(items):
         where = f"mdevs[{i}]"
         resource = _resource(item.get("resourceName"), f"{where}.resourceName")
         if resource is None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hostdev.host.address import PciAddress
-from hostdev.host.mdev import UUID_RE
+from hostdev.host.mdevuuid import UUID_RE
 from hostdev.testing.fakesysfs import FakeHost
 
 

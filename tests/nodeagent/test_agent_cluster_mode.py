@@ -33,7 +33,16 @@ class AgentProcess:
     """``hostdev-node`` as a process; its output is read as it comes (a reader thread), so a
     test can wait for a log line instead of sleeping and hoping it was printed."""
 
-    def __init__(self, tmp_path: Path, plugin_dir: Path, name: str, kubeconfig: Path) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        plugin_dir: Path,
+        name: str,
+        kubeconfig: Path | None,
+        env: dict[str, str] | None = None,
+        extra: tuple[str, ...] = (),
+    ) -> None:
+        credentials = ["--kubeconfig", str(kubeconfig)] if kubeconfig is not None else []
         self.proc = subprocess.Popen(
             [
                 str(Path(sys.executable).parent / "hostdev-node"),
@@ -46,16 +55,17 @@ class AgentProcess:
                 "--metrics-port",
                 "0",
                 "--no-uevents",
-                "--kubeconfig",
-                str(kubeconfig),
+                *credentials,
                 "--pod-resources-socket",
                 str(tmp_path / "no-kubelet.sock"),
                 # The DRA front end's kubelet and CDI directories, never the machine's own.
                 f"--kubelet-registry-dir={plugin_dir}/reg",
                 f"--kubelet-plugins-dir={plugin_dir}/plugins",
                 f"--cdi-dir={tmp_path}/cdi",
+                *extra,
             ],
-            env={**os.environ, "NODE_NAME": name},
+            env={**{k: v for k, v in os.environ.items() if k != "KUBECONFIG"}, "NODE_NAME": name}
+            | (env or {}),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -160,3 +170,85 @@ def test_agent_process_in_cluster_mode(kube_apiserver: Cluster, tmp_path: Path) 
         agent.stop()
         crd.delete_cluster_custom_object(GROUP, VERSION, PLURAL, name)
         shutil.rmtree(plugin_dir)
+
+
+def test_agent_process_with_in_cluster_credentials(kube_apiserver: Cluster, tmp_path: Path) -> None:
+    """The DaemonSet's way in: no kubeconfig, the pod's service-account token and CA (a
+    directory like /var/run/secrets/kubernetes.io/serviceaccount) and
+    KUBERNETES_SERVICE_HOST/PORT."""
+    scenarios.gpu_with_audio(tmp_path / "host")
+    name = f"node-{uuid.uuid4().hex[:8]}"
+    crd = k8s.CustomObjectsApi(kube_apiserver.admin)
+    crd.create_cluster_custom_object(
+        GROUP,
+        VERSION,
+        PLURAL,
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "PassthroughNodeState",
+            "metadata": {"name": name},
+            "spec": {"devices": [{"pciAddress": "0000:17:00.0", "resourceName": GPU}]},
+        },
+    )
+    sa = tmp_path / "serviceaccount"
+    sa.mkdir()
+    (sa / "token").write_text(kube_apiserver.admin_token)
+    shutil.copy(kube_apiserver.ca_cert, sa / "ca.crt")
+    host, _, port = kube_apiserver.server.removeprefix("https://").rpartition(":")
+    plugin_dir = Path(tempfile.mkdtemp(prefix="dp-", dir="/tmp"))
+    agent = AgentProcess(
+        tmp_path,
+        plugin_dir,
+        name,
+        None,
+        env={"KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": port},
+        extra=(f"--service-account-dir={sa}",),
+    )
+    try:
+        deadline = time.monotonic() + 60
+        status: dict[str, Any] = {}
+        while time.monotonic() < deadline and agent.proc.poll() is None:
+            obj: dict[str, Any] = crd.get_cluster_custom_object(GROUP, VERSION, PLURAL, name)  # type: ignore[assignment]
+            status = obj.get("status") or {}
+            if status.get("syncStatus") == "Succeeded":
+                break
+            time.sleep(0.2)
+        assert agent.proc.poll() is None, f"agent exited early:\n{agent.stop()}"
+        assert status.get("syncStatus") == "Succeeded", status
+        out = agent.stop()
+        assert agent.proc.returncode == 0, out
+        assert f"cluster mode: applying PassthroughNodeState {name}" in out
+    finally:
+        agent.stop()
+        crd.delete_cluster_custom_object(GROUP, VERSION, PLURAL, name)
+        shutil.rmtree(plugin_dir)
+
+
+def test_agent_without_credentials_says_what_is_missing(tmp_path: Path) -> None:
+    """Cluster mode with neither a kubeconfig nor a usable service account: exit 2, and the
+    message says what is missing."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KUBERNETES_", "KUBECONFIG"))}
+
+    def run(extra_env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                str(Path(sys.executable).parent / "hostdev-node"),
+                f"--host-root={tmp_path}",
+                f"--state-dir={tmp_path / 'state'}",
+                f"--plugin-dir={tmp_path / 'dp'}",
+                "--node-name=n1",
+                f"--service-account-dir={tmp_path / 'no-sa'}",
+            ],
+            env=env | extra_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    proc = run({})
+    assert proc.returncode == 2, proc.stderr
+    assert "KUBERNETES_SERVICE_HOST/PORT unset" in proc.stderr, proc.stderr
+    proc = run({"KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": "6443"})
+    assert proc.returncode == 2, proc.stderr
+    assert f"no service account token at {tmp_path / 'no-sa' / 'token'}" in proc.stderr
