@@ -33,6 +33,8 @@
 //	                   turn) straight to the plugin at --rpc-socket with grpc-go, as the
 //	                   manager's client does, over C concurrent callers (--rpc-callers, default
 //	                   1); latencies as seen by the caller go to "rpc_rounds" (benchmarks).
+//	--rpc-settled-file PATH  then wait until PATH exists (the caller creates it once the plugin
+//	                   has finished starting up) and make the N calls again: "rpc_rounds_settled".
 //	--v LEVEL          kubelet log verbosity on stderr (default 0; 4 shows the RPCs).
 //
 // Stdout: first line is ONE JSON object
@@ -44,7 +46,8 @@
 //	              "mounts": [...], "annotations": {...}, "cdi_devices": [...]},   // if --allocate
 //	 "preferred_called": bool, "prestart_called": bool,
 //	 "met_unix": s,   // wall-clock time (Unix seconds) the --expect wait was first satisfied
-//	 "rpc_rounds": {"calls", "callers", "p50_ms", "p99_ms", "max_ms", "mean_ms", "errors"}}
+//	 "rpc_rounds": {"calls", "callers", "p50_ms", "p99_ms", "max_ms", "mean_ms", "errors"},
+//	 "rpc_rounds_settled": {...}}   // same fields, with --rpc-settled-file
 //
 // then, with --watch-seconds, lines {"elapsed": s, "capacity": {...}, "allocatable": {...}}.
 // Exit status: 0 on success; 1 with a message on stderr on timeout or any error; 2 on bad flags.
@@ -124,6 +127,7 @@ type options struct {
 	rpcRounds    int
 	rpcCallers   int
 	rpcSocket    string
+	rpcSettled   string
 	allocate     int
 	timeout      time.Duration
 	watchSeconds float64
@@ -170,6 +174,7 @@ type result struct {
 	PreStartCalled  bool                   `json:"prestart_called"`
 	MetUnix         float64                `json:"met_unix,omitempty"`
 	RPCRounds       *roundsOut             `json:"rpc_rounds,omitempty"`
+	RPCSettled      *roundsOut             `json:"rpc_rounds_settled,omitempty"`
 }
 
 type watchLine struct {
@@ -188,6 +193,7 @@ func main() {
 	flag.IntVar(&o.rpcRounds, "rpc-rounds", 0, "Allocate calls straight to --rpc-socket (0: none)")
 	flag.IntVar(&o.rpcCallers, "rpc-callers", 1, "concurrent callers for --rpc-rounds")
 	flag.StringVar(&o.rpcSocket, "rpc-socket", "", "plugin socket for --rpc-rounds")
+	flag.StringVar(&o.rpcSettled, "rpc-settled-file", "", "after --rpc-rounds, wait for this file and call again")
 	flag.IntVar(&o.allocate, "allocate", 0, "allocate K devices to a fake pod (0: skip)")
 	flag.DurationVar(&o.timeout, "timeout", 30*time.Second, "how long to wait for --expect")
 	flag.Float64Var(&o.watchSeconds, "watch-seconds", 0, "print capacity changes for S seconds")
@@ -276,6 +282,16 @@ func run(o options) error {
 			return err
 		}
 		res.RPCRounds = out
+		if o.rpcSettled != "" {
+			if err := waitForFile(ctx, o.rpcSettled); err != nil {
+				return err
+			}
+			out, err := allocateRounds(ctx, o.rpcSocket, ids, o.rpcRounds, o.rpcCallers)
+			if err != nil {
+				return err
+			}
+			res.RPCSettled = out
+		}
 	}
 	res.PreferredCalled = preferredCalled.Load()
 	res.PreStartCalled = preStartCalled.Load()
@@ -289,6 +305,20 @@ func run(o options) error {
 }
 
 func ptr[T any](v T) *T { return &v }
+
+// waitForFile returns once path exists (checked every 10 ms), or ctx's error.
+func waitForFile(ctx context.Context, path string) error {
+	for {
+		if _, err := os.Stat(path); err == nil {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("--rpc-settled-file %s: %w", path, ctx.Err())
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+}
 
 // fakePod is a pod with one container whose limits ask for k of the resource (device-plugin
 // resources are limits-only: requests must equal limits).
