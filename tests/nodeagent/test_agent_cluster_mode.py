@@ -108,11 +108,8 @@ class AgentProcess:
         return self.output
 
 
-def test_agent_process_in_cluster_mode(kube_apiserver: Cluster, tmp_path: Path) -> None:
-    # Already on vfio-pci: the plan has no writes, so the real SysfsIO never touches the tree.
-    scenarios.gpu_with_audio(tmp_path / "host")
-    name = f"node-{uuid.uuid4().hex[:8]}"
-    crd = k8s.CustomObjectsApi(kube_apiserver.admin)
+def create_gpu_node_state(crd: k8s.CustomObjectsApi, name: str) -> None:
+    """NodeState ``name`` asking for the GPU of scenarios.gpu_with_audio as resource GPU."""
     crd.create_cluster_custom_object(
         GROUP,
         VERSION,
@@ -124,17 +121,34 @@ def test_agent_process_in_cluster_mode(kube_apiserver: Cluster, tmp_path: Path) 
             "spec": {"devices": [{"pciAddress": "0000:17:00.0", "resourceName": GPU}]},
         },
     )
+
+
+def synced_status(
+    crd: k8s.CustomObjectsApi, name: str, agent: AgentProcess, served: Path | None = None
+) -> dict[str, Any]:
+    """NodeState ``name``'s status once it says Succeeded (and the plugin socket ``served``
+    exists, if given), or the last one seen when the agent exits or 60 s pass."""
+    deadline = time.monotonic() + 60
+    status: dict[str, Any] = {}
+    while time.monotonic() < deadline and agent.proc.poll() is None:
+        obj: dict[str, Any] = crd.get_cluster_custom_object(GROUP, VERSION, PLURAL, name)  # type: ignore[assignment]
+        status = obj.get("status") or {}
+        if status.get("syncStatus") == "Succeeded" and (served is None or served.exists()):
+            break
+        time.sleep(0.2)
+    return status
+
+
+def test_agent_process_in_cluster_mode(kube_apiserver: Cluster, tmp_path: Path) -> None:
+    # Already on vfio-pci: the plan has no writes, so the real SysfsIO never touches the tree.
+    scenarios.gpu_with_audio(tmp_path / "host")
+    name = f"node-{uuid.uuid4().hex[:8]}"
+    crd = k8s.CustomObjectsApi(kube_apiserver.admin)
+    create_gpu_node_state(crd, name)
     plugin_dir = Path(tempfile.mkdtemp(prefix="dp-", dir="/tmp"))  # short: unix socket paths
     agent = AgentProcess(tmp_path, plugin_dir, name, kube_apiserver.kubeconfig)
     try:
-        deadline = time.monotonic() + 60
-        status: dict[str, Any] = {}
-        while time.monotonic() < deadline and agent.proc.poll() is None:
-            obj: dict[str, Any] = crd.get_cluster_custom_object(GROUP, VERSION, PLURAL, name)  # type: ignore[assignment]
-            status = obj.get("status") or {}
-            if status.get("syncStatus") == "Succeeded" and (plugin_dir / socket_name(GPU)).exists():
-                break
-            time.sleep(0.2)
+        status = synced_status(crd, name, agent, plugin_dir / socket_name(GPU))
         assert agent.proc.poll() is None, f"agent exited early:\n{agent.stop()}"
         assert status.get("syncStatus") == "Succeeded", status
         assert status["observedGeneration"] == 1
@@ -179,17 +193,7 @@ def test_agent_process_with_in_cluster_credentials(kube_apiserver: Cluster, tmp_
     scenarios.gpu_with_audio(tmp_path / "host")
     name = f"node-{uuid.uuid4().hex[:8]}"
     crd = k8s.CustomObjectsApi(kube_apiserver.admin)
-    crd.create_cluster_custom_object(
-        GROUP,
-        VERSION,
-        PLURAL,
-        {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "PassthroughNodeState",
-            "metadata": {"name": name},
-            "spec": {"devices": [{"pciAddress": "0000:17:00.0", "resourceName": GPU}]},
-        },
-    )
+    create_gpu_node_state(crd, name)
     sa = tmp_path / "serviceaccount"
     sa.mkdir()
     (sa / "token").write_text(kube_apiserver.admin_token)
@@ -205,14 +209,7 @@ def test_agent_process_with_in_cluster_credentials(kube_apiserver: Cluster, tmp_
         extra=(f"--service-account-dir={sa}",),
     )
     try:
-        deadline = time.monotonic() + 60
-        status: dict[str, Any] = {}
-        while time.monotonic() < deadline and agent.proc.poll() is None:
-            obj: dict[str, Any] = crd.get_cluster_custom_object(GROUP, VERSION, PLURAL, name)  # type: ignore[assignment]
-            status = obj.get("status") or {}
-            if status.get("syncStatus") == "Succeeded":
-                break
-            time.sleep(0.2)
+        status = synced_status(crd, name, agent)
         assert agent.proc.poll() is None, f"agent exited early:\n{agent.stop()}"
         assert status.get("syncStatus") == "Succeeded", status
         out = agent.stop()
