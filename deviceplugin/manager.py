@@ -228,8 +228,7 @@ class PluginManager:
         """Whether this agent may have made mdev instances (without loading the mdev code when
         it cannot have: no owner yet and no record of instances from an earlier run)."""
         if self._mdev is None and (
-            self._state_dir is None
-            or not os.path.exists(os.path.join(self._state_dir, persist.MDEV_OWNED_FILE))
+            self._state_dir is None or not os.path.exists(persist.mdev_owned_path(self._state_dir))
         ):
             return False
         return bool(self.mdev.owned)

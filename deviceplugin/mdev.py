@@ -26,7 +26,7 @@ from typing import Any
 
 from hostdev.deviceplugin.atomicfile import atomic_write
 from hostdev.deviceplugin.metrics import Metrics
-from hostdev.deviceplugin.persist import MDEV_OWNED_FILE
+from hostdev.deviceplugin.persist import mdev_owned_path
 from hostdev.deviceplugin.plugin import PERMISSIONS, AllocationRefusedError, ResourcePlugin
 from hostdev.deviceplugin.resources import ResourceConfig
 from hostdev.deviceplugin.units import Advertised, ResourceUnits, UnitRefusedError
@@ -57,7 +57,6 @@ from hostdev.policy.mdev import (
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = MDEV_OWNED_FILE
 Writer = Callable[[str, str], None]
 
 
@@ -90,7 +89,7 @@ class MdevOwner:
     def __init__(self, sysfs: Sysfs, state_dir: str | None, write: Writer = sysfs_write) -> None:
         self.sysfs = sysfs
         self.root = sysfs.root
-        self.path = None if state_dir is None else os.path.join(state_dir, STATE_FILE)
+        self.path = None if state_dir is None else mdev_owned_path(state_dir)
         self.write = write
         self.owned: dict[str, str] = self._load()
         self.last = MdevResult()

@@ -38,6 +38,10 @@ def state_path(state_dir: str) -> str:
     return os.path.join(state_dir, FILE_NAME)
 
 
+def mdev_owned_path(state_dir: str) -> str:
+    return os.path.join(state_dir, MDEV_OWNED_FILE)
+
+
 def encode(resources: Mapping[str, SavedResource], cache: EncodeCache | None = None) -> bytes:
     """The state file's bytes. ``cache``: the encodings of the devices of the previous call,
     reused for the devices that are the same objects (a save after an Allocate re-encodes

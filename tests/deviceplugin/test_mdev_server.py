@@ -4,13 +4,12 @@ serves them over real gRPC to the kubelet simulator."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import grpc
 import pytest
 
-from hostdev.deviceplugin.mdev import STATE_FILE
+from hostdev.deviceplugin.persist import mdev_owned_path
 from hostdev.host.mdev import discover_mdev
 from hostdev.testing.fakemdev import FakeMdev, FakeType
 from hostdev.testing.fakesysfs import FakeHost
@@ -34,7 +33,7 @@ def _entry(count: int, type_: str = "mtty-2") -> dict[str, object]:
 
 
 def _owned(state_dir: str) -> dict[str, str]:
-    with open(os.path.join(state_dir, STATE_FILE)) as f:
+    with open(mdev_owned_path(state_dir)) as f:
         owned: dict[str, str] = json.load(f)["owned"]
     return owned
 
