@@ -101,14 +101,7 @@ def in_cluster_credentials(workdir: Path, cluster: Cluster) -> tuple[list[str], 
     """What a DaemonSet pod has: a service-account directory (token, ca.crt) and
     KUBERNETES_SERVICE_HOST/PORT; the agent then reads no kubeconfig (and imports no YAML)."""
     sa = workdir / "serviceaccount"
-    sa.mkdir(exist_ok=True)
-    (sa / "token").write_text(cluster.admin_token)
-    shutil.copy(cluster.ca_cert, sa / "ca.crt")
-    host, _, port = cluster.server.removeprefix("https://").rpartition(":")
-    return [f"--service-account-dir={sa}"], {
-        "KUBERNETES_SERVICE_HOST": host,
-        "KUBERNETES_SERVICE_PORT": port,
-    }
+    return [f"--service-account-dir={sa}"], cluster.pod_credentials(sa)
 
 
 def agent_argv(

@@ -195,17 +195,14 @@ def test_agent_process_with_in_cluster_credentials(kube_apiserver: Cluster, tmp_
     crd = k8s.CustomObjectsApi(kube_apiserver.admin)
     create_gpu_node_state(crd, name)
     sa = tmp_path / "serviceaccount"
-    sa.mkdir()
-    (sa / "token").write_text(kube_apiserver.admin_token)
-    shutil.copy(kube_apiserver.ca_cert, sa / "ca.crt")
-    host, _, port = kube_apiserver.server.removeprefix("https://").rpartition(":")
+    pod_env = kube_apiserver.pod_credentials(sa)
     plugin_dir = Path(tempfile.mkdtemp(prefix="dp-", dir="/tmp"))
     agent = AgentProcess(
         tmp_path,
         plugin_dir,
         name,
         None,
-        env={"KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": port},
+        env=pod_env,
         extra=(f"--service-account-dir={sa}",),
     )
     try:
