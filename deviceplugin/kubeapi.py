@@ -30,7 +30,6 @@ from typing import Any
 
 from hostdev.deviceplugin.flags import DEFAULT_SERVICE_ACCOUNT_DIR
 
-SA_DIR = DEFAULT_SERVICE_ACCOUNT_DIR  # the pod's own, unless --service-account-dir
 JSON = "application/json"
 MERGE_PATCH = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
@@ -90,7 +89,7 @@ class Credentials:
     headers: tuple[tuple[str, str], ...] = field(default=())  # e.g. Impersonate-User (tests)
 
 
-def in_cluster(sa_dir: str = SA_DIR) -> Credentials:
+def in_cluster(sa_dir: str = DEFAULT_SERVICE_ACCOUNT_DIR) -> Credentials:
     host, port = (
         os.environ.get("KUBERNETES_SERVICE_HOST"),
         os.environ.get("KUBERNETES_SERVICE_PORT"),
@@ -173,7 +172,7 @@ def from_kubeconfig(path: str) -> Credentials:
     )
 
 
-def load(kubeconfig: str | None, sa_dir: str = SA_DIR) -> Credentials:
+def load(kubeconfig: str | None, sa_dir: str = DEFAULT_SERVICE_ACCOUNT_DIR) -> Credentials:
     return from_kubeconfig(kubeconfig) if kubeconfig else in_cluster(sa_dir)
 
 
