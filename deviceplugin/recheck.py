@@ -3,7 +3,7 @@
 Shared by every front end that hands units out: the device plugin's Allocate and the DRA
 driver's NodePrepareResources. The verdict itself is pure
 (:func:`hostdev.policy.health.recheck_unit`); this module only reads: the group's member list,
-each member and each of the unit's own functions (a few small files each), and
+each member and each of the unit's own functions (its class, driver and group), and
 ``/dev/vfio/<group>``.
 """
 
@@ -21,11 +21,12 @@ from hostdev.policy.health import FreshGroup, Verdict, recheck_unit, unit_health
 
 def read_group(sysfs: Sysfs, group: int, addresses: Collection[PciAddress]) -> FreshGroup:
     """IOMMU group ``group`` as the host shows it now, with ``addresses`` read too (a function
-    that left the group is then seen where it went)."""
+    that left the group is then seen where it went). Each function is read only as far as the
+    verdict needs (:meth:`Sysfs.read_handout`): this runs in every Allocate."""
     members = sysfs.group_members(group)
     devices: dict[PciAddress, PciDevice] = {}
     for a in sorted({*(members or ()), *addresses}):
-        dev = sysfs.read_device(a)
+        dev = sysfs.read_handout(a)
         if dev is not None:
             devices[a] = dev
     vfio_node = os.path.exists(sysfs.path("dev/vfio", str(group)))

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import struct
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 from hpack import Decoder
 from hpack.exceptions import HPACKError
@@ -49,6 +49,15 @@ class ProtocolError(Exception):
     def __init__(self, message: str, code: int = PROTOCOL_ERROR) -> None:
         super().__init__(message)
         self.code = code
+
+
+_INDEXED_BLOCKS = 16  # distinct all-indexed blocks kept per connection
+
+
+def _only_indexed(block: bytes) -> bool:
+    """Every field an indexed one with a one-byte index (RFC 7541 6.1: high bit set, index
+    1-126): such a block neither adds to nor resizes the dynamic table."""
+    return bool(block) and min(block) >= 0x81 and max(block) <= 0xFE
 
 
 def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
@@ -115,8 +124,8 @@ class Stream:
 
     def __init__(self, stream_id: int, send_window: int) -> None:
         self.id = stream_id
-        self.headers: list[tuple[str, str]] | None = None
-        self.trailers: list[tuple[str, str]] | None = None
+        self.headers: tuple[tuple[str, str], ...] | None = None
+        self.trailers: tuple[tuple[str, str], ...] | None = None
         self.data = bytearray()
         self.ended = False  # the peer sent END_STREAM
         self.reset: int | None = None  # RST_STREAM code (either side), or connection gone
@@ -141,6 +150,11 @@ class Connection(asyncio.Protocol):
         self._buf = bytearray()
         self._preface_seen = self.client  # a server first reads the client's preface
         self._decoder = Decoder()
+        # Header blocks made only of indexed fields, decoded: they leave the dynamic table as it
+        # is, so the same bytes decode the same until a block that is not such changes it. A
+        # gRPC client sends each call's headers this way once its table holds them: the kubelet's
+        # Allocate then skips hpack (~20 us a call).
+        self._indexed: dict[bytes, tuple[tuple[str, str], ...]] = {}
         self._continuing: tuple[Stream | None, int, bytearray] | None = None  # sid, flags, block
         self.send_window = DEFAULT_WINDOW  # connection-level, ours towards the peer
         self.peer_initial_window = DEFAULT_WINDOW
@@ -300,13 +314,22 @@ class Connection(asyncio.Protocol):
         return None
 
     def _header_block(self, s: Stream | None, sid: int, flags: int, block: bytes) -> None:
-        headers = self._decoder.decode(block)  # always, to keep the decoder's table in step
+        headers = self._indexed.get(block)
+        if headers is None:
+            # Always decoded otherwise: that keeps the decoder's table in step with the peer's.
+            # hpack's HeaderTuple is a (name, value) tuple of str (raw=False).
+            headers = cast("tuple[tuple[str, str], ...]", tuple(self._decoder.decode(block)))
+            if _only_indexed(block):
+                if len(self._indexed) < _INDEXED_BLOCKS:
+                    self._indexed[block] = headers
+            else:
+                self._indexed.clear()  # the table may have changed: the indices with it
         if s is None:
             return
         if s.headers is None:
-            s.headers = headers  # type: ignore[assignment]
+            s.headers = headers
         else:
-            s.trailers = headers  # type: ignore[assignment]
+            s.trailers = headers
         if flags & END_STREAM:
             s.ended = True
         self.on_headers(s)

@@ -356,3 +356,32 @@ def test_blocking_client_from_a_thread(short_tmp: str) -> None:
             await server.stop(0)
 
     assert asyncio.run(serve_then_call()) == b""
+
+
+def test_header_blocks_decode_as_hpack_does_while_the_peer_table_changes() -> None:
+    """An all-indexed header block is decoded once per connection and then reused; a block that
+    adds to the peer's dynamic table shifts what the same indexed bytes mean, and is honoured."""
+    from hpack import Decoder, Encoder
+
+    seen: list[tuple[tuple[str, str], ...] | None] = []
+
+    class Recorder(h2.Connection):
+        def on_headers(self, s: h2.Stream) -> None:
+            seen.append(s.headers)
+
+    conn, reference, enc = Recorder(), Decoder(), Encoder()
+    newest, second = b"\xbe", b"\xbf"  # dynamic table entries 62 and 63, indexed
+    blocks = [
+        enc.encode([("x-a", "1")]),  # a literal added to the table: 62 = x-a
+        newest,
+        newest,  # the same bytes again: from the cache
+        enc.encode([("x-b", "2")]),  # 62 = x-b now, 63 = x-a
+        newest,
+        second,
+        newest,
+    ]
+    for sid, block in enumerate(blocks, start=1):
+        conn._header_block(h2.Stream(sid, 65535), sid, 0, block)
+    expected = [tuple((str(n), str(v)) for n, v in reference.decode(b)) for b in blocks]
+    assert seen == expected
+    assert [h[0] for h in seen[4:]] == [("x-b", "2"), ("x-a", "1"), ("x-b", "2")]

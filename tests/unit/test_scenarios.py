@@ -115,6 +115,32 @@ def test_amd_and_iommufd(tmp_path: Path) -> None:
     assert inv.devices[A("0000:3b:02.0")].vfio_cdev is not None
 
 
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda root: scenarios.sriov_nic_dual_socket(root, iommufd=True),
+        scenarios.gpus_behind_switch_without_acs,  # bridges in the groups
+        scenarios.group_member_on_host_driver,
+    ],
+)
+def test_handout_read_says_what_the_full_read_says(tmp_path: Path, build: object) -> None:
+    """Allocate's light read (class, driver, group, iommufd cdev) agrees with discovery on
+    every function, unbound, host-bound, VFIO-bound and bridge alike; a removed one is gone."""
+    h = build(tmp_path)  # type: ignore[operator]
+    sysfs = Sysfs(str(tmp_path))
+    inv = sysfs.discover()
+    assert len(inv.devices) > 3
+    for addr, full in inv.devices.items():
+        light = sysfs.read_handout(addr)
+        assert light is not None
+        facts = ("class_code", "driver", "iommu_group", "vfio_cdev", "is_bridge")
+        assert [getattr(light, f) for f in facts] == [getattr(full, f) for f in facts]
+        assert light.problems == ()
+    gone = min(inv.devices)
+    h.remove_device(gone)
+    assert sysfs.read_handout(gone) is None
+
+
 @pytest.mark.parametrize(("pfs", "vfs"), [(2, 16), (8, 128)])
 def test_scale_scenario_counts(tmp_path: Path, pfs: int, vfs: int) -> None:
     scenarios.sriov_scale(tmp_path, pfs=pfs, vfs=vfs)
