@@ -389,7 +389,10 @@ class ResourceUnits:
 
     def blocked(self, unit: AllocUnit) -> str | None:
         """Why ``unit`` must not be handed out whatever the host says (see
-        :meth:`_shared_verdict`), or None."""
+        :meth:`_shared_verdict`), or None. Asked for every unit at every DRA refresh: nothing
+        is built when no group is shared and nothing is held."""
+        if not self.shared_groups and not self.held:
+            return None
         return self._shared_verdict(unit, Verdict(True)).reason
 
     def advertised_members(self, unit: AllocUnit) -> tuple[PciAddress, ...] | None:

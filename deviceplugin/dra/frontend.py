@@ -104,6 +104,7 @@ class DraFrontEnd:
         self.generation = 0  # bumped on every refresh that changed something (tests, benches)
         self._changed = asyncio.Event()
         self._cache: dict[str, DraDevice] = {}
+        self._unit_rows: HealthRows = ()  # the served units' rows, as the last refresh saw them
         self._attached: dict[str, ResourceUnits] = {}
         self._health_queues: set[asyncio.Queue[HealthRows | None]] = set()
         self._refresh_handle: asyncio.Handle | None = None
@@ -257,18 +258,27 @@ class DraFrontEnd:
                 entries.append(PoolEntry(d, adv.verdict.healthy and blocked is None))
                 rows.append((d.name, adv.verdict.healthy, adv.verdict.reason or ""))
         self._cache = cache
-        # Devices of prepared claims that are no longer served through DRA stay reported.
-        for rec in self.checkpoints.records.values():
-            for pd in rec.devices:
-                if pd.device not in devices:
-                    rows.append((pd.device, False, "no longer served through DRA on this node"))
+        self._unit_rows = tuple(sorted(set(rows)))
         self.devices, self.offers = devices, offers
         self.manager.metrics.dra_slices.set(sum(e.offered for e in entries))
         if self.publisher is not None and self.manager.scanned:
             # Before the first scan the units are not known yet: publishing nothing would
             # withdraw the node's devices for a moment.
             self.publisher.submit(plan_slices(self.pool, entries))
-        new_rows = tuple(sorted(set(rows)))
+        self._claims_changed()
+
+    def _claims_changed(self) -> None:
+        """What follows the prepared claims alone: the health rows of their devices that are no
+        longer served through DRA (they stay reported) and the units the device plugin must not
+        offer. A prepare or unprepare changes nothing else: it runs this rather than a whole
+        :meth:`refresh` (~25 ms of the event loop on a 4,096-unit node, in every prepare)."""
+        gone = {
+            (pd.device, False, "no longer served through DRA on this node")
+            for rec in self.checkpoints.records.values()
+            for pd in rec.devices
+            if pd.device not in self.devices
+        }
+        new_rows = tuple(sorted({*self._unit_rows, *gone})) if gone else self._unit_rows
         if new_rows != self.health_rows:
             self.health_rows = new_rows
             for q in self._health_queues:
@@ -324,7 +334,7 @@ class DraFrontEnd:
         for a in answers.values():
             self.manager.metrics.dra_claims.labels("prepare", "error" if a.error else "ok").inc()
         self.manager.metrics.dra_prepare_seconds.observe(time.perf_counter() - start)
-        self._schedule()  # held units and health rows follow the checkpoints
+        self._claims_changed()  # held units and health rows follow the checkpoints
         return answers
 
     async def unprepare(self, claims: Sequence[ClaimKey]) -> dict[str, str]:
@@ -332,7 +342,7 @@ class DraFrontEnd:
             errors = await asyncio.to_thread(self.preparer.unprepare, claims)
         for err in errors.values():
             self.manager.metrics.dra_claims.labels("unprepare", "error" if err else "ok").inc()
-        self._schedule()
+        self._claims_changed()
         return errors
 
     def health(self) -> tuple[bool, str]:

@@ -69,7 +69,7 @@ def unprepare_response(errors: Mapping[str, str]) -> bytes:
 
 
 def health_message(pool: str, rows: Sequence[tuple[str, bool, str]], timeout: int) -> bytes:
-    """A complete NodeWatchResourcesResponse (v1 and v1alpha1: the same shape)."""
+    """A NodeWatchResourcesResponse for ``rows`` (v1 and v1alpha1: the same shape)."""
     now = int(time.time())
     return msg.NODE_WATCH_RESOURCES_RESPONSE.encode(
         {
@@ -88,16 +88,28 @@ def health_message(pool: str, rows: Sequence[tuple[str, bool, str]], timeout: in
 
 
 async def _health_stream(fe: DraFrontEnd) -> AsyncIterator[bytes]:
+    """Every device at first and every ``health_interval``; in between, on a change, only the
+    devices whose row changed. The kubelet keeps what a report leaves out (it times a device
+    out to Unknown only after ``health_timeout`` without news, which the full resends prevent),
+    so a unit going Unhealthy on a 4,096-unit node is one row, not 4,096 (~40 ms to encode)."""
     q = fe.health_subscribe()
     try:
         rows = fe.health_rows
+        sent: frozenset[tuple[str, bool, str]] = frozenset()
+        full = True
         while rows is not None:
-            yield health_message(fe.pool, rows, fe.health_timeout)
+            if full:
+                yield health_message(fe.pool, rows, fe.health_timeout)
+            else:
+                changed = [r for r in rows if r not in sent]
+                if changed:
+                    yield health_message(fe.pool, changed, fe.health_timeout)
+            sent = frozenset(rows)
             try:
-                # The kubelet marks a device Unknown when not told for health_timeout: resend.
                 rows = await asyncio.wait_for(q.get(), timeout=fe.health_interval)
+                full = False
             except TimeoutError:
-                rows = fe.health_rows
+                rows, full = fe.health_rows, True
     finally:
         fe.health_unsubscribe(q)
 

@@ -252,6 +252,36 @@ async def test_health_stream_follows_a_unit_leaving_vfio(
         stream.cancel()
 
 
+async def test_health_changes_carry_only_the_changed_devices_and_resends_carry_all(
+    rig: Callable[..., Any],
+) -> None:
+    gpu1 = device_name(PciAddress.parse("0000:65:00.0"))
+    async with (
+        rig(gpu_config(), scenario=scenarios.two_gpus_with_audio) as r,
+        r.channel(r.fe.socket_path) as ch,
+    ):
+        stream = health_v1_grpc.DRAResourceHealthStub(ch).NodeWatchResources(
+            health_v1.NodeWatchResourcesRequest()
+        )
+
+        def rows(msg: Any) -> dict[str, int]:
+            return {d.device.device_name: d.health for d in msg.devices}
+
+        first = await stream.read()
+        assert rows(first) == {GPU0: health_v1.HEALTHY, gpu1: health_v1.HEALTHY}
+        scenarios_host(r).bind("0000:65:00.1", "snd_hda_intel")
+        r.manager.notify(PciEvent("bind", PciAddress.parse("0000:65:00.1")))
+        # Periodic full resends may come first; the change itself names gpu1 alone.
+        while len(rows(msg := await asyncio.wait_for(stream.read(), 20))) == 2:
+            assert rows(msg)[gpu1] == health_v1.HEALTHY
+        assert rows(msg) == {gpu1: health_v1.UNHEALTHY}
+        assert "0000:65:00.1 is bound to snd_hda_intel" in msg.devices[0].message
+        # The next resend (health_interval 0.5 s) tells the kubelet about both again.
+        again = await asyncio.wait_for(stream.read(), 5)
+        assert rows(again) == {GPU0: health_v1.HEALTHY, gpu1: health_v1.UNHEALTHY}
+        stream.cancel()
+
+
 async def test_moving_a_resource_between_front_ends_never_hands_a_unit_out_twice(
     rig: Callable[..., Any], kubelet: KubeletSim
 ) -> None:
