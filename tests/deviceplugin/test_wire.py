@@ -385,3 +385,55 @@ def test_header_blocks_decode_as_hpack_does_while_the_peer_table_changes() -> No
     expected = [tuple((str(n), str(v)) for n, v in reference.decode(b)) for b in blocks]
     assert seen == expected
     assert [h[0] for h in seen[4:]] == [("x-b", "2"), ("x-a", "1"), ("x-b", "2")]
+
+
+async def test_a_ping_and_the_call_it_came_with_are_answered_in_one_send() -> None:
+    """grpc-go sends a PING with its calls: the ack waits for the call's answer and both leave
+    in one write (one wake-up of the peer); nothing is sent before the handler has run."""
+    from hpack import Encoder
+
+    writes: list[bytes] = []
+    wrote = asyncio.Event()
+
+    class Recorder(asyncio.Transport):
+        def write(self, data: Any) -> None:
+            writes.append(bytes(data))
+            wrote.set()
+
+        def is_closing(self) -> bool:
+            return False
+
+    async def empty(request: dict[str, Any]) -> bytes:
+        return b""
+
+    conn = rpc._ServerConnection(rpc.Server({"/t.T/Empty": rpc.Method(m.EMPTY, empty)}))
+    conn.connection_made(Recorder())
+    writes.clear()  # our SETTINGS
+    wrote.clear()
+    block = Encoder().encode(
+        [(":method", "POST"), (":scheme", "http"), (":path", "/t.T/Empty"),
+         (":authority", "x"), ("content-type", "application/grpc"), ("te", "trailers")]
+    )  # fmt: skip
+    conn.data_received(
+        h2.PREFACE
+        + h2.frame(h2.SETTINGS, 0, 0)
+        + h2.frame(h2.PING, 0, 0, b"probe!!!")
+        + h2.frame(h2.HEADERS, h2.END_HEADERS, 1, block)
+        + h2.frame(h2.DATA, h2.END_STREAM, 1, b"\0\0\0\0\0")
+    )
+    assert writes == []
+    await asyncio.wait_for(wrote.wait(), 10)
+    (out,) = writes
+    frames = []
+    while out:
+        size = int.from_bytes(out[:3], "big")
+        frames.append((out[3], out[4], int.from_bytes(out[5:9], "big"), out[9 : 9 + size]))
+        out = out[9 + size :]
+    assert [f[:3] for f in frames] == [
+        (h2.SETTINGS, h2.ACK, 0),
+        (h2.PING, h2.ACK, 0),
+        (h2.HEADERS, h2.END_HEADERS, 1),
+        (h2.DATA, 0, 1),
+        (h2.HEADERS, h2.END_HEADERS | h2.END_STREAM, 1),  # the trailers
+    ]
+    assert frames[1][3] == b"probe!!!" and b"grpc-status" in frames[4][3]
