@@ -142,6 +142,7 @@ class PluginManager:
         self._watcher = DirWatcher(self._on_dir_event)
         self._watcher.watch(self.plugin_dir)
         self._watcher.watch(self._vfio_dir)
+        log.info("watching %s and %s", self.plugin_dir, self._vfio_dir)
         if self.use_uevents:
             src = UeventSource(self.notify)
             try:
