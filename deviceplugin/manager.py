@@ -10,8 +10,9 @@
   ``/dev/vfio`` names the IOMMU group; both are debounced a few milliseconds and re-read only
   what they name. A slow periodic full resync is the safety net.
 - Restarts: a re-created ``kubelet.sock`` (kubelet restart) makes every server register again;
-  a deleted plugin socket makes that server serve again; the last advertised lists are
-  persisted and re-advertised first after an agent restart.
+  a deleted plugin socket makes that server serve again; a socket path the kubelet refuses as
+  "already connected" (a stale endpoint it keeps) is given up for a fresh one; the last
+  advertised lists are persisted and re-advertised first after an agent restart.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from hostdev.deviceplugin import persist
 from hostdev.deviceplugin.flags import DEFAULT_PLUGIN_DIR, DEFAULT_STATE_DIR
 from hostdev.deviceplugin.hostview import HostView
 from hostdev.deviceplugin.metrics import Metrics
-from hostdev.deviceplugin.plugin import KUBELET_SOCKET, ResourcePlugin
+from hostdev.deviceplugin.plugin import KUBELET_SOCKET, ResourcePlugin, kubelet_holds_endpoint
 from hostdev.deviceplugin.resources import ResourceConfig, by_name
 from hostdev.deviceplugin.units import ResourceUnits
 from hostdev.deviceplugin.wire.rpc import RpcError
@@ -142,6 +143,7 @@ class PluginManager:
         self._watcher = DirWatcher(self._on_dir_event)
         self._watcher.watch(self.plugin_dir)
         self._watcher.watch(self._vfio_dir)
+        log.info("watching %s and %s", self.plugin_dir, self._vfio_dir)
         if self.use_uevents:
             src = UeventSource(self.notify)
             try:
@@ -403,15 +405,31 @@ class PluginManager:
                 await plugin.register()
                 return
             except RpcError as e:
-                log.warning(
-                    "%s: Register with the kubelet failed (%s: %s); retrying in %.2fs",
-                    plugin.resource,
-                    e.code_name,
-                    e.details,
-                    delay,
-                )
+                if kubelet_holds_endpoint(e, plugin.socket_path):
+                    await self._next_socket(plugin)
+                else:
+                    log.warning(
+                        "%s: Register with the kubelet failed (%s: %s); retrying in %.2fs",
+                        plugin.resource,
+                        e.code_name,
+                        e.details,
+                        delay,
+                    )
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+    async def _next_socket(self, plugin: ResourcePlugin) -> None:
+        """The kubelet refused our socket path as "already connected": its device manager
+        (v1.37) still holds an endpoint there whose client it has dropped, so it will never
+        let that path register again until it restarts. Serve on a fresh path instead."""
+        old = await plugin.next_socket()
+        log.warning(
+            "%s: the kubelet refuses to register %s again (it keeps a stale endpoint for that "
+            "path until it restarts, so it would never see our lists); serving on %s instead",
+            plugin.resource,
+            old,
+            plugin.socket_path,
+        )
 
     def _on_dir_event(self, directory: str, name: str, created: bool) -> None:
         if directory == self.plugin_dir:
@@ -681,6 +699,8 @@ class PluginManager:
                 continue
             ok = ok and p.serving
             state = "registered" if p.registered else "not registered"
+            if p.socket_generation > 1:  # not the plain socket name: say which one
+                state += f" as {os.path.basename(p.socket_path)}"
             lines.append(
                 f"{name}: {'serving' if p.serving else 'DOWN'}, {state}, {len(p.devices)} devices"
             )

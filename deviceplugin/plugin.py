@@ -32,7 +32,7 @@ from hostdev.deviceplugin.wire.pb import varint
 from hostdev.host.address import PciAddress
 from hostdev.host.sysfs import Sysfs
 from hostdev.policy.allocation import AllocUnit, kubevirt_addresses, preferred_allocation
-from hostdev.policy.naming import resource_env_var, socket_name
+from hostdev.policy.naming import resource_env_var, socket_generation, socket_name
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,10 @@ IOMMUFD = "/dev/iommu"
 _OPTIONS = {"pre_start_required": False, "get_preferred_allocation_available": True}
 _OPTIONS_BYTES = msg.DEVICE_PLUGIN_OPTIONS.encode(_OPTIONS)
 _EMPTY = b""
+# The kubelet's answer (gRPC UNKNOWN) to a Register whose socket path it still holds an
+# endpoint for: devicemanager ManagerImpl.PluginConnected, "device plugin already connected: "
+# followed by the path in the kubelet's device-plugin directory.
+ALREADY_CONNECTED = "device plugin already connected: "
 
 __all__ = [
     "Advertised",
@@ -58,6 +62,17 @@ class AllocationRefusedError(Exception):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+def kubelet_holds_endpoint(error: rpc.RpcError, socket_path: str) -> bool:
+    """Whether a failed Register says the kubelet still has an endpoint at ``socket_path``
+    (compared by file name: the kubelet may see its directory at another path)."""
+    return (
+        error.code == rpc.UNKNOWN
+        and error.details.startswith(ALREADY_CONNECTED)
+        and os.path.basename(error.details.removeprefix(ALREADY_CONNECTED).strip())
+        == os.path.basename(socket_path)
+    )
 
 
 def _len_field(tag: bytes, payload: bytes) -> bytes:
@@ -101,6 +116,9 @@ class ResourcePlugin(ResourceUnits):
         self._on_delivered = on_delivered
         self.delivered = b""  # the last list a ListAndWatch stream handed to the transport
         self.plugin_dir = plugin_dir
+        # The socket's generation: 1 (the plain name) until the kubelet refuses the path
+        # (see next_socket); a new server object starts again from 1.
+        self.socket_generation = 1
         self.socket_path = os.path.join(plugin_dir, socket_name(self.resource))
         self.env_var = resource_env_var(self.resource)
         self.registered = False
@@ -166,30 +184,72 @@ class ResourcePlugin(ResourceUnits):
 
     async def start(self) -> None:
         async with self._lifecycle:  # a stop() racing with this waits for the server to exist
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.socket_path)  # a stale socket from an earlier run
-            server = rpc.Server(self._methods())
-            await server.start(self.socket_path)
-            self._server = server
-            self.registered = False
-            log.info("%s: serving on %s", self.resource, self.socket_path)
+            await self._start()
+
+    async def _start(self) -> None:
+        if self.socket_generation == 1:
+            self._remove_later_sockets()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)  # a stale socket from an earlier run
+        server = rpc.Server(self._methods())
+        await server.start(self.socket_path)
+        self._server = server
+        self.registered = False
+        log.info("%s: serving on %s", self.resource, self.socket_path)
+
+    def _remove_later_sockets(self) -> None:
+        """Remove this resource's later-generation sockets an earlier run left behind."""
+        try:
+            names = os.listdir(self.plugin_dir)
+        except OSError:
+            return
+        for name in names:
+            if (socket_generation(self.resource, name) or 1) > 1:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.plugin_dir, name))
+
+    async def next_socket(self) -> str:
+        """Serve on the next generation's socket path, because the kubelet refuses to register
+        the current one (its device manager keeps a stale endpoint there: see
+        docs/DESIGN.md). The current socket is removed; a path a file already holds (another
+        agent's socket, say) is skipped. Returns the path given up."""
+        async with self._lifecycle:
+            old, serving = self.socket_path, self._server is not None
+            await self._stop(remove_socket=True)
+            self.socket_generation = self._free_generation(self.socket_generation + 1)
+            self.socket_path = self._socket_path(self.socket_generation)
+            if serving:  # else whoever stopped the server starts it again (on the new path)
+                await self._start()
+        return old
+
+    def _socket_path(self, generation: int) -> str:
+        return os.path.join(self.plugin_dir, socket_name(self.resource, generation))
+
+    def _free_generation(self, generation: int) -> int:
+        """``generation`` or the first later one without a socket file (a stat each)."""
+        while os.path.exists(self._socket_path(generation)):
+            generation += 1
+        return generation
 
     async def stop(self, *, remove_socket: bool = True) -> None:
         """Stop serving; returns once the server is down and (by default) its socket is gone."""
         async with self._lifecycle:
-            server, self._server = self._server, None
-            self.registered = False
-            for q in self._watchers:
-                # End the streams ourselves (the kubelet then sees a clean end of the call).
-                if q.full():
-                    q.get_nowait()
-                q.put_nowait(None)
-            if server is not None:
-                await asyncio.sleep(0)  # let the stream handlers return
-                await server.stop(grace=0.2)
-            if remove_socket:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.socket_path)
+            await self._stop(remove_socket=remove_socket)
+
+    async def _stop(self, *, remove_socket: bool) -> None:
+        server, self._server = self._server, None
+        self.registered = False
+        for q in self._watchers:
+            # End the streams ourselves (the kubelet then sees a clean end of the call).
+            if q.full():
+                q.get_nowait()
+            q.put_nowait(None)
+        if server is not None:
+            await asyncio.sleep(0)  # let the stream handlers return
+            await server.stop(grace=0.2)
+        if remove_socket:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket_path)
 
     async def register(self, rpc_timeout: float = 10.0) -> None:
         """Register with the kubelet (raises :class:`rpc.RpcError` on failure)."""

@@ -78,6 +78,32 @@ def env_collisions(names: Iterable[str]) -> list[EnvCollision]:
     return out
 
 
-def socket_name(resource_name: str) -> str:
-    """The plugin's socket file in the kubelet's device-plugin directory."""
-    return "hostdev-" + _SOCKET_UNSAFE.sub("_", resource_name) + ".sock"
+# Between the resource part and the generation of a later socket: never in the resource part
+# (it keeps only [A-Za-z0-9_.-]), so one resource's later socket is never another's first.
+_GENERATION_SEP = "~"
+
+
+def socket_name(resource_name: str, generation: int = 1) -> str:
+    """The plugin's socket file in the kubelet's device-plugin directory. Generation 1 is the
+    plain name; a later one (``hostdev-<name>~2.sock``, ...) is used when the kubelet still
+    holds a stale endpoint at the earlier path and refuses to register it again."""
+    if generation < 1:
+        raise ValueError(f"socket generation {generation} < 1")
+    suffix = f"{_GENERATION_SEP}{generation}" if generation > 1 else ""
+    return "hostdev-" + _SOCKET_UNSAFE.sub("_", resource_name) + suffix + ".sock"
+
+
+def socket_generation(resource_name: str, file_name: str) -> int | None:
+    """Which generation of ``resource_name``'s socket ``file_name`` is (see :func:`socket_name`),
+    or None if it is not one of them."""
+    stem = socket_name(resource_name).removesuffix(".sock")
+    if file_name == stem + ".sock":
+        return 1
+    rest = file_name.removeprefix(stem + _GENERATION_SEP)
+    if rest == file_name or not rest.endswith(".sock"):
+        return None
+    digits = rest.removesuffix(".sock")
+    if not digits.isascii() or not digits.isdigit() or digits.startswith("0"):
+        return None
+    generation = int(digits)
+    return generation if generation > 1 else None

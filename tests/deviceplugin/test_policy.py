@@ -18,6 +18,7 @@ from hostdev.policy.naming import (
     ResourceNameError,
     env_collisions,
     resource_env_var,
+    socket_generation,
     socket_name,
     validate_resource_name,
 )
@@ -77,6 +78,40 @@ def test_bad_resource_names_are_refused(bad: str) -> None:
 
 def test_socket_name_is_a_plain_file_name() -> None:
     assert socket_name("example.com/e810_vf") == "hostdev-example.com_e810_vf.sock"
+
+
+def test_later_socket_generations_are_suffixed_and_never_another_resources_name() -> None:
+    assert socket_name("example.com/e810_vf", 1) == "hostdev-example.com_e810_vf.sock"
+    assert socket_name("example.com/e810_vf", 2) == "hostdev-example.com_e810_vf~2.sock"
+    # '-' and digits may end a resource name: a "-2" suffix would be example.com/nic-2's socket
+    assert socket_name("example.com/nic", 2) != socket_name("example.com/nic-2")
+    with pytest.raises(ValueError, match="generation 0"):
+        socket_name("example.com/nic", 0)
+
+
+@pytest.mark.parametrize(
+    ("file_name", "generation"),
+    [
+        ("hostdev-example.com_nic.sock", 1),
+        ("hostdev-example.com_nic~2.sock", 2),
+        ("hostdev-example.com_nic~17.sock", 17),
+        ("hostdev-example.com_nic-2.sock", None),  # example.com/nic-2's own socket
+        ("hostdev-example.com_nic-2~2.sock", None),
+        ("hostdev-example.com_nic~1.sock", None),  # generation 1 is the plain name only
+        ("hostdev-example.com_nic~02.sock", None),
+        ("hostdev-example.com_nic~.sock", None),
+        ("hostdev-example.com_nic~x.sock", None),
+        ("hostdev-example.com_nic~2.sock.tmp", None),
+        ("hostdev-example.com_ni.sock", None),
+        ("kubelet.sock", None),
+    ],
+)
+def test_socket_generation_reads_only_this_resources_sockets(
+    file_name: str, generation: int | None
+) -> None:
+    assert socket_generation("example.com/nic", file_name) == generation
+    if generation is not None:
+        assert socket_name("example.com/nic", generation) == file_name
 
 
 def _dev(

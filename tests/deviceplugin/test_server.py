@@ -314,6 +314,45 @@ async def test_deleted_plugin_socket_is_served_again(
         assert len(await kubelet.client(NAME).wait_for(lambda d: len(d) == 6)) == 6
 
 
+async def test_a_socket_path_the_kubelet_holds_is_given_up_for_a_fresh_one(
+    host_root: Path, kubelet: KubeletSim, agent: AgentFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The kubelet refuses our path as "already connected" (a stale endpoint it will keep until
+    it restarts): the agent serves and registers on the next generation's path instead."""
+    caplog.set_level("INFO", logger="hostdev.deviceplugin.manager")
+    sriov_nic_dual_socket(host_root, numvfs=2)
+    first, second = (os.path.join(kubelet.plugin_dir, socket_name(NAME, g)) for g in (1, 2))
+    leftover = os.path.join(kubelet.plugin_dir, socket_name(NAME, 3))  # an earlier run's
+    Path(leftover).touch()  # noqa: ASYNC240 - a test's set-up
+    kubelet.held_endpoints.add(socket_name(NAME))
+    async with agent(resources({"resourceName": NAME, "selector": VF})) as mgr:
+        await kubelet.wait_registered(NAME)
+        assert kubelet.registrations[0].request.endpoint == socket_name(NAME, 2)
+        assert mgr.plugins[NAME].socket_path == second
+        assert _exists(second) and not _exists(first) and not _exists(leftover)
+        assert len(await kubelet.client(NAME).wait_for(lambda d: len(d) == 6)) == 6
+        said = [r for r in caplog.records if "refuses to register" in r.getMessage()]
+        assert [r.levelname for r in said] == ["WARNING"]
+        assert NAME in said[0].getMessage()
+        assert f"{first} again" in said[0].getMessage()
+        assert f"serving on {second} instead" in said[0].getMessage()
+        _, text = mgr.health()
+        assert f"{NAME}: serving, registered as {socket_name(NAME, 2)}, 6 devices" in text
+        # The new path is the plugin's socket now: deleting it makes the agent serve it again.
+        os.unlink(second)
+        await kubelet.wait_registered(NAME, count=2)
+        assert kubelet.registrations[1].request.endpoint == socket_name(NAME, 2)
+        assert len(await kubelet.client(NAME).wait_for(lambda d: len(d) == 6)) == 6
+        assert _exists(second)
+    assert not _exists(second)  # removed at shutdown
+    # The next run starts from the plain name again.
+    kubelet.held_endpoints.clear()
+    async with agent(resources({"resourceName": NAME, "selector": VF})):
+        await kubelet.wait_registered(NAME, count=3)
+        assert kubelet.registrations[2].request.endpoint == socket_name(NAME)
+        assert len(await kubelet.client(NAME).wait_for(lambda d: len(d) == 6)) == 6
+
+
 async def test_agent_restart_advertises_saved_devices_before_scanning(
     host_root: Path, kubelet: KubeletSim, agent: AgentFactory
 ) -> None:
