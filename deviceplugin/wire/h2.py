@@ -164,9 +164,8 @@ class Connection(asyncio.Protocol):
         self.last_peer_stream = 0
         self.goaway_received: int | None = None
         self._corked: list[bytes] | None = None  # frames held back by send_whole()
-        self._pending: list[bytes] | None = (
-            None  # frames held until _flush_pending (see data_received)
-        )
+        # Frames held until _flush_pending (see data_received).
+        self._pending: list[bytes] | None = None
         self._flush_handle: asyncio.Handle | None = None
 
     # ---- asyncio.Protocol -----------------------------------------------------------------
