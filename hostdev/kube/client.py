@@ -1,16 +1,17 @@
-"""A small Kubernetes API client for the node agent: JSON over HTTPS, keep-alive, watches.
+"""A small Kubernetes API client: JSON over HTTPS, keep-alive, watches.
 
-The agent reads and writes a handful of objects as plain dicts (its NodeState, its
-ResourceSlices, claims, launcher pods). The ``kubernetes`` package costs ~0.4 s and ~34 MiB to
-import (generated models for every API type, urllib3, oauth and websocket stacks), which is more
-than a small node's whole start-up budget and most of the agent's memory goal, so the agent
-speaks HTTP itself (``http.client`` + ``ssl``): one keep-alive connection per thread, a fresh
-one per watch.
+Shared by the node agent and the operator, which read and write their objects as plain dicts
+(the agent: its NodeState, ResourceSlices, claims, launcher pods; the operator: its own
+resources, nodes, evictions and its Lease). The ``kubernetes`` package costs ~0.4 s and
+~34 MiB to import (generated models for every API type, urllib3, oauth and websocket stacks),
+which is more than a small node's whole start-up budget and most of the agent's memory goal,
+and a third of the operator's idle memory; so both speak HTTP themselves (``http.client`` +
+``ssl``): one keep-alive connection per thread, a fresh one per watch.
 
 Credentials: the pod's service account (in-cluster: token re-read as the kubelet rotates it,
 the cluster CA), or a kubeconfig with a token, a token file or a client certificate. Exec and
-auth-provider plugins are refused with a message (the agent runs in-cluster; kubeconfigs are
-for development and tests).
+auth-provider plugins are refused with a message (both processes run in-cluster; kubeconfigs
+are for development and tests).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from hostdev.deviceplugin.flags import DEFAULT_SERVICE_ACCOUNT_DIR
+from hostdev.kube import DEFAULT_SERVICE_ACCOUNT_DIR
 
 JSON = "application/json"
 MERGE_PATCH = "application/merge-patch+json"
@@ -137,8 +138,8 @@ def from_kubeconfig(path: str) -> Credentials:
     user = named("users", ctx.get("user")) if ctx.get("user") else {}
     if "exec" in user or "auth-provider" in user:
         raise ConfigError(
-            f"kubeconfig {path}: exec and auth-provider credentials are not supported by the "
-            "node agent; use a token, a token file or a client certificate"
+            f"kubeconfig {path}: exec and auth-provider credentials are not supported by "
+            "hostdev; use a token, a token file or a client certificate"
         )
 
     def file(key: str, where: dict[str, Any]) -> str | None:
@@ -179,9 +180,12 @@ def load(kubeconfig: str | None, sa_dir: str = DEFAULT_SERVICE_ACCOUNT_DIR) -> C
 class ApiClient:
     """Thread-safe: each thread keeps its own keep-alive connection."""
 
-    def __init__(self, creds: Credentials, *, timeout: float = 30.0) -> None:
+    def __init__(
+        self, creds: Credentials, *, timeout: float = 30.0, user_agent: str = "hostdev-node"
+    ) -> None:
         self.creds = creds
-        self.timeout = timeout
+        self.timeout = timeout  # per request (connect, and each read)
+        self.user_agent = user_agent
         scheme, _, rest = creds.server.partition("://")
         hostport, _, prefix = rest.partition("/")
         self.https = scheme == "https"
@@ -249,7 +253,7 @@ class ApiClient:
                 c.close()
 
     def _headers(self, content_type: str | None) -> dict[str, str]:
-        h = {"Accept": JSON, "User-Agent": "hostdev-node"}
+        h = {"Accept": JSON, "User-Agent": self.user_agent}
         token = self._bearer()
         if token:
             h["Authorization"] = f"Bearer {token}"
@@ -317,12 +321,18 @@ class ApiClient:
         return self.request("GET", path, query=query)
 
     def watch(
-        self, path: str, query: Mapping[str, object], timeout_seconds: int
+        self,
+        path: str,
+        query: Mapping[str, object],
+        timeout_seconds: int,
+        *,
+        read_timeout: float | None = None,
     ) -> Iterator[dict[str, Any]]:
         """The events of a watch (``{"type", "object"}``) until the server ends it. An
-        ``ERROR`` event is raised as :class:`ApiError` with its status code (410: expired)."""
+        ``ERROR`` event is raised as :class:`ApiError` with its status code (410: expired).
+        ``read_timeout``: the socket's (default: the server's timeout plus 10 s)."""
         q = {**query, "watch": True, "timeoutSeconds": timeout_seconds}
-        conn = self._connect(timeout_seconds + 10.0)
+        conn = self._connect(timeout_seconds + 10.0 if read_timeout is None else read_timeout)
         with self._lock:
             self._watching.add(conn)
         try:
