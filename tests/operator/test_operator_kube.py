@@ -130,8 +130,11 @@ def test_policies_render_nodestates_conflicts_and_node_selection(
     assert {c["target"] for c in wide["status"]["conflicts"]} == {"0000:3b:02.0", "0000:3b:02.1"}
     assert all(c["winner"] == f"narrow-{sfx}" for c in wide["status"]["conflicts"])
     assert condition(wide, "Conflicted")["status"] == "True"  # type: ignore[index]
-    narrow = o.policy(f"narrow-{sfx}")
-    assert narrow["status"]["deviceCount"] == 2
+    # The policies' statuses are written one after the other, in no set order.
+    narrow = wait_for(
+        "the winning policy's device count",
+        lambda: (p := o.policy(f"narrow-{sfx}")).get("status", {}).get("deviceCount") == 2 and p,
+    )
     assert narrow["status"]["matchedNodes"] == sorted([n1, n2])
     assert condition(narrow, "Ready")["status"] == "True"  # type: ignore[index]
     explicit = [d for d in (o.nodestate(n1) or {})["spec"]["devices"] if "pciAddress" in d]
