@@ -177,6 +177,27 @@ def load(kubeconfig: str | None, sa_dir: str = DEFAULT_SERVICE_ACCOUNT_DIR) -> C
     return from_kubeconfig(kubeconfig) if kubeconfig else in_cluster(sa_dir)
 
 
+def ssl_context(creds: Credentials) -> ssl.SSLContext:
+    """The TLS side of ``creds``: the CA to trust, the client certificate if any."""
+    ctx = ssl.create_default_context(cafile=creds.ca_file, cadata=creds.ca_data)
+    if creds.insecure:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if creds.cert_file and creds.key_file:
+        ctx.load_cert_chain(creds.cert_file, creds.key_file)
+    return ctx
+
+
+def read_token(creds: Credentials) -> str | None:
+    """The bearer token as of now: the token file's content (the kubelet rotates a bound
+    service-account token in place), else the kubeconfig's token. OSError if the file cannot
+    be read."""
+    if creds.token_file:
+        with open(creds.token_file, encoding="utf-8") as f:
+            return f.read().strip()
+    return creds.token
+
+
 class ApiClient:
     """Thread-safe: each thread keeps its own keep-alive connection."""
 
@@ -206,14 +227,7 @@ class ApiClient:
     # ---- connections --------------------------------------------------------------------
     def _context(self) -> ssl.SSLContext:
         if self._ssl is None:
-            c = self.creds
-            ctx = ssl.create_default_context(cafile=c.ca_file, cadata=c.ca_data)
-            if c.insecure:
-                ctx.check_hostname = False
-                ctx.verify_mode = ssl.CERT_NONE
-            if c.cert_file and c.key_file:
-                ctx.load_cert_chain(c.cert_file, c.key_file)
-            self._ssl = ctx
+            self._ssl = ssl_context(self.creds)
         return self._ssl
 
     def _connect(self, timeout: float) -> http.client.HTTPConnection:
@@ -263,11 +277,9 @@ class ApiClient:
         return h
 
     def _bearer(self) -> str | None:
-        path = self.creds.token_file
-        if path and time.monotonic() - self._token_read > TOKEN_REFRESH:
+        if self.creds.token_file and time.monotonic() - self._token_read > TOKEN_REFRESH:
             try:
-                with open(path, encoding="utf-8") as f:
-                    self._token = f.read().strip()
+                self._token = read_token(self.creds)
                 self._token_read = time.monotonic()
             except OSError:
                 pass  # keep the last one; the API server will say if it expired
@@ -282,9 +294,10 @@ class ApiClient:
         query: Mapping[str, object] | None = None,
         body: object = None,
         content_type: str = JSON,
+        timeout: float | None = None,
     ) -> Any:
         """One call; the decoded JSON answer. Raises :class:`ApiError` (status 0: the server
-        could not be reached)."""
+        could not be reached). ``timeout``: this call's, instead of the client's."""
         url = self.prefix + path + query_string(query)
         data = None if body is None else json.dumps(body, separators=(",", ":")).encode()
         headers = self._headers(content_type if data is not None else None)
@@ -293,6 +306,11 @@ class ApiClient:
             reused = conn is not None
             if conn is None:
                 conn = self._local.conn = self._connect(self.timeout)
+            wait = self.timeout if timeout is None else timeout
+            if conn.timeout != wait:  # a kept-alive connection made for another timeout
+                conn.timeout = wait
+                if conn.sock is not None:
+                    conn.sock.settimeout(wait)
             try:
                 conn.request(method, url, body=data, headers=headers)
                 resp = conn.getresponse()
