@@ -518,3 +518,20 @@ def test_recreated_vm_gets_its_entries_again(
     o.delete(GROUP, "passthroughrequests", ns, "nics")
     wait_for("request gone", lambda: o.request(ns, "nics") is None)
     assert entries() is None
+
+
+def test_the_running_operator_never_loads_the_kubernetes_package(
+    hostdev_operator: OperatorProcess, kube_objects: Objects, kube_namespace: str
+) -> None:
+    """kopf's login and watches, the operator's own writes and its Events all go through
+    hostdev's client: the kubernetes package (its pydantic models, whose compiled core would
+    be mapped) never loads in the process, though the test venv has it (issue 15)."""
+    o, sfx = kube_objects, suffix(kube_namespace)
+    node = f"k-{sfx}"
+    o.create_node(node, {"hostdev.io/pool": sfx})
+    o.create_policy(policy(f"k-{sfx}", "vendor.example/k", {"devices": ["154c"]}, sfx))
+    wait_for("the NodeState", lambda: o.nodestate(node))
+    assert hostdev_operator.proc is not None
+    maps = Path(f"/proc/{hostdev_operator.proc.pid}/maps").read_text(encoding="utf-8")
+    assert "aiohttp" in maps  # the process's compiled modules are listed here
+    assert "pydantic_core" not in maps
