@@ -7,13 +7,14 @@ from __future__ import annotations
 import argparse
 import os
 
+from hostdev.kube import DEFAULT_SERVICE_ACCOUNT_DIR
+
 DEFAULT_PLUGIN_DIR = "/var/lib/kubelet/device-plugins"
 DEFAULT_STATE_DIR = "/var/lib/hostdev"
 DEFAULT_POD_RESOURCES_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
 DEFAULT_REGISTRY_DIR = "/var/lib/kubelet/plugins_registry"
 DEFAULT_PLUGINS_DIR = "/var/lib/kubelet/plugins"
 DEFAULT_CDI_DIR = "/var/run/cdi"
-DEFAULT_SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 NODESTATE_RESYNC = 300.0  # seconds between re-applies of an unchanged NodeState spec
 
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from hostdev.deviceplugin.kubeapi import ApiClient, ApiError
+from hostdev.kube.client import ApiClient, ApiError
 
 GONE = 410
 KINDS = ("ADDED", "MODIFIED", "DELETED", "BOOKMARK")

@@ -13,11 +13,10 @@ from datetime import UTC, datetime
 from functools import cached_property
 from typing import Any, Protocol, cast
 
-import kopf
-
 from hostdev.operator import metrics
 from hostdev.operator.dra import CONDITION as DEVICE_CLASS_CONDITION
 from hostdev.operator.dra import not_dra_condition, reconcile_device_classes
+from hostdev.operator.kopf_plain import kopf
 from hostdev.operator.kube import (
     GROUP,
     KUBEVIRT_GROUP,

@@ -1,5 +1,5 @@
-"""The operator's API calls: the kubernetes client's transport (plain dicts), run in threads
-so the event loop stays free.
+"""The operator's API calls over the shared client (:mod:`hostdev.kube.client`: plain dicts,
+a keep-alive connection per thread), run in threads so the event loop stays free.
 
 Every write goes through here so it is counted (metric hostdev_operator_api_writes_total).
 """
@@ -9,18 +9,26 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import os
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import quote
 
-import kubernetes
-
+from hostdev.kube.client import (
+    ApiClient,
+    ApiError,
+    ConfigError,
+    Credentials,
+    from_kubeconfig,
+    in_cluster,
+)
 from hostdev.operator.metrics import API_WRITES
 
 GROUP, VERSION = "hostdev.io", "v1alpha1"
 KUBEVIRT_GROUP, KUBEVIRT_VERSION = "kubevirt.io", "v1"
 MERGE_PATCH = "application/merge-patch+json"
+USER_AGENT = "hostdev-operator"
 
 
 class ConflictError(Exception):
@@ -31,14 +39,20 @@ class NotFoundError(Exception):
     """HTTP 404 on a write: the object went away since we read it (e.g. deleted meanwhile)."""
 
 
-def client_configuration() -> kubernetes.client.Configuration:
-    """In-cluster service account, else $KUBECONFIG (what kopf.login_via_client uses too)."""
-    config = kubernetes.client.Configuration()
+@functools.cache
+def credentials() -> Credentials:
+    """In-cluster service account, else $KUBECONFIG (``--kubeconfig`` sets it), else
+    ~/.kube/config: for kopf's session, the own calls and the Lease alike. Read once per
+    process (a token file is re-read by each user as it rotates)."""
     try:
-        kubernetes.config.load_incluster_config(client_configuration=config)  # type: ignore[no-untyped-call]
-    except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config(client_configuration=config)  # type: ignore[no-untyped-call]
-    return config
+        return in_cluster()
+    except ConfigError as e:
+        # Only the first file of a $KUBECONFIG list: merging kubeconfigs is not supported.
+        paths = [p for p in os.environ.get("KUBECONFIG", "").split(os.pathsep) if p]
+        path = paths[0] if paths else os.path.expanduser("~/.kube/config")
+        if not os.path.exists(path):
+            raise ConfigError(f"{e}; no kubeconfig at {path} either") from None
+        return from_kubeconfig(path)
 
 
 def _path(group: str, version: str, plural: str, namespace: str | None, *rest: str) -> str:
@@ -48,62 +62,31 @@ def _path(group: str, version: str, plural: str, namespace: str | None, *rest: s
 
 
 class Api:
-    """Thin async facade over the kubernetes client's transport (``ApiClient``: configuration,
-    auth, pooled connections), objects as plain dicts.
+    """Thin async facade over the shared client, objects as plain dicts."""
 
-    The generated API classes are not used: each call validates its arguments through pydantic
-    (a few ms of CPU per write, which a 2,000-NodeState policy edit pays 2,000 times) and
-    ``CoreV1Api`` alone loads ~19 MiB of pydantic models for the two core calls made here.
-    """
-
-    def __init__(
-        self, client: kubernetes.client.ApiClient | None = None, concurrency: int = 32
-    ) -> None:
-        if client is None:
-            config = client_configuration()
-            # One pooled connection per thread.
-            config.connection_pool_maxsize = concurrency
-            client = kubernetes.client.ApiClient(config)
-        self.client = client
+    def __init__(self, client: ApiClient | None = None, concurrency: int = 32) -> None:
+        # One keep-alive connection per pool thread.
+        self.client = client or ApiClient(credentials(), user_agent=USER_AGENT)
         # Own pool: asyncio's default has min(32, CPUs + 4) threads, which caps concurrent
         # API calls at 6 on a 2-CPU node while every call mostly waits on the network.
         self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="hostdev-api")
 
-    def _request(
-        self, method: str, path: str, body: Any = None, content_type: str = "application/json"
-    ) -> Any:
-        """One call, in a pool thread: the answer's JSON, ApiException on an error status."""
-        headers = {"Accept": "application/json"}
-        if body is not None:
-            headers["Content-Type"] = content_type
-        params = self.client.param_serialize(
-            method=method,
-            resource_path=path,
-            header_params=headers,
-            body=body,
-            auth_settings=["BearerToken"],
-        )
-        resp = self.client.call_api(*params)
-        data = resp.read()  # type: ignore[no-untyped-call]
-        if not 200 <= resp.status <= 299:
-            raise kubernetes.client.ApiException.from_response(
-                http_resp=resp, body=data.decode("utf-8", "replace"), data=None
-            )
-        return json.loads(data) if data else None
-
     async def _call(
         self, method: str, path: str, body: Any = None, content_type: str = "application/json"
     ) -> Any:
+        """One call in a pool thread: the answer's JSON. ConflictError (409), NotFoundError
+        (404), else ApiError (status 0: the API server was not reached)."""
         loop = asyncio.get_running_loop()
+        call = functools.partial(
+            self.client.request, method, path, body=body, content_type=content_type
+        )
         try:
-            return await loop.run_in_executor(
-                self.pool, functools.partial(self._request, method, path, body, content_type)
-            )
-        except kubernetes.client.ApiException as e:
+            return await loop.run_in_executor(self.pool, call)
+        except ApiError as e:
             if e.status == 409:
-                raise ConflictError(str(e.reason)) from e
+                raise ConflictError(e.message) from e
             if e.status == 404:
-                raise NotFoundError(str(e.reason)) from e
+                raise NotFoundError(e.message) from e
             raise
 
     async def get(
@@ -178,8 +161,8 @@ class Core:
             await self.api._call("POST", _path("", "v1", "pods", namespace, pod, "eviction"), body)
         except NotFoundError:
             return None
-        except kubernetes.client.ApiException as e:
-            if e.status is not None and 400 <= e.status < 600:
+        except ApiError as e:
+            if 400 <= e.status < 600:
                 return f"HTTP {e.status}: {_message(e)}"
             raise
         return None
@@ -188,9 +171,10 @@ class Core:
         await self.api.patch("", "v1", "nodes", name, body)
 
 
-def _message(e: kubernetes.client.ApiException) -> str:
+def _message(e: ApiError) -> str:
     """The Status message of an API error (what the server says is in the way)."""
     try:
-        return str(json.loads(e.body or "{}").get("message") or e.reason)
+        doc = json.loads(e.body or "{}")
     except ValueError:
-        return str(e.reason)
+        return e.reason
+    return str((doc.get("message") if isinstance(doc, dict) else None) or e.reason)

@@ -34,14 +34,32 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
+from urllib.parse import quote
 
-import kubernetes
-import kubernetes.watch
+from hostdev.kube.client import ApiError
 
 log = logging.getLogger("hostdev.operator.leader")
 
 NOT_FOUND, CONFLICT = 404, 409
+LEASES = "/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
+
+
+class LeaseApi(Protocol):
+    """What the elector needs of :class:`hostdev.kube.client.ApiClient` (tests fake it)."""
+
+    def request(
+        self, method: str, path: str, *, body: object = None, timeout: float | None = None
+    ) -> Any: ...
+
+    def watch(
+        self, path: str, query: Any, timeout_seconds: int, *, read_timeout: float | None = None
+    ) -> Any: ...
+
+
+def micro_time(t: datetime) -> str:
+    """A MicroTime as client-go writes it (RFC 3339, microseconds, UTC)."""
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def default_identity() -> str:
@@ -74,11 +92,12 @@ class LeaseSettings:
 
 
 class Elector:
-    """Takes, renews and releases one Lease. The blocking client calls run in threads."""
+    """Takes, renews and releases one Lease (a plain dict). The blocking client calls run in
+    threads."""
 
     def __init__(
         self,
-        api: kubernetes.client.CoordinationV1Api,
+        api: LeaseApi,
         settings: LeaseSettings,
         clock: Callable[[], float] = time.monotonic,
         *,
@@ -96,57 +115,62 @@ class Elector:
         self.last_seen = clock()  # last attempt that reached the API server (liveness)
 
     # ---- one attempt (blocking) --------------------------------------------------------------
+    @property
+    def _collection(self) -> str:
+        return LEASES.format(namespace=quote(self.s.namespace, safe=""))
+
+    @property
+    def _path(self) -> str:
+        return f"{self._collection}/{quote(self.s.name, safe='')}"
+
     def try_take(self) -> bool:
         """Take or renew the lease: True when this process holds it now."""
-        now = datetime.now(UTC)
+        now = micro_time(datetime.now(UTC))
         s = self.s
         try:
-            lease = self.api.read_namespaced_lease(
-                s.name, s.namespace, _request_timeout=s.request_timeout
-            )
-        except kubernetes.client.ApiException as e:
+            lease = self.api.request("GET", self._path, timeout=s.request_timeout)
+        except ApiError as e:
             if e.status != NOT_FOUND:
                 raise
             return self._create(now)
         self.last_seen = self.clock()
         self._observe(lease)
-        spec = lease.spec or kubernetes.client.V1LeaseSpec()
-        holder = spec.holder_identity or ""
+        spec = lease.get("spec") or {}
+        holder = spec.get("holderIdentity") or ""
         self.holder = holder or None
         self.expires = None
         if holder and holder != s.identity:
-            expires = self._seen_at + float(spec.lease_duration_seconds or s.duration)
+            expires = self._seen_at + float(spec.get("leaseDurationSeconds") or s.duration)
             if self.clock() < expires:
                 self.expires = expires
                 return False
             log.info("Lease %s/%s of %s expired: taking it", s.namespace, s.name, holder)
         if holder != s.identity:
-            spec.acquire_time = now
-            spec.lease_transitions = (spec.lease_transitions or 0) + 1
-        spec.holder_identity = s.identity
-        spec.renew_time = now
-        spec.lease_duration_seconds = int(s.duration)
-        lease.spec = spec
+            spec["acquireTime"] = now
+            spec["leaseTransitions"] = (spec.get("leaseTransitions") or 0) + 1
+        spec["holderIdentity"] = s.identity
+        spec["renewTime"] = now
+        spec["leaseDurationSeconds"] = int(s.duration)
+        lease["spec"] = spec
         try:
-            self.api.replace_namespaced_lease(
-                s.name, s.namespace, lease, _request_timeout=s.request_timeout
-            )
-        except kubernetes.client.ApiException as e:
+            # A replace at the resourceVersion read: a 409 if anyone wrote it since.
+            self.api.request("PUT", self._path, body=lease, timeout=s.request_timeout)
+        except ApiError as e:
             if e.status == CONFLICT:
                 return False  # someone wrote it since we read it: look again next time
             raise
         self.holder = s.identity
         return True
 
-    def _observe(self, lease: kubernetes.client.V1Lease) -> str:
+    def _observe(self, lease: dict[str, Any]) -> str:
         """Note the lease record (its expiry counts from the first sight of each); returns its
         holder ("" = free)."""
-        spec = lease.spec or kubernetes.client.V1LeaseSpec()
-        rv = lease.metadata.resource_version if lease.metadata else None
-        record = (spec.holder_identity, spec.renew_time, rv)
+        spec = lease.get("spec") or {}
+        rv = (lease.get("metadata") or {}).get("resourceVersion")
+        record = (spec.get("holderIdentity"), spec.get("renewTime"), rv)
         if record != self._seen:
             self._seen, self._seen_at = record, self.clock()
-        return str(spec.holder_identity or "")
+        return str(spec.get("holderIdentity") or "")
 
     def follow(self, timeout: float) -> None:
         """Watch the lease for ``timeout`` seconds (whole seconds: the API server's watch
@@ -155,44 +179,43 @@ class Elector:
         deadline = self.clock() + timeout
         rv = self._seen[2] if self._seen is not None else None
         if int(timeout) >= 1 and rv:
-            w = kubernetes.watch.Watch()  # type: ignore[no-untyped-call]
+            query = {"fieldSelector": f"metadata.name={self.s.name}", "resourceVersion": rv}
+            events = self.api.watch(
+                self._collection,
+                query,
+                int(timeout),
+                read_timeout=timeout + self.s.request_timeout,
+            )
             try:
-                for event in w.stream(  # type: ignore[no-untyped-call]
-                    self.api.list_namespaced_lease,
-                    self.s.namespace,
-                    field_selector=f"metadata.name={self.s.name}",
-                    resource_version=rv,
-                    timeout_seconds=int(timeout),
-                    _request_timeout=timeout + self.s.request_timeout,
-                ):
+                for event in events:
                     obj = event.get("object")
-                    if event.get("type") == "DELETED" or not isinstance(
-                        obj, kubernetes.client.V1Lease
-                    ):
+                    if event.get("type") == "DELETED" or not isinstance(obj, dict):
                         return
                     if not self._observe(obj):
                         return
             except Exception as e:  # expired resourceVersion, network, RBAC: sleep the rest
                 log.debug("Lease %s/%s: watch ended: %s", self.s.namespace, self.s.name, e)
             finally:
-                w.stop()  # type: ignore[no-untyped-call]
+                events.close()  # ends the watch's connection
         time.sleep(max(0.0, deadline - self.clock()))
 
-    def _create(self, now: datetime) -> bool:
+    def _create(self, now: str) -> bool:
         s = self.s
-        body = kubernetes.client.V1Lease(
-            metadata=kubernetes.client.V1ObjectMeta(name=s.name, namespace=s.namespace),
-            spec=kubernetes.client.V1LeaseSpec(
-                holder_identity=s.identity,
-                lease_duration_seconds=int(s.duration),
-                acquire_time=now,
-                renew_time=now,
-                lease_transitions=0,
-            ),
-        )
+        body = {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {"name": s.name, "namespace": s.namespace},
+            "spec": {
+                "holderIdentity": s.identity,
+                "leaseDurationSeconds": int(s.duration),
+                "acquireTime": now,
+                "renewTime": now,
+                "leaseTransitions": 0,
+            },
+        }
         try:
-            self.api.create_namespaced_lease(s.namespace, body, _request_timeout=s.request_timeout)
-        except kubernetes.client.ApiException as e:
+            self.api.request("POST", self._collection, body=body, timeout=s.request_timeout)
+        except ApiError as e:
             if e.status == CONFLICT:
                 return False  # another process created it first
             raise
@@ -202,18 +225,18 @@ class Elector:
 
     def release_now(self) -> bool:
         """Give the lease up (only if this process still holds it)."""
-        s = self.s
-        lease = self.api.read_namespaced_lease(s.name, s.namespace)
-        if lease.spec is None or lease.spec.holder_identity != s.identity:
+        lease = self.api.request("GET", self._path)
+        spec = lease.get("spec")
+        if not spec or spec.get("holderIdentity") != self.s.identity:
             return False
-        now = datetime.now(UTC)
-        lease.spec.holder_identity = None
-        lease.spec.lease_duration_seconds = 1
-        lease.spec.renew_time = now
-        lease.spec.acquire_time = now
+        now = micro_time(datetime.now(UTC))
+        spec["holderIdentity"] = None
+        spec["leaseDurationSeconds"] = 1
+        spec["renewTime"] = now
+        spec["acquireTime"] = now
         try:
-            self.api.replace_namespaced_lease(s.name, s.namespace, lease)
-        except kubernetes.client.ApiException as e:
+            self.api.request("PUT", self._path, body=lease)
+        except ApiError as e:
             if e.status == CONFLICT:
                 return False
             raise

@@ -1,9 +1,12 @@
 """``hostdev-operator``: the kopf operator process.
 
-Settings kopf and the kubernetes client need, all set here:
+Settings kopf and the API client need, all set here:
 
-- Login: ``kopf.login_via_client`` (in-cluster service account, else ``$KUBECONFIG`` /
-  ``--kubeconfig``); the operator's own calls use the same kubernetes client configuration.
+- Login: in-cluster service account, else ``$KUBECONFIG`` / ``--kubeconfig``
+  (:func:`hostdev.operator.kube.credentials`), read by the shared client
+  (:mod:`hostdev.kube.client`), not the ``kubernetes`` package: kopf's session
+  (:mod:`hostdev.operator.login`), the operator's own calls and the Lease use the same
+  credentials.
 - Leader election: a ``coordination.k8s.io/v1`` Lease (``--leader-elect --lease-namespace NS``,
   see :mod:`hostdev.operator.leader`): only the holder runs kopf at all; the others stand by
   and take over when it releases the lease (graceful stop) or lets it expire. Without it (the
@@ -29,17 +32,18 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlparse
 
-import aiohttp
-import kopf
-import kubernetes
 from aiohttp import web
 from prometheus_client import start_http_server
 
+from hostdev.kube import DEFAULT_SERVICE_ACCOUNT_DIR
+from hostdev.kube.client import ApiClient
+from hostdev.operator import login as kopf_login
 from hostdev.operator.cluster import Cluster
 from hostdev.operator.handlers import cluster as _cluster_handlers  # noqa: F401  (registers)
 from hostdev.operator.handlers import reconfigure as _reconfigure  # noqa: F401  (registers)
 from hostdev.operator.handlers import requests as _request_handlers  # registers; refresh
-from hostdev.operator.kube import Api, Core, client_configuration
+from hostdev.operator.kopf_plain import kopf
+from hostdev.operator.kube import USER_AGENT, Api, Core, credentials
 from hostdev.operator.leader import Elector, LeaseSettings, default_identity
 from hostdev.operator.persistence import DiffBase, Progress
 from hostdev.operator.reconfigure import Reconfigurer
@@ -60,30 +64,9 @@ INDEXES = (
 )
 
 
-# kopf's own session opens as many connections as there are concurrent calls (a 1,000-request
-# burst held ~110, each with a 128 KiB TLS read buffer plus OpenSSL's): at most this many, the
-# watch streams (one per watched resource, ~10) included; the rest wait for a free connection.
-KOPF_CONNECTIONS = 32
-
-
 @kopf.on.login()
-async def login(**kwargs: Any) -> kopf.AiohttpSession | None:
-    info = kopf.login_via_client(**kwargs)
-    if info is None:
-        return None
-    # What kopf builds from a ConnectionInfo, with a bounded pool.
-    session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=KOPF_CONNECTIONS, ssl=info.as_ssl_context()),
-        headers=info.as_http_headers(),  # the token or basic auth too
-        proxy=info.proxy_url,
-        trust_env=info.trust_env,
-    )
-    return kopf.AiohttpSession(
-        server=info.server,
-        default_namespace=info.default_namespace,
-        expiration=info.expiration,
-        aiohttp_session=session,
-    )
+async def login(**_: Any) -> kopf.AiohttpSession:
+    return kopf_login.session(credentials())
 
 
 @kopf.on.startup()
@@ -133,7 +116,7 @@ async def stop(*, memo: Any, **_: Any) -> None:
         flag.set()
 
 
-SA_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+SA_NAMESPACE = os.path.join(DEFAULT_SERVICE_ACCOUNT_DIR, "namespace")
 
 
 def _namespace(given: str | None) -> str | None:
@@ -235,8 +218,8 @@ async def _standby_liveness(url: str | None, elector: Elector) -> web.AppRunner 
 async def run_elected(args: argparse.Namespace) -> int:
     """Stand by until the Lease is ours, run kopf while it is, release it on a clean stop."""
     settings = lease_settings(args)
-    api = kubernetes.client.ApiClient(client_configuration())
-    elector = Elector(kubernetes.client.CoordinationV1Api(api), settings)
+    api = ApiClient(credentials(), user_agent=USER_AGENT)
+    elector = Elector(api, settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -250,7 +233,7 @@ async def run_elected(args: argparse.Namespace) -> int:
         if probe is not None:
             await probe.cleanup()
     if not leading:
-        api.close()  # type: ignore[no-untyped-call]
+        api.close()
         return 0
     log.info("leading: Lease %s/%s acquired as %s", settings.namespace, settings.name,
              settings.identity)  # fmt: skip
@@ -264,7 +247,7 @@ async def run_elected(args: argparse.Namespace) -> int:
         halt.set()
         await asyncio.to_thread(renewing.join)
         await elector.release()
-        api.close()  # type: ignore[no-untyped-call]
+        api.close()
     return 0
 
 

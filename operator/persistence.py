@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import kopf
+from hostdev.operator.kopf_plain import kopf
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The DRA front end's API calls (``resource.k8s.io/v1``): this node's ResourceSlices of driver
 ``pci.hostdev.io`` and the ResourceClaims the kubelet asks to prepare. Thin on purpose: plain
-dicts over :mod:`..kubeapi`; callers decide."""
+dicts over :mod:`hostdev.kube.client`; callers decide."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from hostdev.deviceplugin.kubeapi import ApiClient, ApiError
 from hostdev.deviceplugin.kubewatch import Event, WatchExpiredError, watch_events
 from hostdev.deviceplugin.metrics import Metrics
+from hostdev.kube.client import ApiClient, ApiError
 from hostdev.policy.dra import API_VERSION, DRIVER
 
 log = logging.getLogger(__name__)

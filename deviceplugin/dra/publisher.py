@@ -23,7 +23,7 @@ from hostdev.deviceplugin.dra.kube import (
     DraApi,
     WatchExpiredError,
 )
-from hostdev.deviceplugin.kubeapi import ApiError
+from hostdev.kube.client import ApiError
 from hostdev.policy.dra import API_VERSION, DRIVER, SliceContent
 
 log = logging.getLogger(__name__)

@@ -9,9 +9,9 @@ import logging
 from hostdev.deviceplugin.dra.frontend import DraFrontEnd, DraSettings
 from hostdev.deviceplugin.dra.kube import DraApi
 from hostdev.deviceplugin.dra.publisher import SlicePublisher
-from hostdev.deviceplugin.kubeapi import ApiClient
 from hostdev.deviceplugin.manager import PluginManager
 from hostdev.host.pciids import PciIds
+from hostdev.kube.client import ApiClient
 
 log = logging.getLogger(__name__)
 

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from hostdev.deviceplugin.config.memory import DriverMemory, StateFileError
-from hostdev.deviceplugin.kubeapi import ApiClient, ApiError, ConfigError
-from hostdev.deviceplugin.kubeapi import load as load_credentials
 from hostdev.deviceplugin.manager import PluginManager
 from hostdev.deviceplugin.nodestate.kube import NodeStateClient
 from hostdev.deviceplugin.resources import ResourceConfig
 from hostdev.host.address import PciAddress
+from hostdev.kube.client import ApiClient, ApiError, ConfigError
+from hostdev.kube.client import load as load_credentials
 from hostdev.policy.frontends import DEVICE_PLUGIN, DRA
 from hostdev.policy.nodeconfig import NodeConfigError, parse_node_config, served_now
 from hostdev.policy.selector import DeviceSelector

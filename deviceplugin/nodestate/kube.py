@@ -1,8 +1,8 @@
 """This node's ``PassthroughNodeState`` through the API server: list, watch, patch status; and
 the virt-launcher pods on this node (for the VMI names in the allocation report).
 
-Thin on purpose: the loop decides, this module only talks HTTP (:mod:`..kubeapi`). Objects are
-plain dicts.
+Thin on purpose: the loop decides, this module only talks HTTP (:mod:`hostdev.kube.client`).
+Objects are plain dicts.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from hostdev.deviceplugin.kubeapi import MERGE_PATCH, ApiClient, ApiError
 from hostdev.deviceplugin.kubewatch import Event, WatchExpiredError, watch_events
+from hostdev.kube.client import MERGE_PATCH, ApiClient, ApiError
 from hostdev.policy.launcher import LAUNCHER_LABEL, vmi_of_pod
 
 log = logging.getLogger(__name__)

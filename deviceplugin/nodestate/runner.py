@@ -16,7 +16,6 @@ from collections.abc import Mapping
 
 from hostdev.deviceplugin.config.memory import DriverMemory
 from hostdev.deviceplugin.dra.setup import start_dra
-from hostdev.deviceplugin.kubeapi import ApiClient
 from hostdev.deviceplugin.manager import PluginManager
 from hostdev.deviceplugin.nodestate.allocations import KubeletAllocations
 from hostdev.deviceplugin.nodestate.first import FirstServe, to_resource_configs
@@ -29,6 +28,7 @@ from hostdev.deviceplugin.resources import ResourceConfig
 from hostdev.host.address import PciAddress
 from hostdev.host.model import Inventory
 from hostdev.host.sysfs import Sysfs
+from hostdev.kube.client import ApiClient
 from hostdev.policy.mdev import MdevSpec
 
 log = logging.getLogger(__name__)

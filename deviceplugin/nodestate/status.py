@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from hostdev.deviceplugin.kubeapi import ApiError
+from hostdev.kube.client import ApiError
 from hostdev.policy.nodestatus import status_changed, status_patch
 
 log = logging.getLogger(__name__)

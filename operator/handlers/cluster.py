@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import kopf
-
 from hostdev.operator.cluster import ATTRIBUTION_ANNOTATION, MANAGED_BY, RETRY_S, Cluster
+from hostdev.operator.kopf_plain import kopf
 from hostdev.operator.kube import GROUP, KUBEVIRT_GROUP, KUBEVIRT_VERSION, VERSION
 
 

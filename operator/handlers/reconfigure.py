@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import kopf
-
+from hostdev.operator.kopf_plain import kopf
 from hostdev.operator.kube import KUBEVIRT_GROUP, KUBEVIRT_VERSION
 from hostdev.operator.reconfigure import CORDON_ANNOTATION, vmi_facts
 

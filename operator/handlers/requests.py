@@ -9,11 +9,10 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
-import kopf
-
 from hostdev.operator import metrics
 from hostdev.operator.cluster import Cluster, now, values
 from hostdev.operator.dra import delete_claim_template, sync_claim_template
+from hostdev.operator.kopf_plain import kopf
 from hostdev.operator.kube import (
     GROUP,
     KUBEVIRT_GROUP,

@@ -144,6 +144,8 @@ def test_image_venv_installs_exactly_the_pinned_versions(installed: Path) -> Non
     assert got.pop("hostdev") == "0.1.0"
     # Runtime deps only: the agent speaks gRPC itself (hpack), grpcio is for the tests.
     assert "hpack" in got and "kopf" in got and "pytest" not in got and "grpcio" not in got
+    # Both processes speak HTTP themselves (hostdev/kube/client.py): the client is test-only.
+    assert "kubernetes" not in got and "pydantic" not in got
     assert {canonical(n): v for n, v in got.items()} == {
         canonical(n): pins[canonical(n)] for n in got
     }

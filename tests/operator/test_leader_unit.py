@@ -8,52 +8,73 @@ import threading
 from typing import Any
 
 import pytest
-from kubernetes import client as k8s
 
+from hostdev.kube.client import ApiError
 from hostdev.operator.leader import Elector, LeaseSettings
+
+PREFIX = "/apis/coordination.k8s.io/v1/namespaces/ns/leases"
 
 
 class FakeLeases:
-    """One namespace's Leases: resourceVersion checked on replace, like the API server."""
+    """One namespace's Leases as the shared client sees them (plain dicts): resourceVersion
+    checked on replace, like the API server."""
 
     def __init__(self) -> None:
-        self.items: dict[str, k8s.V1Lease] = {}
+        self.items: dict[str, dict[str, Any]] = {}
         self.rv = 0
         self.down = False
 
-    def _check(self) -> None:
+    def request(self, method: str, path: str, *, body: Any = None, **_: Any) -> Any:
         if self.down:
-            raise k8s.ApiException(status=503, reason="unavailable")
+            raise ApiError(503, "Service Unavailable")
+        assert path.startswith(PREFIX), path
+        name = path[len(PREFIX) + 1 :]
+        if method == "GET":
+            return self.read(name)
+        if method == "POST":
+            return self.create(body)
+        assert method == "PUT", method
+        return self.replace(name, body)
 
-    def read_namespaced_lease(self, name: str, namespace: str, **_: Any) -> k8s.V1Lease:
-        self._check()
+    def read(self, name: str) -> dict[str, Any]:
         if name not in self.items:
-            raise k8s.ApiException(status=404, reason="NotFound")
+            raise ApiError(404, "Not Found")
         return copy.deepcopy(self.items[name])
 
-    def create_namespaced_lease(self, namespace: str, body: k8s.V1Lease, **_: Any) -> k8s.V1Lease:
-        self._check()
-        name = body.metadata.name
+    def create(self, body: dict[str, Any]) -> dict[str, Any]:
+        name = body["metadata"]["name"]
         if name in self.items:
-            raise k8s.ApiException(status=409, reason="AlreadyExists")
+            raise ApiError(409, "Conflict")  # AlreadyExists
         self.rv += 1
-        body.metadata.resource_version = str(self.rv)
-        self.items[name] = copy.deepcopy(body)
-        return body
+        body = copy.deepcopy(body)
+        body["metadata"]["resourceVersion"] = str(self.rv)
+        self.items[name] = body
+        return copy.deepcopy(body)
 
-    def replace_namespaced_lease(
-        self, name: str, namespace: str, body: k8s.V1Lease, **_: Any
-    ) -> Any:
-        self._check()
-        if self.items[name].metadata.resource_version != body.metadata.resource_version:
-            raise k8s.ApiException(status=409, reason="Conflict")
+    def replace(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        current = self.items[name]["metadata"]["resourceVersion"]
+        if current != body["metadata"].get("resourceVersion"):
+            raise ApiError(409, "Conflict")
         self.rv += 1
-        body.metadata.resource_version = str(self.rv)
-        self.items[name] = copy.deepcopy(body)
-        return body
+        body = copy.deepcopy(body)
+        body["metadata"]["resourceVersion"] = str(self.rv)
+        self.items[name] = body
+        return copy.deepcopy(body)
+
+    def watch(self, *_: Any, **__: Any) -> Any:
+        raise AssertionError("the unit tests look, never watch")
+
+    def spec(self, name: str = "l") -> dict[str, Any]:
+        return dict(self.items[name]["spec"])
 
     def holder(self, name: str = "l") -> str | None:
-        return self.items[name].spec.holder_identity
+        return self.spec(name).get("holderIdentity")
+
+    def set_holder(self, holder: str | None, name: str = "l") -> None:
+        """Someone else writes the holder (a new resourceVersion)."""
+        self.rv += 1
+        self.items[name]["spec"]["holderIdentity"] = holder
+        self.items[name]["metadata"]["resourceVersion"] = str(self.rv)
 
 
 class Clock:
@@ -66,7 +87,7 @@ class Clock:
 
 def elector(api: FakeLeases, who: str, clock: Clock) -> Elector:
     s = LeaseSettings("l", "ns", who, duration=15, renew_deadline=10, retry=2)
-    return Elector(api, s, clock=clock, watch=False)  # type: ignore[arg-type]
+    return Elector(api, s, clock=clock, watch=False)
 
 
 def test_first_creates_second_waits_for_expiry_from_its_own_observation() -> None:
@@ -78,7 +99,7 @@ def test_first_creates_second_waits_for_expiry_from_its_own_observation() -> Non
     assert not b.try_take()  # a's record unchanged for 14 s: not expired yet
     clock.t += 2
     assert b.try_take() and api.holder() == "b"
-    assert api.items["l"].spec.lease_transitions == 1
+    assert api.spec()["leaseTransitions"] == 1
     # a comes back: it must now wait for b's lease
     assert not a.try_take() and a.holder == "b"
 
@@ -104,11 +125,11 @@ def test_a_race_has_exactly_one_winner() -> None:
     # Both read "no lease"; both create: the second create is a 409.
     assert a.try_take() and not b.try_take()
     # Both read a released lease at the same resourceVersion; both replace: one 409.
-    api.items["l"].spec.holder_identity = None
-    stale = api.read_namespaced_lease("l", "ns")
+    api.set_holder(None)
+    stale = api.read("l")
     assert b.try_take()
-    with pytest.raises(k8s.ApiException) as e:
-        api.replace_namespaced_lease("l", "ns", stale)
+    with pytest.raises(ApiError) as e:
+        api.replace("l", stale)
     assert e.value.status == 409
 
 
@@ -118,7 +139,7 @@ def test_release_lets_a_standby_in_at_once() -> None:
     a.try_take()
     assert not b.try_take()
     assert a.release_now() and api.holder() is None
-    assert api.items["l"].spec.lease_duration_seconds == 1
+    assert api.spec()["leaseDurationSeconds"] == 1
     assert b.try_take()  # no waiting for the old lease
     assert not a.release_now()  # not ours any more: left alone
     assert api.holder() == "b"
@@ -127,22 +148,20 @@ def test_release_lets_a_standby_in_at_once() -> None:
 def test_hold_returns_when_renewals_fail_past_the_deadline() -> None:
     api = FakeLeases()
     s = LeaseSettings("l", "ns", "a", duration=0.6, renew_deadline=0.3, retry=0.05)
-    a = Elector(api, s)  # type: ignore[arg-type]
+    a = Elector(api, s)
     assert a.try_take()
     api.down = True
     assert a.hold(threading.Event()) == "Lease not renewed for 0.3s"
     api.down = False
     # Someone else took it: hold() says so at the next renewal.
-    api.items["l"].spec.holder_identity = "z"
-    api.rv += 1
-    api.items["l"].metadata.resource_version = str(api.rv)
+    api.set_holder("z")
     lost: list[str] = []
     thread, _ = a.keep(lost.append)
     thread.join(5)
     assert lost == ["Lease taken by z"]
     # Stopped while holding: no verdict.
     assert a.try_take() is False  # z's lease is fresh
-    api.items["l"].spec.holder_identity = "a"
+    api.set_holder("a")
     stop = threading.Event()
     stop.set()
     assert a.hold(stop) is None

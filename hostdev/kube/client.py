@@ -1,16 +1,17 @@
-"""A small Kubernetes API client for the node agent: JSON over HTTPS, keep-alive, watches.
+"""A small Kubernetes API client: JSON over HTTPS, keep-alive, watches.
 
-The agent reads and writes a handful of objects as plain dicts (its NodeState, its
-ResourceSlices, claims, launcher pods). The ``kubernetes`` package costs ~0.4 s and ~34 MiB to
-import (generated models for every API type, urllib3, oauth and websocket stacks), which is more
-than a small node's whole start-up budget and most of the agent's memory goal, so the agent
-speaks HTTP itself (``http.client`` + ``ssl``): one keep-alive connection per thread, a fresh
-one per watch.
+Shared by the node agent and the operator, which read and write their objects as plain dicts
+(the agent: its NodeState, ResourceSlices, claims, launcher pods; the operator: its own
+resources, nodes, evictions and its Lease). The ``kubernetes`` package costs ~0.4 s and
+~34 MiB to import (generated models for every API type, urllib3, oauth and websocket stacks),
+which is more than a small node's whole start-up budget and most of the agent's memory goal,
+and a third of the operator's idle memory; so both speak HTTP themselves (``http.client`` +
+``ssl``): one keep-alive connection per thread, a fresh one per watch.
 
 Credentials: the pod's service account (in-cluster: token re-read as the kubelet rotates it,
 the cluster CA), or a kubeconfig with a token, a token file or a client certificate. Exec and
-auth-provider plugins are refused with a message (the agent runs in-cluster; kubeconfigs are
-for development and tests).
+auth-provider plugins are refused with a message (both processes run in-cluster; kubeconfigs
+are for development and tests).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from hostdev.deviceplugin.flags import DEFAULT_SERVICE_ACCOUNT_DIR
+from hostdev.kube import DEFAULT_SERVICE_ACCOUNT_DIR
 
 JSON = "application/json"
 MERGE_PATCH = "application/merge-patch+json"
@@ -137,8 +138,8 @@ def from_kubeconfig(path: str) -> Credentials:
     user = named("users", ctx.get("user")) if ctx.get("user") else {}
     if "exec" in user or "auth-provider" in user:
         raise ConfigError(
-            f"kubeconfig {path}: exec and auth-provider credentials are not supported by the "
-            "node agent; use a token, a token file or a client certificate"
+            f"kubeconfig {path}: exec and auth-provider credentials are not supported by "
+            "hostdev; use a token, a token file or a client certificate"
         )
 
     def file(key: str, where: dict[str, Any]) -> str | None:
@@ -176,12 +177,36 @@ def load(kubeconfig: str | None, sa_dir: str = DEFAULT_SERVICE_ACCOUNT_DIR) -> C
     return from_kubeconfig(kubeconfig) if kubeconfig else in_cluster(sa_dir)
 
 
+def ssl_context(creds: Credentials) -> ssl.SSLContext:
+    """The TLS side of ``creds``: the CA to trust, the client certificate if any."""
+    ctx = ssl.create_default_context(cafile=creds.ca_file, cadata=creds.ca_data)
+    if creds.insecure:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if creds.cert_file and creds.key_file:
+        ctx.load_cert_chain(creds.cert_file, creds.key_file)
+    return ctx
+
+
+def read_token(creds: Credentials) -> str | None:
+    """The bearer token as of now: the token file's content (the kubelet rotates a bound
+    service-account token in place), else the kubeconfig's token. OSError if the file cannot
+    be read."""
+    if creds.token_file:
+        with open(creds.token_file, encoding="utf-8") as f:
+            return f.read().strip()
+    return creds.token
+
+
 class ApiClient:
     """Thread-safe: each thread keeps its own keep-alive connection."""
 
-    def __init__(self, creds: Credentials, *, timeout: float = 30.0) -> None:
+    def __init__(
+        self, creds: Credentials, *, timeout: float = 30.0, user_agent: str = "hostdev-node"
+    ) -> None:
         self.creds = creds
-        self.timeout = timeout
+        self.timeout = timeout  # per request (connect, and each read)
+        self.user_agent = user_agent
         scheme, _, rest = creds.server.partition("://")
         hostport, _, prefix = rest.partition("/")
         self.https = scheme == "https"
@@ -202,14 +227,7 @@ class ApiClient:
     # ---- connections --------------------------------------------------------------------
     def _context(self) -> ssl.SSLContext:
         if self._ssl is None:
-            c = self.creds
-            ctx = ssl.create_default_context(cafile=c.ca_file, cadata=c.ca_data)
-            if c.insecure:
-                ctx.check_hostname = False
-                ctx.verify_mode = ssl.CERT_NONE
-            if c.cert_file and c.key_file:
-                ctx.load_cert_chain(c.cert_file, c.key_file)
-            self._ssl = ctx
+            self._ssl = ssl_context(self.creds)
         return self._ssl
 
     def _connect(self, timeout: float) -> http.client.HTTPConnection:
@@ -249,7 +267,7 @@ class ApiClient:
                 c.close()
 
     def _headers(self, content_type: str | None) -> dict[str, str]:
-        h = {"Accept": JSON, "User-Agent": "hostdev-node"}
+        h = {"Accept": JSON, "User-Agent": self.user_agent}
         token = self._bearer()
         if token:
             h["Authorization"] = f"Bearer {token}"
@@ -259,11 +277,9 @@ class ApiClient:
         return h
 
     def _bearer(self) -> str | None:
-        path = self.creds.token_file
-        if path and time.monotonic() - self._token_read > TOKEN_REFRESH:
+        if self.creds.token_file and time.monotonic() - self._token_read > TOKEN_REFRESH:
             try:
-                with open(path, encoding="utf-8") as f:
-                    self._token = f.read().strip()
+                self._token = read_token(self.creds)
                 self._token_read = time.monotonic()
             except OSError:
                 pass  # keep the last one; the API server will say if it expired
@@ -278,9 +294,10 @@ class ApiClient:
         query: Mapping[str, object] | None = None,
         body: object = None,
         content_type: str = JSON,
+        timeout: float | None = None,
     ) -> Any:
         """One call; the decoded JSON answer. Raises :class:`ApiError` (status 0: the server
-        could not be reached)."""
+        could not be reached). ``timeout``: this call's, instead of the client's."""
         url = self.prefix + path + query_string(query)
         data = None if body is None else json.dumps(body, separators=(",", ":")).encode()
         headers = self._headers(content_type if data is not None else None)
@@ -289,6 +306,11 @@ class ApiClient:
             reused = conn is not None
             if conn is None:
                 conn = self._local.conn = self._connect(self.timeout)
+            wait = self.timeout if timeout is None else timeout
+            if conn.timeout != wait:  # a kept-alive connection made for another timeout
+                conn.timeout = wait
+                if conn.sock is not None:
+                    conn.sock.settimeout(wait)
             try:
                 conn.request(method, url, body=data, headers=headers)
                 resp = conn.getresponse()
@@ -317,12 +339,18 @@ class ApiClient:
         return self.request("GET", path, query=query)
 
     def watch(
-        self, path: str, query: Mapping[str, object], timeout_seconds: int
+        self,
+        path: str,
+        query: Mapping[str, object],
+        timeout_seconds: int,
+        *,
+        read_timeout: float | None = None,
     ) -> Iterator[dict[str, Any]]:
         """The events of a watch (``{"type", "object"}``) until the server ends it. An
-        ``ERROR`` event is raised as :class:`ApiError` with its status code (410: expired)."""
+        ``ERROR`` event is raised as :class:`ApiError` with its status code (410: expired).
+        ``read_timeout``: the socket's (default: the server's timeout plus 10 s)."""
         q = {**query, "watch": True, "timeoutSeconds": timeout_seconds}
-        conn = self._connect(timeout_seconds + 10.0)
+        conn = self._connect(timeout_seconds + 10.0 if read_timeout is None else read_timeout)
         with self._lock:
             self._watching.add(conn)
         try:
