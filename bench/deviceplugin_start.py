@@ -42,6 +42,7 @@ from typing import Any
 
 from deviceplugin_common import (
     RESOURCE,
+    agent_command,
     agent_python,
     harness_binary,
     load,
@@ -108,9 +109,7 @@ def agent_argv(
     python: str, workdir: Path, cluster: Cluster | None, node: str, credentials: list[str]
 ) -> list[str]:
     argv = [
-        python,
-        "-m",
-        "hostdev.deviceplugin.agent",
+        *agent_command(python),
         f"--host-root={workdir / 'host'}",
         f"--plugin-dir={workdir / 'dp'}",
         f"--state-dir={workdir / 'state'}",
