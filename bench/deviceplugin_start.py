@@ -18,7 +18,8 @@ allocatable count holding every VF. Modes:
 The agent runs in an "installed" interpreter layout (``--python installed``, the default): a
 throw-away venv whose path entries are the repository and this venv's site-packages, so it
 imports exactly this code and these packages but, like the image, with compiled bytecode and
-without the editable install's import hook (see deviceplugin_common.agent_python).
+without the editable install's import hook (see deviceplugin_common.agent_python). The agent is
+started, as in the image, through its ``hostdev-node`` console script.
 ``--python dev`` runs the development venv as is. The load average is printed beside every
 figure.
 
