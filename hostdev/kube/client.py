@@ -5,7 +5,7 @@ Shared by the node agent and the operator, which read and write their objects as
 resources, nodes, evictions and its Lease). The ``kubernetes`` package costs ~0.4 s and
 ~34 MiB to import (generated models for every API type, urllib3, oauth and websocket stacks),
 which is more than a small node's whole start-up budget and most of the agent's memory goal,
-and a third of the operator's idle memory; so both speak HTTP themselves (``http.client`` +
+and a third of the operator's idle memory; so both speak HTTP themselves (:mod:`.http1` +
 ``ssl``): one keep-alive connection per thread, a fresh one per watch.
 
 Credentials: the pod's service account (in-cluster: token re-read as the kubelet rotates it,
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import http.client
 import json
 import os
 import socket
@@ -30,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hostdev.kube import DEFAULT_SERVICE_ACCOUNT_DIR
+from hostdev.kube.http1 import Connection, DisconnectedError
 
 JSON = "application/json"
 MERGE_PATCH = "application/merge-patch+json"
@@ -220,8 +220,8 @@ class ApiClient:
         self._token: str | None = creds.token
         self._token_read = 0.0
         self._lock = threading.Lock()
-        self._conns: set[http.client.HTTPConnection] = set()
-        self._watching: set[http.client.HTTPConnection] = set()
+        self._conns: set[Connection] = set()
+        self._watching: set[Connection] = set()
         self.requests = 0  # requests sent (benches count API calls)
 
     # ---- connections --------------------------------------------------------------------
@@ -230,19 +230,14 @@ class ApiClient:
             self._ssl = ssl_context(self.creds)
         return self._ssl
 
-    def _connect(self, timeout: float) -> http.client.HTTPConnection:
-        conn: http.client.HTTPConnection
-        if self.https:
-            conn = http.client.HTTPSConnection(
-                self.host, self.port, timeout=timeout, context=self._context()
-            )
-        else:
-            conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+    def _connect(self, timeout: float) -> Connection:
+        context = self._context() if self.https else None
+        conn = Connection(self.host, self.port, timeout=timeout, context=context)
         with self._lock:
             self._conns.add(conn)
         return conn
 
-    def _drop(self, conn: http.client.HTTPConnection) -> None:
+    def _drop(self, conn: Connection) -> None:
         conn.close()
         with self._lock:
             self._conns.discard(conn)
@@ -302,27 +297,24 @@ class ApiClient:
         data = None if body is None else json.dumps(body, separators=(",", ":")).encode()
         headers = self._headers(content_type if data is not None else None)
         for attempt in (1, 2):
-            conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
+            conn: Connection | None = getattr(self._local, "conn", None)
             reused = conn is not None
             if conn is None:
                 conn = self._local.conn = self._connect(self.timeout)
             wait = self.timeout if timeout is None else timeout
             if conn.timeout != wait:  # a kept-alive connection made for another timeout
-                conn.timeout = wait
-                if conn.sock is not None:
-                    conn.sock.settimeout(wait)
+                conn.set_timeout(wait)
             try:
-                conn.request(method, url, body=data, headers=headers)
-                resp = conn.getresponse()
+                resp = conn.request(method, url, data, headers)
                 raw = resp.read()
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as e:
+            except (DisconnectedError, BrokenPipeError, ConnectionResetError) as e:
                 # A kept-alive connection the server closed meanwhile: once more, fresh.
                 self._drop(conn)
                 self._local.conn = None
                 if reused and attempt == 1:
                     continue
                 raise ApiError(0, f"{method} {path}: {type(e).__name__}: {e}") from e
-            except (OSError, http.client.HTTPException) as e:
+            except OSError as e:  # http1.ProtocolError included
                 self._drop(conn)
                 self._local.conn = None
                 raise ApiError(0, f"{method} {path}: {type(e).__name__}: {e}") from e
@@ -355,11 +347,9 @@ class ApiClient:
             self._watching.add(conn)
         try:
             try:
-                conn.request(
-                    "GET", self.prefix + path + query_string(q), headers=self._headers(None)
-                )
-                resp = conn.getresponse()
-            except (OSError, http.client.HTTPException) as e:
+                target = self.prefix + path + query_string(q)
+                resp = conn.request("GET", target, None, self._headers(None))
+            except OSError as e:
                 raise ApiError(0, f"watch {path}: {type(e).__name__}: {e}") from e
             self.requests += 1
             if resp.status >= 300:
@@ -367,7 +357,7 @@ class ApiClient:
             while True:
                 try:
                     line = resp.readline()
-                except (TimeoutError, OSError, http.client.HTTPException) as e:
+                except OSError as e:  # a timeout and http1.ProtocolError included
                     raise ApiError(0, f"watch {path}: {type(e).__name__}: {e}") from e
                 if not line:
                     return
