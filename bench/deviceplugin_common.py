@@ -187,11 +187,10 @@ def write_config(workdir: Path) -> Path:
 
 
 def agent_argv(workdir: Path, *extra: str) -> list[str]:
-    """``hostdev-node`` on the fake node, talking to the simulator in ``workdir/dp``."""
+    """``hostdev-node`` (this venv's console script) on the fake node, talking to the
+    simulator in ``workdir/dp``."""
     return [
-        sys.executable,
-        "-m",
-        "hostdev.deviceplugin.agent",
+        *agent_command(sys.executable),
         f"--host-root={workdir / 'host'}",
         f"--plugin-dir={workdir / 'dp'}",
         f"--state-dir={workdir / 'state'}",
