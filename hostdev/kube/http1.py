@@ -35,7 +35,31 @@ class DisconnectedError(ConnectionResetError):
     """The server closed the connection without answering the request."""
 
 
-def _line(f: BinaryIO, what: str) -> bytes:
+class _Stream:
+    """The connection's buffered reader. Another thread may close the connection while this one
+    waits for an answer (the client's close at shutdown): that read ends with an OSError, as
+    every failure here does, not with the ValueError of a closed file."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            return self._f.read(n)
+        except ValueError:
+            raise ConnectionAbortedError("the connection was closed meanwhile") from None
+
+    def readline(self, limit: int = -1) -> bytes:
+        try:
+            return self._f.readline(limit)
+        except ValueError:
+            raise ConnectionAbortedError("the connection was closed meanwhile") from None
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def _line(f: _Stream, what: str) -> bytes:
     """One CRLF-ended line; b"" if the connection ended before it began."""
     line = f.readline(MAX_LINE + 1)
     if len(line) > MAX_LINE:
@@ -45,7 +69,7 @@ def _line(f: BinaryIO, what: str) -> bytes:
     return line
 
 
-def _fields(f: BinaryIO) -> dict[str, str]:
+def _fields(f: _Stream) -> dict[str, str]:
     """Header (or trailer) fields up to the empty line; names lower-cased, repeats joined."""
     out: dict[str, str] = {}
     for _ in range(MAX_FIELDS + 1):
@@ -70,7 +94,7 @@ class Response:
     """An answer's status and fields; the body is read with :meth:`read` or :meth:`readline`
     (and must be, before the connection carries another request)."""
 
-    def __init__(self, f: BinaryIO, method: str) -> None:
+    def __init__(self, f: _Stream, method: str) -> None:
         self._f = f
         while True:
             line = _line(f, "the status line")
@@ -189,7 +213,7 @@ class Connection:
         self.timeout = timeout
         self.context = context
         self.sock: socket.socket | None = None
-        self._f: BinaryIO | None = None
+        self._f: _Stream | None = None
         default = 443 if context is not None else 80
         name = f"[{host}]" if ":" in host else host
         self._host_field = name if port == default else f"{name}:{port}"
@@ -199,7 +223,7 @@ class Connection:
         if self.sock is not None:
             self.sock.settimeout(timeout)
 
-    def _open(self) -> BinaryIO:
+    def _open(self) -> _Stream:
         sock = socket.create_connection((self.host, self.port), self.timeout)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -209,7 +233,7 @@ class Connection:
             sock.close()
             raise
         self.sock = sock
-        self._f = sock.makefile("rb")
+        self._f = _Stream(sock.makefile("rb"))
         return self._f
 
     def request(

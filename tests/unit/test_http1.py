@@ -225,6 +225,42 @@ def test_a_line_break_in_a_header_value_sends_nothing() -> None:
     assert b"Evil" not in b"".join(seen)
 
 
+def test_a_body_read_after_another_thread_closed_the_connection_is_an_os_error() -> None:
+    with server(answer(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")) as (port, _):
+        c = Connection("127.0.0.1", port, timeout=10)
+        r = c.request("GET", "/", None, {})
+        c.close()  # as the client's close() does at shutdown, while an answer is pending
+        with pytest.raises(ConnectionAbortedError, match="closed meanwhile"):
+            r.read()
+
+
+def test_client_close_ends_a_call_waiting_for_its_answer() -> None:
+    got = threading.Event()
+
+    def hold(sock: socket.socket, seen: list[bytes]) -> None:
+        seen.append(read_request(sock))
+        got.set()
+        read_request(sock)  # no answer: until the client side goes away
+
+    with server(hold) as (port, _):
+        api = ApiClient(Credentials(server=f"http://127.0.0.1:{port}"))
+        errors: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                api.get("/api/v1/nodes")
+            except BaseException as e:
+                errors.append(e)
+
+        t = threading.Thread(target=call)
+        t.start()
+        assert got.wait(10)
+        api.close()
+        t.join(10)
+    assert not t.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], ApiError) and errors[0].status == 0
+
+
 # ---- through the API client -------------------------------------------------------------
 
 
