@@ -133,8 +133,8 @@ class Cluster:
 
     reconfigurer: Reconfiguring | None = None
     _task: asyncio.Task[None] | None = None
-    # Set (and replaced) on every change of the indexes: requests waiting for capacity wake up
-    # on it instead of polling (see handlers.requests.recheck_request).
+    # Set (and replaced) on every change of the indexes: the request refresher wakes on it
+    # (requests waiting for capacity are checked again) instead of polling.
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def mark(self) -> None:

@@ -8,7 +8,13 @@ costs a compact index entry (handlers.requests.requests_idx) and two floats.
 When a request is looked at (``due``): once it has been unchanged for ``settle`` seconds (so
 kopf's own handlers for that change are done, as kopf's ``idle`` did for the timer), then every
 ``interval`` seconds, and at once when its VM or VMI changed or the cluster view changed
-(an agent's report). What a look does is the caller's (``look``); this module only decides when.
+(an agent's report). A request waiting for capacity does not wait to settle: it is looked at
+as soon as it starts waiting (capacity may have appeared while it was being refused) and at
+each change of the cluster view (which may be that capacity); the capacity check turned it
+away, so there is nothing of kopf's in flight for that change that a look could overtake.
+(This replaced a kopf daemon per waiting request, which made kopf keep the last full body of
+every request, ~15 MiB per 1,000.) What a look does is the caller's (``look``); this module only
+decides when.
 """
 
 from __future__ import annotations
@@ -29,6 +35,20 @@ VmKey = tuple[str, str]  # (namespace, VM name)
 STATUS_SETTLE_S = 5.0  # first look once a request has been unchanged this long
 STATUS_INTERVAL_S = 15.0  # then every this long, besides the looks changes ask for
 DEBOUNCE_S = 0.2  # coalesce a burst of changes into one pass
+# After a change of the cluster view: sooner (a waiting request applies as soon as capacity
+# appears); such changes come from agents' reports, nodes and policies, not in bursts of
+# thousands as request changes do.
+CLUSTER_DEBOUNCE_S = 0.05
+
+
+WAITING = frozenset({"Pending", "Refused"})
+
+
+def waiting_for_capacity(status: Mapping[str, Any]) -> bool:
+    """The capacity check turned the request away (Accepted=False): it waits for capacity."""
+    conds = {c.get("type"): c for c in status.get("conditions") or () if isinstance(c, Mapping)}
+    accepted = conds.get("Accepted") or {}
+    return status.get("phase") in WAITING and accepted.get("status") == "False"
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +58,7 @@ class Item:
     key: Key
     vm: VmKey
     version: str  # resourceVersion: a new one is a change of the request
+    waiting: bool = False  # for capacity: looked at without waiting for it to settle
 
 
 def item_of(view: Mapping[str, Any]) -> Item:
@@ -47,6 +68,7 @@ def item_of(view: Mapping[str, Any]) -> Item:
         (ns, str(meta.get("name") or "")),
         (ns, str((view.get("spec") or {}).get("vmName") or "")),
         str(meta.get("resourceVersion") or ""),
+        waiting_for_capacity(view.get("status") or {}),
     )
 
 
@@ -80,7 +102,7 @@ def due(
         if seen is None or seen[0] != it.version:
             seen = sched.seen[it.key] = (it.version, now)
         at: float
-        if now - seen[1] < settle:
+        if now - seen[1] < settle and not it.waiting:
             at = seen[1] + settle  # still changing (or just changed): wait for it to settle
         else:
             last = sched.looked.get(it.key)
@@ -141,9 +163,15 @@ class Refresher:
             self._task.cancel()
 
     async def run(self) -> None:
+        changed: asyncio.Event | None = None
         while True:
-            await asyncio.sleep(DEBOUNCE_S)  # coalesce a burst of changes into one pass
+            # Coalesce a burst of changes into one pass.
+            await asyncio.sleep(CLUSTER_DEBOUNCE_S if self._everything else DEBOUNCE_S)
             self._wake.clear()
+            if changed is not None and changed.is_set():
+                # The cluster view changed after the last wait ended for another reason (a
+                # request or VM change): the event is replaced below, the change must not be.
+                self._everything = True
             # Take the change flags and the cluster's next-change event before reading the
             # indexes: a change during the pass then brings another pass.
             vms, self._vms = self._vms, set()

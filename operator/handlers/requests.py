@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -22,7 +21,7 @@ from hostdev.operator.kube import (
     ConflictError,
     NotFoundError,
 )
-from hostdev.operator.refresher import Refresher
+from hostdev.operator.refresher import Refresher, waiting_for_capacity
 from hostdev.policy.conditions import Condition, merge_conditions, same_conditions
 from hostdev.policy.request import (
     OWNERS_ANNOTATION,
@@ -221,7 +220,7 @@ async def _apply(
         ):
             (kopf.warn if verdict.final else kopf.info)(obj, reason=phase, message=verdict.message)
         metrics.RECONCILES.labels("request", phase.lower()).inc()
-        # Capacity can appear (new node, new policy, an agent's report): recheck_request looks
+        # Capacity can appear (new node, new policy, an agent's report): the refresher looks
         # again as soon as the cluster view changes. No kopf retry: each would be a write.
         return
 
@@ -308,51 +307,6 @@ async def _apply(
     metrics.RECONCILES.labels("request", "applied").inc()
 
 
-WAITING = frozenset({"Pending", "Refused"})
-RECHECK_DEBOUNCE_S = 0.05  # coalesce a burst of index changes into one look
-
-
-def _waiting_for_capacity(status: kopf.Status, **_: Any) -> bool:
-    conds = {c.get("type"): c for c in status.get("conditions") or () if isinstance(c, Mapping)}
-    accepted = conds.get("Accepted") or {}
-    return status.get("phase") in WAITING and accepted.get("status") == "False"
-
-
-@kopf.daemon(GROUP, VERSION, PLURAL, when=_waiting_for_capacity, cancellation_timeout=5.0)
-async def recheck_request(
-    *, stopped: kopf.DaemonStopped, body: kopf.Body, memo: Any, **kwargs: Any
-) -> None:
-    """A request the capacity check turned away (Pending/Refused) is checked again each time
-    policies, nodes or an agent's report change: it applies as soon as capacity appears, with
-    no polling and no write while nothing changes. kopf stops this daemon once the status
-    leaves Pending/Refused (or the request goes)."""
-    cluster: Cluster = memo["cluster"]
-    api: Api = memo["api"]
-    vmis_idx: kopf.Index[Any, Any] = kwargs["vmis_idx"]
-    while not stopped:
-        change = cluster.next_change()
-        meta = body.get("metadata", {})
-        if not meta.get("deletionTimestamp"):
-            patch = kopf.Patch()
-            # On an error the status in the patch says why; the update handler owns retries.
-            with contextlib.suppress(kopf.TemporaryError, kopf.PermanentError):
-                await _apply(body, body.status, patch, memo, vmis_idx)
-            if patch:
-                await api.patch(
-                    GROUP, VERSION, PLURAL, meta["name"], dict(patch), meta["namespace"],
-                    status=True,
-                )  # fmt: skip
-        if stopped:
-            return
-        waiters = {asyncio.ensure_future(change.wait()), asyncio.ensure_future(stopped.wait())}
-        try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waiters:
-                w.cancel()
-        await asyncio.sleep(RECHECK_DEBOUNCE_S)
-
-
 def _allocations(cluster: Cluster) -> list[Any]:
     return [a for r in cluster.snapshot().reported.values() for a in r.allocations]
 
@@ -375,12 +329,14 @@ def _waiting_for_vm(status: Mapping[str, Any]) -> bool:
 
 def refresh_view(body: Mapping[str, Any]) -> dict[str, Any] | None:
     """The part of a request the refresher reads, or None when there is nothing to refresh
-    (not applied yet, being deleted): then it holds no index entry at all."""
+    (not handled yet, failed, being deleted): then it holds no index entry at all."""
     meta = body.get("metadata") or {}
     status = body.get("status") or {}
     if meta.get("deletionTimestamp"):
         return None
-    if status.get("phase") not in REFRESHED and not _waiting_for_vm(status):
+    if not (
+        status.get("phase") in REFRESHED or _waiting_for_vm(status) or waiting_for_capacity(status)
+    ):
         return None
     keep = ("name", "namespace", "uid", "generation", "resourceVersion")
     return {
@@ -474,6 +430,9 @@ def _look(
 ) -> tuple[kopf.Patch | None, RequestStatus | None] | None:
     """None: nothing to do; (None, None): apply again; else the status patch to write."""
     status: Mapping[str, Any] = view.get("status") or {}
+    if waiting_for_capacity(status):
+        # The capacity check again (in memory; a write only if its answer changed).
+        return None, None
     owners = next(iter(vms_idx.get((req.namespace, req.vm_name), ())), None)
     if _waiting_for_vm(status):
         # Still no VM: nothing to do, its creation wakes the refresher.
@@ -556,7 +515,6 @@ async def release_request(*, body: kopf.Body, memo: Any, **_: Any) -> None:
 
 __all__ = [
     "apply_request",
-    "recheck_request",
     "refresh",
     "release_request",
     "request_changed",

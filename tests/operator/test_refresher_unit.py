@@ -7,8 +7,11 @@ import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from hostdev.operator.handlers.requests import refresh_view
-from hostdev.operator.refresher import Item, Refresher, Schedule, due
+import pytest
+
+from hostdev.operator.handlers.requests import _look, refresh_view
+from hostdev.operator.refresher import Item, Refresher, Schedule, due, item_of
+from hostdev.policy.request import Request
 
 A = Item(("ns", "a"), ("ns", "vm1"), "1")
 B = Item(("ns", "b"), ("ns", "vm2"), "1")
@@ -41,6 +44,21 @@ def test_vm_and_cluster_changes_look_at_once_at_settled_requests_only() -> None:
     fresh = Item(("ns", "c"), ("ns", "vm2"), "1")  # just changed: its own settle comes first
     got = due([A, B, fresh], s, vms={("ns", "vm2")}, everything=True, now=11.0, **kw)
     assert got == ([A.key, B.key], 16.0)
+
+
+def test_a_request_waiting_for_capacity_does_not_wait_to_settle() -> None:
+    """Looked at when it starts waiting (capacity may have come while it was refused) and at
+    each cluster change (which may be that capacity); other requests still settle first."""
+    waiting = Item(("ns", "w"), ("ns", "vm3"), "1", waiting=True)
+    s = Schedule()
+    kw: dict[str, Any] = {"vms": set(), "settle": 5.0, "interval": 15.0}
+    assert due([A, waiting], s, everything=False, now=100.0, **kw) == ([waiting.key], 105.0)
+    s.looked[waiting.key] = 100.0
+    assert due([A, waiting], s, everything=False, now=101.0, **kw) == ([], 105.0)
+    assert due([A, waiting], s, everything=True, now=101.0, **kw) == ([waiting.key], 105.0)
+    s.looked[waiting.key] = 101.0
+    again = Item(waiting.key, waiting.vm, "2", waiting=True)  # its status was written again
+    assert due([A, again], s, everything=False, now=102.0, **kw) == ([again.key], 105.0)
 
 
 def test_gone_requests_are_forgotten() -> None:
@@ -95,6 +113,25 @@ def test_view_only_for_requests_there_is_something_to_refresh() -> None:
     waiting["status"]["conditions"] = [{"type": "Applied", "status": "False",
                                         "reason": "VmNotFound"}]  # fmt: skip
     assert refresh_view(waiting) is not None
+    assert not item_of(refresh_view(waiting) or {}).waiting
+
+
+def capacity_waiter(phase: str) -> dict[str, Any]:
+    b = body(phase)
+    b["status"]["conditions"] = [{"type": "Accepted", "status": "False",
+                                  "reason": "NoCapacity"}]  # fmt: skip
+    return b
+
+
+def test_requests_waiting_for_capacity_are_kept_and_applied_again() -> None:
+    for phase in ("Pending", "Refused"):
+        view = refresh_view(capacity_waiter(phase))
+        assert view is not None and item_of(view).waiting, phase
+        # A look applies it again (the capacity check; the VM only if it now fits).
+        assert _look(view, Request.from_object(view), {}, {}, []) == (None, None)  # type: ignore[arg-type]
+    refused_by_vm = capacity_waiter("Refused")
+    refused_by_vm["status"]["conditions"][0]["status"] = "True"  # accepted; the VM refused it
+    assert refresh_view(refused_by_vm) is None  # kopf's retries own that one
 
 
 def view_of(name: str, vm: str, rv: str = "1") -> dict[str, Any]:
@@ -127,6 +164,53 @@ async def test_task_looks_when_woken_by_a_vm_or_the_cluster_view() -> None:
         assert await next_look() == ["b"]
         changes.append(asyncio.Event())
         changes[-2].set()  # e.g. an agent's report: everything may have changed
+        assert await next_look() == ["a", "b"]
+    finally:
+        r.stop()
+
+
+async def test_a_cluster_change_during_the_debounce_is_not_lost(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Woken by a VM change, the task waits a moment before its pass; a change of the cluster
+    view in that moment (an agent's report: capacity a waiting request needs) still makes the
+    pass look at everything, not only at that VM's requests."""
+    looked: list[list[str]] = []
+    woke = asyncio.Event()
+    debouncing, release, hold = asyncio.Event(), asyncio.Event(), [False]
+    real_sleep = asyncio.sleep
+
+    async def sleep(delay: float, result: Any = None) -> Any:
+        if hold[0]:
+            hold[0] = False
+            debouncing.set()
+            await release.wait()
+            return result
+        return await real_sleep(delay, result)
+
+    async def look(views: Sequence[Mapping[str, Any]]) -> None:
+        looked.append(sorted(v["metadata"]["name"] for v in views))
+        woke.set()
+
+    async def next_look() -> list[str]:
+        await asyncio.wait_for(woke.wait(), 5)
+        woke.clear()
+        return looked[-1]
+
+    index = {("ns", "a"): [view_of("a", "vm1")], ("ns", "b"): [view_of("b", "vm2")]}
+    changes = [asyncio.Event()]
+    r = Refresher(look=look, requests=index, changes=lambda: changes[-1],
+                  settle=0.0, interval=3600.0)  # fmt: skip
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+    try:
+        r.request_changed()
+        assert await next_look() == ["a", "b"]
+        hold[0] = True
+        r.vm_changed("ns", "vm2")
+        await asyncio.wait_for(debouncing.wait(), 5)
+        changes.append(asyncio.Event())
+        changes[-2].set()  # the cluster view changes while the task waits to make its pass
+        release.set()
         assert await next_look() == ["a", "b"]
     finally:
         r.stop()
