@@ -165,8 +165,12 @@ class Refresher:
     async def run(self) -> None:
         changed: asyncio.Event | None = None
         while True:
-            # Coalesce a burst of changes into one pass.
-            await asyncio.sleep(CLUSTER_DEBOUNCE_S if self._everything else DEBOUNCE_S)
+            # Coalesce a burst of changes into one pass; a change of the cluster view during
+            # the longer wait cuts it short.
+            if not self._everything and changed is not None and not changed.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), DEBOUNCE_S - CLUSTER_DEBOUNCE_S)
+            await asyncio.sleep(CLUSTER_DEBOUNCE_S)
             self._wake.clear()
             if changed is not None and changed.is_set():
                 # The cluster view changed after the last wait ended for another reason (a
