@@ -137,7 +137,6 @@ class Refresher:
     clock: Callable[[], float] = time.monotonic
     sched: Schedule = field(default_factory=Schedule)
     _vms: set[VmKey] = field(default_factory=set)
-    _everything: bool = False
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _task: asyncio.Task[None] | None = None
 
@@ -163,23 +162,23 @@ class Refresher:
             self._task.cancel()
 
     async def run(self) -> None:
-        changed: asyncio.Event | None = None
+        changed: asyncio.Event | None = None  # the cluster's next-change event at the last pass
         while True:
             # Coalesce a burst of changes into one pass; a change of the cluster view during
             # the longer wait cuts it short.
-            if not self._everything and changed is not None and not changed.is_set():
+            if changed is not None and not changed.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changed.wait(), DEBOUNCE_S - CLUSTER_DEBOUNCE_S)
             await asyncio.sleep(CLUSTER_DEBOUNCE_S)
             self._wake.clear()
-            if changed is not None and changed.is_set():
-                # The cluster view changed after the last wait ended for another reason (a
-                # request or VM change): the event is replaced below, the change must not be.
-                self._everything = True
+            # Set by any change of the cluster view since the last pass began (during it, the
+            # wait after it or this one), e.g. an agent's report: Allocated may change, a
+            # waiting request may fit now. Read here, not only when a wait ends, so a change
+            # that comes after a wait ended for a request or VM change is not lost.
+            everything = changed is not None and changed.is_set()
             # Take the change flags and the cluster's next-change event before reading the
             # indexes: a change during the pass then brings another pass.
             vms, self._vms = self._vms, set()
-            everything, self._everything = self._everything, False
             changed = self.changes() if self.changes is not None else None
             views = {}
             for key in list(self.requests):
@@ -212,5 +211,3 @@ class Refresher:
                 w.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await w
-        if changed is not None and changed.is_set():
-            self._everything = True  # e.g. an agent's allocation report: Allocated may change
