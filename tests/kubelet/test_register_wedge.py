@@ -12,6 +12,12 @@ The test wedges the path itself: a Register naming the agent's endpoint while th
 registered (as a second agent on the same directory, or the agent's own Register racing the
 kubelet's handling of the old stream's end, would), then deletes the agent's socket so that
 the agent serves again and registers the same path.
+
+That Register must come after the kubelet has seen the old stream end: if it comes first, the
+old client's clean-up finds the new client under the same path and removes the endpoint, so
+the path registers fine (the kubelet recovers by luck; seen on a loaded machine). So the test
+moves kubelet.sock aside (the agent waits for it, as after a kubelet restart) until the
+kubelet has logged the end of the old stream, then moves it back.
 """
 
 from __future__ import annotations
@@ -86,9 +92,21 @@ def test_agent_registers_a_fresh_socket_when_the_kubelet_wedged_its_path(
     assert err.code() == grpc.StatusCode.UNKNOWN
     assert err.details() == f"device plugin already connected: {first}"
     # The kubelet dropped its client of the agent's stream: once that stream ends, the endpoint
-    # is never removed. The agent serves again (ending the stream), then registers.
+    # is never removed. The agent serves again (ending the stream), then registers, once the
+    # kubelet has seen that end.
+    kubelet_sock, aside = dp / "kubelet.sock", dp / "kubelet.sock.aside"
+    kubelet_sock.rename(aside)
     first.unlink()
-    _wait_log(node, "the agent to serve again", lambda log: log.count(": serving on ") >= 2)
+    _wait_log(
+        node,
+        "the agent to serve again and wait for kubelet.sock",
+        lambda log: log.count(": serving on ") >= 2 and f"waiting for {kubelet_sock}" in log,
+    )
+    deadline = time.monotonic() + 30
+    while "ListAndWatch ended unexpectedly" not in run.stderr:
+        assert time.monotonic() < deadline, f"the kubelet never saw the stream end:\n{run.stderr}"
+        time.sleep(0.05)
+    aside.rename(kubelet_sock)
     h.bind(late, "vfio-pci")
     try:
         res = run.result(timeout=90)
