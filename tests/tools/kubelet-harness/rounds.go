@@ -39,7 +39,7 @@ func allocateRounds(ctx context.Context, socket string, ids []string, n, callers
 	if err != nil {
 		return nil, err
 	}
-	conn, err := grpc.NewClient("unix://"+abs,
+	conn, err := grpc.NewClient("unix://"+abs, grpc.WithAuthority("localhost"), // as the kubelet dials
 		grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		return nil, fmt.Errorf("dial %s: %w", socket, err)
@@ -49,10 +49,11 @@ func allocateRounds(ctx context.Context, socket string, ids []string, n, callers
 	call := func(id string) (time.Duration, error) {
 		req := &pluginapi.AllocateRequest{ContainerRequests: []*pluginapi.ContainerAllocateRequest{
 			{DevicesIds: []string{id}}}}
+		// No per-call deadline, as the kubelet calls it (endpoint.allocate gets the pod
+		// admission's context): a deadline would add a grpc-timeout header whose value
+		// changes every call, which the kubelet never sends.
 		start := time.Now()
-		c, cancel := context.WithTimeout(ctx, 10*time.Second)
-		defer cancel()
-		_, err := client.Allocate(c, req)
+		_, err := client.Allocate(ctx, req)
 		return time.Since(start), err
 	}
 	for i := 0; i < 20; i++ {
