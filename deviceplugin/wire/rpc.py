@@ -145,6 +145,11 @@ class _ServerConnection(h2.Connection):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        if self.server.stopping:
+            # Accepted while stop() ran (asyncio sets a connection up a little after the
+            # accept): stop() no longer sees it, so it is ended here, not served.
+            self.goaway()
+            return
         self.server.connections.add(self)
 
     def _peer_opens(self, sid: int) -> h2.Stream | None:
@@ -252,9 +257,11 @@ class Server:
         self.connections: set[_ServerConnection] = set()
         self._server: asyncio.base_events.Server | None = None
         self.path: str | None = None
+        self.stopping = False  # stop() began: a connection set up from now on is not served
 
     async def start(self, path: str) -> None:
         loop = asyncio.get_running_loop()
+        self.stopping = False
         self._server = await loop.create_unix_server(lambda: _ServerConnection(self), path)
         self.path = path
 
@@ -264,6 +271,7 @@ class Server:
         server, self._server = self._server, None
         if server is None:
             return
+        self.stopping = True
         server.close()
         calls = {t for c in self.connections for t in c.tasks}
         if calls:

@@ -342,6 +342,37 @@ async def test_a_peer_that_is_not_http2_is_dropped_and_the_server_goes_on(short_
             assert resp.container_responses[0].envs["X"] == "still"
 
 
+async def test_a_connection_set_up_while_the_server_stops_is_ended_not_served(
+    short_tmp: str,
+) -> None:
+    """asyncio calls connection_made a little after the accept: a connection accepted just
+    before stop() closed the listener is set up after stop() looked at its connections."""
+    writes: list[bytes] = []
+    closed = []
+
+    class Transport(asyncio.Transport):
+        def write(self, data: Any) -> None:
+            writes.append(bytes(data))
+
+        def close(self) -> None:
+            closed.append(True)
+
+        def is_closing(self) -> bool:
+            return bool(closed)
+
+    server = rpc.Server({"/t.T/Allocate": rpc.Method(m.ALLOCATE_REQUEST, _allocate)})
+    await server.start(os.path.join(short_tmp, "p.sock"))
+    stopping = asyncio.create_task(server.stop())
+    await asyncio.sleep(0)  # stop() runs up to its first wait: the listener is closed
+    assert not server.serving
+    late = rpc._ServerConnection(server)
+    late.connection_made(Transport())
+    assert closed and late.closed and late not in server.connections
+    sent = b"".join(writes)
+    assert sent[3] == h2.SETTINGS and h2.frame(h2.GOAWAY, 0, 0, b"\0" * 8) in sent
+    await stopping
+
+
 def test_blocking_client_from_a_thread(short_tmp: str) -> None:
     path = str(Path(short_tmp) / "k.sock")
 
