@@ -342,33 +342,41 @@ async def test_a_peer_that_is_not_http2_is_dropped_and_the_server_goes_on(short_
             assert resp.container_responses[0].envs["X"] == "still"
 
 
+class _Wire(asyncio.Transport):
+    """A transport for a connection driven by hand: what it was given to send, and whether it
+    was closed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+        self.wrote = asyncio.Event()
+        self.closed = False
+
+    def write(self, data: Any) -> None:
+        self.writes.append(bytes(data))
+        self.wrote.set()
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
 async def test_a_connection_set_up_while_the_server_stops_is_ended_not_served(
     short_tmp: str,
 ) -> None:
     """asyncio calls connection_made a little after the accept: a connection accepted just
     before stop() closed the listener is set up after stop() looked at its connections."""
-    writes: list[bytes] = []
-    closed = []
-
-    class Transport(asyncio.Transport):
-        def write(self, data: Any) -> None:
-            writes.append(bytes(data))
-
-        def close(self) -> None:
-            closed.append(True)
-
-        def is_closing(self) -> bool:
-            return bool(closed)
-
     server = rpc.Server({"/t.T/Allocate": rpc.Method(m.ALLOCATE_REQUEST, _allocate)})
     await server.start(os.path.join(short_tmp, "p.sock"))
     stopping = asyncio.create_task(server.stop())
     await asyncio.sleep(0)  # stop() runs up to its first wait: the listener is closed
     assert not server.serving
-    late = rpc._ServerConnection(server)
-    late.connection_made(Transport())
-    assert closed and late.closed and late not in server.connections
-    sent = b"".join(writes)
+    late, wire = rpc._ServerConnection(server), _Wire()
+    late.connection_made(wire)
+    assert wire.closed and late.closed and late not in server.connections
+    sent = b"".join(wire.writes)
     assert sent[3] == h2.SETTINGS and h2.frame(h2.GOAWAY, 0, 0, b"\0" * 8) in sent
     await stopping
 
@@ -423,22 +431,14 @@ async def test_a_ping_and_the_call_it_came_with_are_answered_in_one_send() -> No
     in one write (one wake-up of the peer); nothing is sent before the handler has run."""
     from hpack import Encoder
 
-    writes: list[bytes] = []
-    wrote = asyncio.Event()
-
-    class Recorder(asyncio.Transport):
-        def write(self, data: Any) -> None:
-            writes.append(bytes(data))
-            wrote.set()
-
-        def is_closing(self) -> bool:
-            return False
+    wire = _Wire()
+    writes, wrote = wire.writes, wire.wrote
 
     async def empty(request: dict[str, Any]) -> bytes:
         return b""
 
     conn = rpc._ServerConnection(rpc.Server({"/t.T/Empty": rpc.Method(m.EMPTY, empty)}))
-    conn.connection_made(Recorder())
+    conn.connection_made(wire)
     writes.clear()  # our SETTINGS
     wrote.clear()
     block = Encoder().encode(

@@ -43,11 +43,17 @@ E810_VF = {"vendors": ["8086"], "devices": ["1889"]}
 PF = "0000:3b:00.0"
 
 
-def _wait_log(node: Path, what: str, ok: Callable[[str], bool], timeout: float = 30) -> None:
+def _wait_text(
+    what: str, read: Callable[[], str], ok: Callable[[str], bool], timeout: float = 30
+) -> None:
     deadline = time.monotonic() + timeout
-    while not ok(agent_log(node)):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{agent_log(node)}"
+    while not ok(text := read()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{text}"
         time.sleep(0.05)
+
+
+def _wait_log(node: Path, what: str, ok: Callable[[str], bool], timeout: float = 30) -> None:
+    _wait_text(what, lambda: agent_log(node), ok, timeout)
 
 
 def _register_agents_endpoint(plugin_dir: Path) -> grpc.RpcError:
@@ -102,10 +108,11 @@ def test_agent_registers_a_fresh_socket_when_the_kubelet_wedged_its_path(
         "the agent to serve again and wait for kubelet.sock",
         lambda log: log.count(": serving on ") >= 2 and f"waiting for {kubelet_sock}" in log,
     )
-    deadline = time.monotonic() + 30
-    while "ListAndWatch ended unexpectedly" not in run.stderr:
-        assert time.monotonic() < deadline, f"the kubelet never saw the stream end:\n{run.stderr}"
-        time.sleep(0.05)
+    _wait_text(
+        "the kubelet to see the old stream end (its log)",
+        lambda: run.stderr,
+        lambda err: "ListAndWatch ended unexpectedly" in err,
+    )
     aside.rename(kubelet_sock)
     h.bind(late, "vfio-pci")
     try:
