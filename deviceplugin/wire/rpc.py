@@ -261,7 +261,6 @@ class Server:
 
     async def start(self, path: str) -> None:
         loop = asyncio.get_running_loop()
-        self.stopping = False
         self._server = await loop.create_unix_server(lambda: _ServerConnection(self), path)
         self.path = path
 
