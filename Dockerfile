@@ -24,12 +24,15 @@ COPY operator/ operator/
 # Exact versions from requirements/constraints.txt (what CI tested), for the dependencies and
 # for the pip, setuptools and wheel that build hostdev; pip first, as older ones lack
 # --build-constraint.
+# The node agent's start path gets its dataclass methods compiled here, beside the bytecode pip
+# compiles (hostdev/deviceplugin/startcache.py).
 # -I: /src is the working directory and its operator/ folder would shadow the stdlib module.
 RUN --mount=type=cache,target=/root/.cache/pip \
     python -I -m venv /opt/hostdev \
     && /opt/hostdev/bin/pip install --only-binary=:all: -c requirements/constraints.txt pip \
     && /opt/hostdev/bin/pip install --only-binary=:all: -c requirements/constraints.txt \
        --build-constraint requirements/constraints.txt . \
+    && /opt/hostdev/bin/python -I -m hostdev.deviceplugin.startcache \
     && /opt/hostdev/bin/pip uninstall --yes setuptools pip
 
 # ---- final: the venv (without pip and setuptools), pci.ids, and nothing to build with ----

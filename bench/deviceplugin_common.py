@@ -103,7 +103,8 @@ def agent_python(kind: str) -> tuple[str, dict[str, str]]:
     start). ``installed``: what the image runs: a throw-away venv whose path entries are this
     checkout and this venv's site-packages, laid out as a regular install, with compiled
     bytecode (under the cache, PYTHONPYCACHEPREFIX; compiled once here, as pip does when it
-    installs). Built once per checkout."""
+    installs) and the agent's start-up cache (hostdev.deviceplugin.startcache, as the image's
+    builder writes it). Built once per checkout."""
     env = dict(os.environ)
     if kind == "dev":
         return sys.executable, env
@@ -153,6 +154,14 @@ def agent_python(kind: str) -> tuple[str, dict[str, str]]:
         env=env,
         stdout=subprocess.DEVNULL,
         cwd="/",  # -m puts the working directory first: the checkout's operator/ would shadow
+    )
+    # As the image's builder does after pip's install: the start path's dataclass methods.
+    subprocess.run(
+        [str(python), "-m", "hostdev.deviceplugin.startcache"],
+        check=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        cwd="/",
     )
     return str(python), env
 

@@ -12,10 +12,11 @@ re-admitted after a restart and how soon a new node offers its devices.
 Only then, once the kubelet holds the lists, come the slower parts: the event sources
 (inotify, uevents), the NodeState loop (the configuration engine, status reports), the DRA
 front end, PodResources, metrics. Their modules are imported at that point (in a worker thread:
-the kubelet may already call Allocate), not at start, and
-the cyclic garbage collector is off until then (start-up allocates without making garbage
-cycles; on this kind of machine the collector's passes over the freshly imported modules took
-~50 ms of every start). SIGHUP re-reads ``--config``; SIGTERM/SIGINT stop the servers and save
+the kubelet may already call Allocate), not at start, and the cyclic garbage collector is off
+until then (start-up allocates without making garbage cycles; on this kind of machine the
+collector's passes over the freshly imported modules took ~50 ms of every start). The
+dataclasses on the way take their generated methods compiled from the image
+(:mod:`.startcache`). SIGHUP re-reads ``--config``; SIGTERM/SIGINT stop the servers and save
 the lists.
 """
 
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import argparse
+    import logging
 
     from hostdev.policy.nodestatus import PodDevices
 
@@ -122,6 +124,7 @@ async def run(args: argparse.Namespace) -> int:
         if not gc.isenabled():
             gc.freeze()  # what start-up made lives on: later collections need not walk it
             gc.enable()
+        _uninstall_start_cache(log)
         # The slower modules are imported in a worker thread: the kubelet may already be
         # calling Allocate, and importing the NodeState loop, the configuration engine and
         # the DRA front end on the event loop held every call for 0.1-0.3 s.
@@ -158,6 +161,16 @@ async def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _uninstall_start_cache(log: logging.Logger) -> None:
+    from hostdev.deviceplugin import startcache
+
+    counts = startcache.uninstall()
+    if counts is None:
+        log.debug("start-up cache: none at %s", startcache.cache_file())
+    else:
+        log.debug("start-up cache: %d generated methods found, %d compiled", *counts)
+
+
 async def _import_off_loop(*modules: str) -> None:
     import asyncio
     import importlib
@@ -183,6 +196,9 @@ def _in_use_source(socket_path: str | None) -> Callable[[], Iterable[PodDevices]
 
 def main(argv: Sequence[str] | None = None) -> None:
     gc.disable()  # until the kubelet holds the first lists (see the module doc)
+    from hostdev.deviceplugin import startcache
+
+    startcache.install()  # dataclass methods compiled at install time, if the image has them
     # The event loop (Allocate, ListAndWatch) shares the interpreter with the NodeState loop's
     # and the rescans' threads: each of its syscalls (an Allocate re-reads the unit's group)
     # gives up the GIL and may wait the switch interval to get it back; 5 ms by default, which

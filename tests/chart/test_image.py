@@ -125,6 +125,31 @@ def test_image_venv_has_no_pip_and_no_test_helpers(installed: Path) -> None:
     assert not (site / "hostdev" / "testing").exists()  # .dockerignore keeps test helpers out
 
 
+def test_image_venv_has_the_agents_start_up_cache(installed: Path) -> None:
+    """The builder wrote the generated dataclass methods of the agent's start path beside the
+    package's bytecode, and the installed agent finds every one of them there."""
+    site = next(installed.glob("lib/python3*/site-packages"))
+    assert list((site / "hostdev" / "__pycache__").glob("dataclasses.cpython-*.bin"))
+    code = (
+        "import importlib\nfrom hostdev.deviceplugin import startcache as s\n"
+        "assert s.install(), s.cache_file()\n"
+        "for m in s.START_PATH: importlib.import_module(m)\n"
+        "print(*s.uninstall())\n"
+    )
+    proc = subprocess.run(
+        [str(installed / "bin" / "python"), "-I", "-c", code],
+        env={"PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1"},
+        cwd="/",
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    found, compiled = (int(n) for n in proc.stdout.split())
+    assert found >= 6 * 20 and compiled == 0
+
+
 def test_image_venv_installs_exactly_the_pinned_versions(installed: Path) -> None:
     proc = subprocess.run(
         [

@@ -8,15 +8,8 @@ import json
 import subprocess
 import sys
 
-START_PATH = (
-    "hostdev.deviceplugin.agent",
-    "hostdev.deviceplugin.flags",
-    "hostdev.deviceplugin.manager",
-    "hostdev.deviceplugin.metrics",
-    "hostdev.deviceplugin.resources",
-    "hostdev.host.sysfs",
-    "hostdev.deviceplugin.nodestate.first",  # the NodeState GET: the API client
-)
+from hostdev.deviceplugin.startcache import START_PATH
+
 # Each is a measured cost (python -X importtime) the start does without: http.client loads
 # the email package (~13 ms), the kubernetes client ~0.4 s, YAML only for kubeconfigs.
 NOT_ON_START_PATH = ("http.client", "email", "kubernetes", "yaml", "grpc", "google.protobuf")
