@@ -30,8 +30,9 @@ from types import CodeType
 from typing import Any
 
 # The modules the agent imports before its first ListAndWatch answer, in either mode
-# (tests/deviceplugin/test_start_imports.py keeps heavy ones out; the kubelet tier checks that
-# every dataclass made on the way is found in the file).
+# (tests/deviceplugin/test_start_imports.py keeps heavy ones out; the cluster-mode agent test in
+# tests/nodeagent/test_agent_cluster_mode.py checks that every dataclass made on the way to its
+# first serve finds its methods in the file).
 START_PATH = (
     "hostdev.deviceplugin.agent",
     "hostdev.deviceplugin.flags",
