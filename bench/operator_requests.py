@@ -6,9 +6,11 @@ until every deletion is released), API writes per request as the API server coun
 (apiserver_request_total, our own creates/deletes subtracted), the operator's own write
 counter, VM optimistic-lock conflicts, and the operator's RSS: idle, at the end of the burst,
 after the steady period and after every request was deleted (VmRSS) and its peak (VmHWM); the
-load average beside the figures.
+load average beside the figures. ``--rate N`` creates at most N requests a second (default:
+as fast as 16 client threads go, ~200/s here, faster than the operator applies them): what the
+same requests cost without the burst's backlog.
 
-    .venv/bin/python bench/operator_requests.py [--requests 1000] [--vms 100]
+    .venv/bin/python bench/operator_requests.py [--requests 1000] [--vms 100] [--rate N]
 """
 
 from __future__ import annotations
@@ -144,6 +146,7 @@ def main() -> int:
     ap.add_argument("--vms", type=int, default=100)
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--steady", type=float, default=30, help="seconds of idle measurement")
+    ap.add_argument("--rate", type=float, default=0, help="creates per second (0: no limit)")
     args = ap.parse_args()
     started = start_plane("hostdev-bench-op-")
     if started is None:
@@ -199,6 +202,8 @@ def main() -> int:
         t0 = time.monotonic()
 
         def create(i: int) -> None:
+            if args.rate:
+                time.sleep(max(0.0, t0 + i / args.rate - time.monotonic()))
             api.create_namespaced_custom_object(GROUP, VERSION, ns, "passthroughrequests", {
                 "apiVersion": f"{GROUP}/{VERSION}", "kind": "PassthroughRequest",
                 "metadata": {"name": f"req-{i:04d}"},
@@ -268,7 +273,8 @@ def main() -> int:
 
         print(f"operator bench: {args.requests} requests over {args.vms} VMs "
               f"(one node, real kube-apiserver {cluster.server})")  # fmt: skip
-        print(f"  created all requests in          {created_s:7.2f} s (16 client threads)")
+        pace = f", at most {args.rate:g}/s" if args.rate else ""
+        print(f"  created all requests in          {created_s:7.2f} s (16 client threads{pace})")
         print(f"  all Applied after                {applied_s:7.2f} s "
               f"({args.requests / applied_s:.0f} requests/s; load {load_applied:.2f})")  # fmt: skip
         print(f"  operator CPU until all Applied   {cpu_applied:7.2f} s "
