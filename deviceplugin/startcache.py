@@ -25,7 +25,7 @@ import importlib
 import marshal
 import os
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from types import CodeType
 from typing import Any
 
@@ -66,10 +66,12 @@ def _compile(source: str) -> CodeType:
 
 
 class _Lookup:
-    """Stands in for ``exec`` in the ``dataclasses`` module."""
+    """Stands in for ``exec`` in the ``dataclasses`` module; ``learn``: a text compiled is added
+    to the table (how :func:`build` fills it)."""
 
-    def __init__(self, table: Mapping[str, object]) -> None:
+    def __init__(self, table: dict[str, object], *, learn: bool = False) -> None:
         self.table = table
+        self.learn = learn
         self.hits = 0
         self.misses = 0
 
@@ -81,11 +83,15 @@ class _Lookup:
             self.hits += 1
         else:
             self.misses += 1
-            code = _compile(source) if isinstance(source, str) else source
+            code = source
+            if isinstance(source, str):
+                code = _compile(source)
+                if self.learn:
+                    self.table[source] = code
         builtins.exec(code, globals, locals)  # noqa: S102  (what dataclasses itself does)
 
 
-def _load(path: str) -> Mapping[str, object] | None:
+def _load(path: str) -> dict[str, object] | None:
     try:
         with open(path, "rb") as f:
             # The image's own file, written at build time beside the bytecode (which is
@@ -129,27 +135,20 @@ def build(modules: Iterable[str] = START_PATH, path: str | None = None) -> tuple
         raise RuntimeError(f"already imported, their classes would be missed: {already}")
     if "exec" in vars(dataclasses):
         raise RuntimeError("dataclasses.exec is already replaced")
-    table: dict[str, CodeType] = {}
-
-    def record(source: Any, globals: dict[str, Any] | None = None, locals: Any = None) -> None:
-        code = table.get(source)
-        if code is None:
-            code = table[source] = _compile(source)
-        builtins.exec(code, globals, locals)  # noqa: S102  (what dataclasses itself does)
-
-    vars(dataclasses)["exec"] = record
+    learner = _Lookup({}, learn=True)
+    vars(dataclasses)["exec"] = learner
     try:
         for name in modules:
             importlib.import_module(name)
     finally:
-        del vars(dataclasses)["exec"]
+        uninstall()
     target = path or cache_file()
     os.makedirs(os.path.dirname(target), exist_ok=True)
     tmp = f"{target}.{os.getpid()}.tmp"
     with open(tmp, "wb") as f:
-        marshal.dump((_header(), table), f)
+        marshal.dump((_header(), learner.table), f)
     os.replace(tmp, target)
-    return target, len(table)
+    return target, len(learner.table)
 
 
 def main() -> None:
