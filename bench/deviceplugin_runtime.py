@@ -16,7 +16,6 @@ import os
 import random
 import re
 import shutil
-import socket
 import time
 import urllib.request
 from pathlib import Path
@@ -28,13 +27,8 @@ from hostdev.deviceplugin.plugin import ResourcePlugin
 from hostdev.deviceplugin.resources import parse_resources
 from hostdev.host import Sysfs
 from hostdev.host.model import Inventory
+from tests.fixtures.kube import free_port
 from tests.fixtures.kubeletsim import KubeletSim, PluginClient
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _allocate_histogram(port: int) -> dict[float, float]:
@@ -148,7 +142,7 @@ async def run_scale(pfs: int, vfs: int) -> None:
     print(f"{pfs}x{vfs} ({n} VFs):", flush=True)
     sim = KubeletSim(str(workdir / "dp"))
     await sim.start(wipe=True)
-    port = _free_port()
+    port = free_port()
     argv = [a for a in agent_argv(workdir, "--no-uevents") if a != "--metrics-port=0"]
     proc = await asyncio.create_subprocess_exec(
         *argv,

@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -44,15 +43,9 @@ from hostdev.host import PciAddress, Sysfs
 from hostdev.policy.dra import DRIVER, device_name
 from hostdev.testing.fakesysfs import FakeHost
 from tests.fixtures.dra import RS, agent_argv, allocate_by_hand, create_claim, one_request
-from tests.fixtures.kube import ControlPlane, find_tools
+from tests.fixtures.kube import ControlPlane, find_tools, free_port
 
 RES = "example.com/bench-vf"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class SliceWatch:

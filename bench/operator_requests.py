@@ -19,7 +19,6 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -41,7 +40,7 @@ import yaml  # noqa: E402
 from kubernetes import client as k8s  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from tests.fixtures.kube import Cluster, ControlPlane, find_tools  # noqa: E402
+from tests.fixtures.kube import Cluster, ControlPlane, find_tools, free_port  # noqa: E402
 
 GROUP, VERSION = "hostdev.io", "v1alpha1"
 RESOURCE = "vendor.example/bench-vf"
@@ -88,12 +87,6 @@ def rss_kib(pid: int, field: str = "VmHWM") -> int:
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def stop_process(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM) -> None:
