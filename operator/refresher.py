@@ -137,6 +137,7 @@ class Refresher:
     clock: Callable[[], float] = time.monotonic
     sched: Schedule = field(default_factory=Schedule)
     _vms: set[VmKey] = field(default_factory=set)
+    _owners: dict[VmKey, tuple[str, ...]] = field(default_factory=dict)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _task: asyncio.Task[None] | None = None
 
@@ -146,6 +147,28 @@ class Refresher:
     def vm_changed(self, namespace: str, name: str) -> None:
         self._vms.add((namespace, name))
         self._poke()
+
+    def vm_owners(self, namespace: str, name: str, owners: tuple[str, ...] | None) -> bool:
+        """A VM's event, with the requests its ownership annotation lists (None: deleted);
+        True when it asks for a look at the VM's requests. Of the VM a look reads only
+        whether it exists and lists the request, so only a VM that appears, goes, or stops
+        listing a request that still has something to refresh does (a request being deleted
+        has left the index before its release takes its entries off). Each request of a
+        burst, created or deleted, patches its VM once: looking at all of the VM's requests
+        after each of those found nothing to do, ~6 looks a request. The VMI's changes still
+        ask through ``vm_changed``."""
+        key = (namespace, name)
+        old = self._owners.pop(key, None)
+        if owners is not None:
+            self._owners[key] = owners
+        if old is None and owners is None:
+            return False  # never seen, or seen deleted already
+        if old is not None and owners is not None:
+            lost = set(old).difference(owners)
+            if not any((namespace, r) in self.requests for r in lost):
+                return False
+        self.vm_changed(namespace, name)
+        return True
 
     def _poke(self) -> None:
         """Call from kopf handlers only: the first call starts the task there, so it inherits

@@ -71,11 +71,15 @@ async def vms_idx(
     *, name: str, namespace: str | None, annotations: kopf.Annotations, **_: Any
 ) -> dict[Any, Any]:
     """Per VM only the requests its ownership annotation lists (small even for big VMs)."""
+    return {(namespace, name): _owners(annotations)}
+
+
+def _owners(annotations: Mapping[str, str]) -> tuple[str, ...]:
     try:
         owners = json.loads(annotations.get(OWNERS_ANNOTATION) or "{}")
     except ValueError:
         owners = {}
-    return {(namespace, name): tuple(sorted(owners)) if isinstance(owners, dict) else ()}
+    return tuple(sorted(owners)) if isinstance(owners, dict) else ()
 
 
 def _vmi(vmis_idx: kopf.Index[Any, Any], namespace: str, name: str) -> dict[str, Any] | None:
@@ -373,8 +377,17 @@ async def vmi_changed(*, memo: Any, name: str, namespace: str | None, **_: Any) 
 
 
 @kopf.on.event(KUBEVIRT_GROUP, KUBEVIRT_VERSION, "virtualmachines")
-async def vm_changed(*, memo: Any, name: str, namespace: str | None, **_: Any) -> None:
-    _refresher(memo).vm_changed(str(namespace), name)
+async def vm_changed(
+    *,
+    memo: Any,
+    name: str,
+    namespace: str | None,
+    annotations: kopf.Annotations,
+    type: str | None,
+    **_: Any,
+) -> None:
+    owners = None if type == "DELETED" else _owners(annotations)
+    _refresher(memo).vm_owners(str(namespace), name, owners)
 
 
 def _eviction(status: Mapping[str, Any]) -> Condition | None:

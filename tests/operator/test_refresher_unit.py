@@ -169,6 +169,46 @@ async def test_task_looks_when_woken_by_a_vm_or_the_cluster_view() -> None:
         r.stop()
 
 
+async def test_a_vm_asks_for_a_look_only_when_its_owners_change() -> None:
+    looked: list[list[str]] = []
+    woke = asyncio.Event()
+
+    async def look(views: Sequence[Mapping[str, Any]]) -> None:
+        looked.append(sorted(v["metadata"]["name"] for v in views))
+        woke.set()
+
+    index = {("ns", "a"): [view_of("a", "vm1")], ("ns", "b"): [view_of("b", "vm1")],
+             ("ns", "c"): [view_of("c", "vm2")]}  # fmt: skip
+    r = Refresher(look=look, requests=index, settle=0.0, interval=3600.0)
+
+    async def next_look() -> list[str]:
+        await asyncio.wait_for(woke.wait(), 5)
+        woke.clear()
+        return looked[-1]
+
+    try:
+        r.request_changed()
+        assert await next_look() == ["a", "b", "c"]
+        assert r.vm_owners("ns", "vm1", ("a",))  # first seen: its requests are looked at
+        assert await next_look() == ["a", "b"]
+        # Its status or spec edited, or patched for another request: no look.
+        assert not r.vm_owners("ns", "vm1", ("a",))
+        assert not r.vm_owners("ns", "vm1", ("a", "b", "x"))
+        # A request with nothing to refresh (here: x, e.g. being deleted) released: no look.
+        assert not r.vm_owners("ns", "vm1", ("a", "b"))
+        # Someone took a live request's entries (and its name) off the VM: look.
+        assert r.vm_owners("ns", "vm1", ("b",))
+        assert await next_look() == ["a", "b"]
+        assert r.vm_owners("ns", "vm1", None)  # deleted
+        assert await next_look() == ["a", "b"]
+        assert not r.vm_owners("ns", "vm1", None)
+        assert not r.vm_owners("ns", "vm3", None)  # never seen
+        assert r.vm_owners("ns", "vm1", ())  # made again, nobody's entries yet
+        assert await next_look() == ["a", "b"]
+    finally:
+        r.stop()
+
+
 async def test_a_cluster_change_during_the_debounce_is_not_lost(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
