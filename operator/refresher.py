@@ -7,11 +7,12 @@ costs a compact index entry (handlers.requests.requests_idx) and two floats.
 
 When a request is looked at (``due``): once it has been unchanged for ``settle`` seconds (so
 kopf's own handlers for that change are done, as kopf's ``idle`` did for the timer), then every
-``interval`` seconds, and at once when its VM or VMI changed or the cluster view changed
-(an agent's report). A request waiting for capacity does not wait to settle: it is looked at
-as soon as it starts waiting (capacity may have appeared while it was being refused) and at
-each change of the cluster view (which may be that capacity); the capacity check turned it
-away, so there is nothing of kopf's in flight for that change that a look could overtake.
+``interval`` seconds, and at once when its VMI changed, its VM appeared, went or stopped
+listing it (``vm_owners``), or the cluster view changed (an agent's report). A request
+waiting for capacity does not wait to settle: it is looked at as soon as it starts waiting
+(capacity may have appeared while it was being refused) and at each change of the cluster
+view (which may be that capacity); the capacity check turned it away, so there is nothing of
+kopf's in flight for that change that a look could overtake.
 (This replaced a kopf daemon per waiting request, which made kopf keep the last full body of
 every request, ~15 MiB per 1,000.) What a look does is the caller's (``look``); this module only
 decides when.
