@@ -70,11 +70,11 @@ async def login(**_: Any) -> kopf.AiohttpSession:
 
 
 # kopf keeps one worker task per object while its events are handled, and by default for 5 s
-# after its last one, holding that object's last body. During a 1,000-request burst that kept
+# after its last one, holding that object's last body. In a 1,000-request burst that kept
 # hundreds of finished requests' workers alive beside the busy ones, and the operator's memory
-# does not shrink back after such a peak: ~10 MiB more after the burst (bench/
-# operator_requests.py, 108 -> 98 MiB). A worker that waits for its own patch to come back
-# stays alive anyway (kopf's consistency wait); a later event just starts a new worker.
+# does not shrink back after such a peak (bench/operator_requests.py: ~107 -> ~99 MiB after
+# the burst). A worker waiting for its own patch to come back stays anyway (kopf's consistency
+# wait); a later event just starts a new worker.
 WORKER_IDLE_S = 0.25
 
 

@@ -154,10 +154,9 @@ class Refresher:
         True when it asks for a look at the VM's requests. Of the VM a look reads only
         whether it exists and lists the request, so only a VM that appears, goes, or stops
         listing a request that still has something to refresh does (a request being deleted
-        has left the index before its release takes its entries off). Each request of a
-        burst, created or deleted, patches its VM once: looking at all of the VM's requests
-        after each of those found nothing to do, ~6 looks a request. The VMI's changes still
-        ask through ``vm_changed``."""
+        has left the index before its release takes its entries off). Each created or deleted
+        request patches its VM once, and a look at all the VM's other requests after each
+        found nothing to do. The VMI's changes still ask through ``vm_changed``."""
         key = (namespace, name)
         old = self._owners.pop(key, None)
         if owners is not None:
