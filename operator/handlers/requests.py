@@ -71,15 +71,16 @@ async def vms_idx(
     *, name: str, namespace: str | None, annotations: kopf.Annotations, **_: Any
 ) -> dict[Any, Any]:
     """Per VM only the requests its ownership annotation lists (small even for big VMs)."""
-    return {(namespace, name): _owners(annotations)}
-
-
-def _owners(annotations: Mapping[str, str]) -> tuple[str, ...]:
     try:
         owners = json.loads(annotations.get(OWNERS_ANNOTATION) or "{}")
     except ValueError:
         owners = {}
-    return tuple(sorted(owners)) if isinstance(owners, dict) else ()
+    return {(namespace, name): tuple(sorted(owners)) if isinstance(owners, dict) else ()}
+
+
+def _owners(vms_idx: kopf.Index[Any, Any], namespace: str, name: str) -> tuple[str, ...] | None:
+    """The requests the VM lists (vms_idx), None when there is no such VM."""
+    return next(iter(vms_idx.get((namespace, name), ())), None)
 
 
 def _vmi(vmis_idx: kopf.Index[Any, Any], namespace: str, name: str) -> dict[str, Any] | None:
@@ -377,17 +378,10 @@ async def vmi_changed(*, memo: Any, name: str, namespace: str | None, **_: Any) 
 
 
 @kopf.on.event(KUBEVIRT_GROUP, KUBEVIRT_VERSION, "virtualmachines")
-async def vm_changed(
-    *,
-    memo: Any,
-    name: str,
-    namespace: str | None,
-    annotations: kopf.Annotations,
-    type: str | None,
-    **_: Any,
-) -> None:
-    owners = None if type == "DELETED" else _owners(annotations)
-    _refresher(memo).vm_owners(str(namespace), name, owners)
+async def vm_changed(*, memo: Any, name: str, namespace: str | None, **kwargs: Any) -> None:
+    # kopf updates its indexes before the handlers run, and drops a deleted VM from them.
+    ns = str(namespace)
+    _refresher(memo).vm_owners(ns, name, _owners(kwargs["vms_idx"], ns, name))
 
 
 def _eviction(status: Mapping[str, Any]) -> Condition | None:
@@ -446,7 +440,7 @@ def _look(
     if waiting_for_capacity(status):
         # The capacity check again (in memory; a write only if its answer changed).
         return None, None
-    owners = next(iter(vms_idx.get((req.namespace, req.vm_name), ())), None)
+    owners = _owners(vms_idx, req.namespace, req.vm_name)
     if _waiting_for_vm(status):
         # Still no VM: nothing to do, its creation wakes the refresher.
         return None if owners is None else (None, None)
