@@ -139,58 +139,53 @@ def view_of(name: str, vm: str, rv: str = "1") -> dict[str, Any]:
             "spec": {"vmName": vm}}  # fmt: skip
 
 
+class Looks:
+    """A Refresher's ``look`` that records the names looked at; ``next()`` waits for a look."""
+
+    def __init__(self) -> None:
+        self.looked: list[list[str]] = []
+        self.woke = asyncio.Event()
+
+    async def __call__(self, views: Sequence[Mapping[str, Any]]) -> None:
+        self.looked.append(sorted(v["metadata"]["name"] for v in views))
+        self.woke.set()
+
+    async def next(self) -> list[str]:
+        await asyncio.wait_for(self.woke.wait(), 5)
+        self.woke.clear()
+        return self.looked[-1]
+
+
 async def test_task_looks_when_woken_by_a_vm_or_the_cluster_view() -> None:
-    looked: list[list[str]] = []
-    woke = asyncio.Event()
-
-    async def look(views: Sequence[Mapping[str, Any]]) -> None:
-        looked.append(sorted(v["metadata"]["name"] for v in views))
-        woke.set()
-
+    look = Looks()
     index = {("ns", "a"): [view_of("a", "vm1")], ("ns", "b"): [view_of("b", "vm2")]}
     changes = [asyncio.Event()]  # as Cluster.next_change: a new event after each change
     r = Refresher(look=look, requests=index, changes=lambda: changes[-1],
                   settle=0.0, interval=3600.0)  # fmt: skip
 
-    async def next_look() -> list[str]:
-        await asyncio.wait_for(woke.wait(), 5)
-        woke.clear()
-        return looked[-1]
-
     try:
         r.request_changed()  # starts the task: both new, settled at once
-        assert await next_look() == ["a", "b"]
+        assert await look.next() == ["a", "b"]
         r.vm_changed("ns", "vm2")
-        assert await next_look() == ["b"]
+        assert await look.next() == ["b"]
         changes.append(asyncio.Event())
         changes[-2].set()  # e.g. an agent's report: everything may have changed
-        assert await next_look() == ["a", "b"]
+        assert await look.next() == ["a", "b"]
     finally:
         r.stop()
 
 
 async def test_a_vm_asks_for_a_look_only_when_its_owners_change() -> None:
-    looked: list[list[str]] = []
-    woke = asyncio.Event()
-
-    async def look(views: Sequence[Mapping[str, Any]]) -> None:
-        looked.append(sorted(v["metadata"]["name"] for v in views))
-        woke.set()
-
+    look = Looks()
     index = {("ns", "a"): [view_of("a", "vm1")], ("ns", "b"): [view_of("b", "vm1")],
              ("ns", "c"): [view_of("c", "vm2")]}  # fmt: skip
     r = Refresher(look=look, requests=index, settle=0.0, interval=3600.0)
 
-    async def next_look() -> list[str]:
-        await asyncio.wait_for(woke.wait(), 5)
-        woke.clear()
-        return looked[-1]
-
     try:
         r.request_changed()
-        assert await next_look() == ["a", "b", "c"]
+        assert await look.next() == ["a", "b", "c"]
         assert r.vm_owners("ns", "vm1", ("a",))  # first seen: its requests are looked at
-        assert await next_look() == ["a", "b"]
+        assert await look.next() == ["a", "b"]
         # Its status or spec edited, or patched for another request: no look.
         assert not r.vm_owners("ns", "vm1", ("a",))
         assert not r.vm_owners("ns", "vm1", ("a", "b", "x"))
@@ -198,13 +193,13 @@ async def test_a_vm_asks_for_a_look_only_when_its_owners_change() -> None:
         assert not r.vm_owners("ns", "vm1", ("a", "b"))
         # Someone took a live request's entries (and its name) off the VM: look.
         assert r.vm_owners("ns", "vm1", ("b",))
-        assert await next_look() == ["a", "b"]
+        assert await look.next() == ["a", "b"]
         assert r.vm_owners("ns", "vm1", None)  # deleted
-        assert await next_look() == ["a", "b"]
+        assert await look.next() == ["a", "b"]
         assert not r.vm_owners("ns", "vm1", None)
         assert not r.vm_owners("ns", "vm3", None)  # never seen
         assert r.vm_owners("ns", "vm1", ())  # made again, nobody's entries yet
-        assert await next_look() == ["a", "b"]
+        assert await look.next() == ["a", "b"]
     finally:
         r.stop()
 
@@ -215,8 +210,6 @@ async def test_a_cluster_change_during_the_debounce_is_not_lost(
     """Woken by a VM change, the task waits a moment before its pass; a change of the cluster
     view in that moment (an agent's report: capacity a waiting request needs) still makes the
     pass look at everything, not only at that VM's requests."""
-    looked: list[list[str]] = []
-    woke = asyncio.Event()
     debouncing, release, hold = asyncio.Event(), asyncio.Event(), [False]
     real_sleep = asyncio.sleep
 
@@ -228,15 +221,7 @@ async def test_a_cluster_change_during_the_debounce_is_not_lost(
             return result
         return await real_sleep(delay, result)
 
-    async def look(views: Sequence[Mapping[str, Any]]) -> None:
-        looked.append(sorted(v["metadata"]["name"] for v in views))
-        woke.set()
-
-    async def next_look() -> list[str]:
-        await asyncio.wait_for(woke.wait(), 5)
-        woke.clear()
-        return looked[-1]
-
+    look = Looks()
     index = {("ns", "a"): [view_of("a", "vm1")], ("ns", "b"): [view_of("b", "vm2")]}
     changes = [asyncio.Event()]
     r = Refresher(look=look, requests=index, changes=lambda: changes[-1],
@@ -244,13 +229,13 @@ async def test_a_cluster_change_during_the_debounce_is_not_lost(
     monkeypatch.setattr(asyncio, "sleep", sleep)
     try:
         r.request_changed()
-        assert await next_look() == ["a", "b"]
+        assert await look.next() == ["a", "b"]
         hold[0] = True
         r.vm_changed("ns", "vm2")
         await asyncio.wait_for(debouncing.wait(), 5)
         changes.append(asyncio.Event())
         changes[-2].set()  # the cluster view changes while the task waits to make its pass
         release.set()
-        assert await next_look() == ["a", "b"]
+        assert await look.next() == ["a", "b"]
     finally:
         r.stop()
