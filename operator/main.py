@@ -37,6 +37,7 @@ from prometheus_client import start_http_server
 
 from hostdev.kube import DEFAULT_SERVICE_ACCOUNT_DIR
 from hostdev.kube.client import ApiClient
+from hostdev.operator import heap
 from hostdev.operator import login as kopf_login
 from hostdev.operator.cluster import Cluster
 from hostdev.operator.handlers import cluster as _cluster_handlers  # noqa: F401  (registers)
@@ -203,13 +204,18 @@ def lease_settings(args: argparse.Namespace) -> LeaseSettings:
 
 
 async def run_kopf(args: argparse.Namespace, stop: asyncio.Event | None = None) -> None:
-    await kopf.operator(
-        clusterwide=True,
-        standalone=True,
-        liveness_endpoint=args.liveness,
-        memo=kopf.Memo(stop_flag=stop),
-        stop_flag=stop,
-    )
+    trimming = heap.start()  # memory back to the OS after bursts (see hostdev.operator.heap)
+    try:
+        await kopf.operator(
+            clusterwide=True,
+            standalone=True,
+            liveness_endpoint=args.liveness,
+            memo=kopf.Memo(stop_flag=stop),
+            stop_flag=stop,
+        )
+    finally:
+        if trimming is not None:
+            trimming.cancel()
 
 
 async def _standby_liveness(url: str | None, elector: Elector) -> web.AppRunner | None:
