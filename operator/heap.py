@@ -5,7 +5,7 @@ event bodies per object while it is handled). Once the burst is over most of tha
 glibc keeps the freed pages in its heaps, so the process stayed at the burst's peak.
 ``malloc_trim(0)`` hands back free pages anywhere in the heaps, not only at their top (all that
 ``MALLOC_TRIM_THRESHOLD_`` does, which was tried and changed nothing). It is called on a timer:
-~1 ms per call on this heap (measured during a burst), nothing against the ~5 MiB it returns
+~1 ms per call on this heap (measured during a burst), nothing against the ~4 MiB it returns
 after one. Where the C library has no ``malloc_trim`` (musl) nothing is done.
 """
 
