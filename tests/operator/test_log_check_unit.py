@@ -1,9 +1,10 @@
 """What the operator-log check lets through (tests/fixtures/operator.py): only kopf's watch
-generators failing to close at the loop's shutdown, nothing that looks like it."""
+generators failing to close at the loop's shutdown and unclosed sockets reported at exit,
+nothing that looks like them."""
 
 from __future__ import annotations
 
-from tests.fixtures.operator import _drop_watch_close_race
+from tests.fixtures.operator import _drop_exit_resource_warnings, _drop_watch_close_race
 
 WATCH = "/venv/site-packages/kopf/_cogs/clients/watching.py"
 RACE = f"""\
@@ -47,3 +48,19 @@ def test_any_other_ending_is_kept() -> None:
     # A watch traceback that is not asyncio's closing report: kept.
     running = RACE.replace("an error occurred during closing of asynchronous generator", "x")
     assert _drop_watch_close_race(running) == running.rstrip("\n")
+
+
+def test_exit_resource_warnings_go_other_exit_reports_stay() -> None:
+    unclosed = (
+        "Exception ignored in: <socket.socket fd=7>\n"
+        "Traceback (most recent call last):\n"
+        '  File "/usr/lib/python3.11/asyncio/selector_events.py", line 1, in __del__\n'
+        "ResourceWarning: unclosed <socket.socket fd=7>\n"
+    )
+    other = unclosed.replace("ResourceWarning: unclosed", "ValueError: a real bug in")
+    text = "before\n" + unclosed + other + "after\n"
+    assert _drop_exit_resource_warnings(text).splitlines() == [
+        "before",
+        *other.splitlines(),
+        "after",
+    ]
